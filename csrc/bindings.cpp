@@ -1,0 +1,15 @@
+// The kdfast._C module: each op file registers its own functions.
+#include "common.h"
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "kdfast CPU kernels (OpenMP); called from kdfast/ops with raw buffers";
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+#else
+    m.attr("openmp") = false;
+#endif
+    register_topk(m);
+    register_plackett_luce(m);
+    register_full_catalog(m);
+    register_topology(m);
+}

@@ -1,0 +1,51 @@
+"""kdfast: fast knowledge distillation for recommender systems.
+
+The public API. Names are imported on first use, so `import kdfast` stays cheap and Triton is only
+imported when a Triton kernel runs.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # machinery
+    "backends": "kdfast._backend",
+    "as_csr": "kdfast.csr",
+    "transpose_csr": "kdfast.csr",
+    # ops
+    "topk_scores": "kdfast.ops.topk",
+    "plackett_luce_loss": "kdfast.ops.plackett_luce",
+    "plackett_luce_loss_from_embeddings": "kdfast.ops.plackett_luce",
+    "full_catalog_listwise_loss": "kdfast.ops.full_catalog",
+    "full_catalog_set_loss": "kdfast.ops.full_catalog",
+    "topology_loss": "kdfast.ops.topology",
+    "grouped_topology_loss": "kdfast.ops.topology",
+    # methods
+    "RRD": "kdfast.methods.ranking",
+    "IRRRD": "kdfast.methods.ranking",
+    "DE": "kdfast.methods.latent",
+    "PHR": "kdfast.methods.latent",
+    "FTD": "kdfast.methods.topology",
+    "HTD": "kdfast.methods.topology",
+    # models, data, evaluation, training
+    "BPRMF": "kdfast.models",
+    "LightGCN": "kdfast.models",
+    "Trainer": "kdfast.train",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kdfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,1 @@
+"""Python glue around the C++ extension kdfast._C: buffers in, buffers out, one function per op."""

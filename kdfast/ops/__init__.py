@@ -1,0 +1,1 @@
+"""The public ops: argument checks, torch.library registration, autograd and backend dispatch."""

@@ -1,0 +1,66 @@
+"""kdfast.topk_scores: each query's top-k keys by dot product, with per-query exclusions."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .. import _backend, _checks
+from ..csr import as_csr, validate_csr
+
+
+@torch.library.custom_op("kdfast::topk_scores", mutates_args=())
+def _topk_op(queries: torch.Tensor, keys: torch.Tensor, k: int, excl_indptr: torch.Tensor,
+             excl_indices: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    validate_csr(excl_indptr, excl_indices, "exclude", keys.shape[0])
+    if queries.shape[0] == 0:
+        return (queries.new_empty((0, k), dtype=torch.float32),
+                queries.new_empty((0, k), dtype=torch.int64))
+    mod = importlib.import_module(f"kdfast.{'reference' if backend == 'torch' else backend}.topk")
+    return mod.topk_scores(queries.contiguous(), keys.contiguous(), k, excl_indptr, excl_indices)
+
+
+@_topk_op.register_fake
+def _(queries, keys, k, excl_indptr, excl_indices, backend):
+    n_q = queries.shape[0]
+    return (queries.new_empty((n_q, k), dtype=torch.float32), queries.new_empty((n_q, k), dtype=torch.int64))
+
+
+def topk_scores(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude=None, backend: str = "auto"):
+    """Top-k keys per query by dot-product score, never materialising the n_q x n_k score matrix.
+
+    Args:
+        queries: [n_q, d] float32 (float16/bfloat16/float64 accepted; scores accumulate in float32,
+            float64 in the reference for float64 inputs).
+        keys: [n_k, d], same dtype and device as queries.
+        k: how many keys per query (>= 1; may exceed n_k).
+        exclude: keys each query must never get (e.g. its training items), as CSR: a pair
+            (indptr [n_q+1], indices) of int64, a torch sparse CSR tensor or a scipy.sparse matrix.
+            Ids may repeat and be unsorted within a row.
+        backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
+
+    Returns:
+        values [n_q, k] float32, descending, and indices [n_q, k] int64. Ties go to the lower key
+        index. Slots beyond the number of non-excluded keys hold index -1 and value -inf. A NaN score
+        ranks as -inf (below every finite score, ties by index) and is reported as -inf; -0.0 equals 0.0.
+        Every backend returns the same order for the same float32 scores; scores themselves may differ in
+        the last bits between backends (summation order), which can reorder near-ties.
+    """
+    _checks.floating(queries, "queries", ndim=2)
+    _checks.floating(keys, "keys", ndim=2)
+    device = _checks.same_device(queries=queries, keys=keys)
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries and keys must have the same dimension d, got {queries.shape[1]} and {keys.shape[1]}")
+    if queries.dtype != keys.dtype:
+        raise TypeError(f"queries and keys must have the same dtype, got {queries.dtype} and {keys.dtype}")
+    k = _checks.positive_int(k, "k")
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    if exclude is None:
+        indptr = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
+        indices = torch.zeros(0, dtype=torch.int64, device=device)
+    else:
+        indptr, indices = as_csr(exclude, "exclude", n_q, n_k, device=device)
+    chosen = _backend.resolve(backend, device)
+    if chosen == "cpp" and queries.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError("backend='cpp' takes float32 or float64 queries/keys; float16/bfloat16 are GPU dtypes")
+    return _topk_op(queries, keys, k, indptr, indices, chosen)

@@ -1,0 +1,1 @@
+"""Pure-PyTorch reference implementations of every kdfast op: the oracle for tests, and the fallback."""

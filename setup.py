@@ -1,0 +1,67 @@
+"""Build script for kdfast's optional C++ extension (kdfast._C).
+
+The extension is optional: if it cannot be compiled the package still installs and runs on the
+reference (pure PyTorch) backend. Set KDFAST_REQUIRE_EXT=1 to turn a failed build into an error (CI
+does), and KDFAST_NATIVE=1 to compile with -march=native (never for wheels meant for other machines).
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension
+except ImportError:  # pybind11 is a build requirement; without it only the reference backend exists
+    Pybind11Extension = None
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+class OptionalBuildExt(build_ext):
+    """Builds the extension, but tolerates failure unless KDFAST_REQUIRE_EXT is set."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure
+            self._failed(exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
+    @staticmethod
+    def _failed(exc):
+        if _flag("KDFAST_REQUIRE_EXT"):
+            raise
+        sys.stderr.write(
+            f"WARNING: kdfast's C++ extension was not built ({exc}); "
+            "the package will use the reference backend on the CPU.\n"
+        )
+
+
+ext_modules = []
+if Pybind11Extension is not None:
+    cflags = ["-O3", "-fopenmp", "-std=c++17"]
+    if _flag("KDFAST_NATIVE"):
+        cflags.append("-march=native")
+    ext_modules.append(
+        Pybind11Extension(
+            "kdfast._C",
+            sorted(glob.glob("csrc/*.cpp")),
+            include_dirs=["csrc"],
+            extra_compile_args=cflags,
+            extra_link_args=["-fopenmp"],
+            cxx_std=17,
+        )
+    )
+elif _flag("KDFAST_REQUIRE_EXT"):
+    raise RuntimeError("KDFAST_REQUIRE_EXT=1 but pybind11 is not installed")
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})
