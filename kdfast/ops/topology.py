@@ -16,6 +16,13 @@ from .. import _backend, _checks
 REDUCTIONS = ("sum", "mean")
 
 
+@torch._dynamo.assume_constant_result
+def _resolve(backend: str, device: torch.device) -> str:
+    # Backend choice is a trace-time constant: under torch.compile the lookup (which imports the
+    # extension) runs eagerly once instead of being traced.
+    return _backend.resolve(backend, device)
+
+
 def _impl(backend: str):
     return importlib.import_module(f"kdfast.{'reference' if backend == 'torch' else backend}.topology")
 
@@ -108,7 +115,7 @@ def topology_loss(teacher: torch.Tensor, student: torch.Tensor, *, reduction: st
     """
     device = _check_pair(teacher, student)
     _check_reduction(reduction)
-    chosen = _backend.resolve(backend, device)
+    chosen = _resolve(backend, device)
     _cpp_dtypes(chosen, teacher, student)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = _ftd_op(teacher, student, grad_on and teacher.requires_grad, grad_on and student.requires_grad,
@@ -186,7 +193,7 @@ def grouped_topology_loss(teacher: torch.Tensor, student: torch.Tensor, groups: 
     if not isinstance(teacher_cos_filter, bool):
         raise TypeError(f"teacher_cos_filter must be a bool, got {type(teacher_cos_filter).__name__}")
     _check_reduction(reduction)
-    chosen = _backend.resolve(backend, device)
+    chosen = _resolve(backend, device)
     _cpp_dtypes(chosen, teacher, student)
     grad_s = torch.is_grad_enabled() and student.requires_grad
     loss, count, _ = _grouped_op(teacher, student, groups, n_groups, teacher_cos_filter, grad_s, chosen)
