@@ -100,8 +100,16 @@ def _compiled(fn, probe):
         return None, f"compile failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
+class _Rows(list):
+    """Rows printed as they come, so that a run cut short still reports the finished timings."""
+
+    def append(self, row):
+        print(f"[{OP} partial] {row}", flush=True)
+        super().append(row)
+
+
 def timings(device, smoke):
-    rows = []
+    rows = _Rows()
     n, dt, ds, k = (64, 20, 5, 3) if smoke else (16384, 200, 20, 30)
     t, s, groups = _inputs(n, dt, ds, torch.float32, device, seed=1, k=k)
     s.requires_grad_()
@@ -141,4 +149,4 @@ def timings(device, smoke):
                                                         backend="triton"), [s], device, 30)
     rows.append({"op": "htd-entity", "shape": shape.replace("filter", "no filter"), "impl": "kdfast triton",
                  "ms": ms, "peak_MB": mb, "note": "fwd+bwd (student grad)"})
-    return rows
+    return list(rows)
