@@ -151,8 +151,9 @@ class HTD(KDMethod):
             h_t, h_s = parts[side]
             v = self.assignment(side, h_t)
             group_ids.append(v.detach().argmax(dim=1) + k * self.n_groups)
-            z = gumbel_softmax(v, self.tau, self._noise)
-            ga = ga + ((h_t - self.experts[side](h_s, z)) ** 2).sum()
+            if self.alpha < 1:  # alpha = 1: no GA term (and no expert evaluation)
+                z = gumbel_softmax(v, self.tau, self._noise)
+                ga = ga + ((h_t - self.experts[side](h_s, z)) ** 2).sum()
         t = torch.cat([parts["user"][0], parts["item"][0]])
         s = torch.cat([parts["user"][1], parts["item"][1]])
         groups = torch.cat(group_ids)
