@@ -33,7 +33,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kRows = 32;   // rows per Gram / gradient block
+constexpr int kRows = 64;   // rows per Gram / gradient block
 constexpr int kTile = 64;   // a-rows and b-rows per tile of the grouped kernel
 
 template <typename T>
@@ -61,27 +61,37 @@ inline Acc dot(const Acc* x, const Acc* y, int64_t d) {
 inline int64_t row_of(const int64_t* perm, int64_t i) { return perm ? perm[i] : i; }
 
 // Q (upper triangle, D x D double) += Z^T Z over the rows perm[r0..r1) (or r0..r1 when perm is null).
+// Per block of kRows rows: normalised rows z [kRows][D], then rank-kRows update of an Acc block Gram by
+// contiguous axpys (Q_i,j>=i += z_ri z_r,j>=i; vectorises without reductions), flushed into Q (double).
 template <typename T>
 void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt, int64_t ds,
                double* Q) {
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds;
-    std::vector<Acc> zt(size_t(D) * kRows);
+    std::vector<Acc> z(size_t(kRows) * D), qb(size_t(D) * D);
     for (int64_t b0 = r0; b0 < r1; b0 += kRows) {
         const int nb = int(std::min<int64_t>(kRows, r1 - b0));
-        std::fill(zt.begin(), zt.end(), Acc(0));
         for (int r = 0; r < nb; ++r) {
             const int64_t row = row_of(perm, b0 + r);
             const T* tr = t + row * dt;
             const T* sr = s + row * ds;
             const Acc it = inv_norm<T, Acc>(tr, dt), is = inv_norm<T, Acc>(sr, ds);
-            for (int64_t c = 0; c < dt; ++c) zt[size_t(c) * kRows + r] = Acc(tr[c]) * it;
-            for (int64_t c = 0; c < ds; ++c) zt[size_t(dt + c) * kRows + r] = Acc(sr[c]) * is;
+            Acc* zr = &z[size_t(r) * D];
+            for (int64_t c = 0; c < dt; ++c) zr[c] = Acc(tr[c]) * it;
+            for (int64_t c = 0; c < ds; ++c) zr[dt + c] = Acc(sr[c]) * is;
         }
         for (int64_t i = 0; i < D; ++i) {
-            const Acc* zi = &zt[size_t(i) * kRows];
-            double* qi = Q + i * D;
-            for (int64_t j = i; j < D; ++j) qi[j] += double(dot(zi, &zt[size_t(j) * kRows], kRows));
+            Acc* qi = &qb[size_t(i) * D];
+            std::fill(qi + i, qi + D, Acc(0));
+            for (int r = 0; r < nb; ++r) {
+                const Acc* zr = &z[size_t(r) * D];
+                const Acc zi = zr[i];
+                if (zi == Acc(0)) continue;
+#pragma omp simd
+                for (int64_t j = i; j < D; ++j) qi[j] += zi * zr[j];
+            }
+            double* Qi = Q + i * D;
+            for (int64_t j = i; j < D; ++j) Qi[j] += double(qi[j]);
         }
     }
 }
@@ -228,41 +238,81 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
         for (int64_t c = 0; c < dt; ++c) an[size_t(i) * dt + c] = Acc(tr[c]) * it;
         for (int64_t c = 0; c < ds; ++c) bn[size_t(i) * ds + c] = Acc(sr[c]) * is;
     }
-    std::vector<std::pair<int64_t, int64_t>> items;  // (a-tile start, group end)
-    for (int64_t g = 0; g < n_groups; ++g)
+    // work items = tiles of one group, in group order; each tile also kept transposed and zero padded
+    // ([dt][kTile] and [ds][kTile]) so that a row's cosines with a b-tile are contiguous axpys.
+    std::vector<std::pair<int64_t, int64_t>> items;  // (tile start, group)
+    std::vector<int64_t> first_item(n_groups + 1);
+    for (int64_t g = 0; g < n_groups; ++g) {
+        first_item[g] = int64_t(items.size());
         for (int64_t a = off[g]; a < off[g + 1]; a += kTile) items.emplace_back(a, g);
+    }
+    first_item[n_groups] = int64_t(items.size());
+    const int64_t n_items = int64_t(items.size());
+    std::vector<Acc> at(size_t(n_items) * dt * kTile, Acc(0)), bt(size_t(n_items) * ds * kTile, Acc(0));
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t w = 0; w < n_items; ++w) {
+        const int64_t a0 = items[w].first, a1 = std::min(a0 + kTile, off[items[w].second + 1]);
+        for (int64_t a = a0; a < a1; ++a) {
+            for (int64_t k = 0; k < dt; ++k) at[(size_t(w) * dt + k) * kTile + (a - a0)] = an[size_t(a) * dt + k];
+            for (int64_t k = 0; k < ds; ++k) bt[(size_t(w) * ds + k) * kTile + (a - a0)] = bn[size_t(a) * ds + k];
+        }
+    }
     std::vector<double> iloss(items.size(), 0.0);
     std::vector<int64_t> icount(items.size(), 0);
 #pragma omp parallel num_threads(n_threads)
     {
-        std::vector<Acc> gb(size_t(kTile) * ds), cs(size_t(kTile) * kTile);
+        std::vector<Acc> gb(size_t(kTile) * ds);
+        alignas(64) Acc c[kTile], gm[kTile];
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t w = 0; w < int64_t(items.size()); ++w) {
+        for (int64_t w = 0; w < n_items; ++w) {
             const int64_t a0 = items[w].first, g = items[w].second;
             const int64_t a1 = std::min(a0 + kTile, off[g + 1]);
             std::fill(gb.begin(), gb.end(), Acc(0));
             double lsum = 0;
             int64_t cnt = 0;
-            for (int64_t b0 = off[g]; b0 < off[g + 1]; b0 += kTile) {
-                const int64_t b1 = std::min(b0 + kTile, off[g + 1]);
+            for (int64_t wb = first_item[g]; wb < first_item[g + 1]; ++wb) {
+                const int64_t b0 = items[wb].first;
+                const int nbb = int(std::min<int64_t>(kTile, off[g + 1] - b0));
+                const Acc* atile = &at[size_t(wb) * dt * kTile];
+                const Acc* btile = &bt[size_t(wb) * ds * kTile];
                 for (int64_t a = a0; a < a1; ++a) {
                     const Acc* aa = &an[size_t(a) * dt];
                     const Acc* ba = &bn[size_t(a) * ds];
-                    Acc* ga = &gb[size_t(a - a0) * ds];
-                    Acc rl = 0;
-                    for (int64_t b = b0; b < b1; ++b) {
-                        const Acc c = dot(aa, &an[size_t(b) * dt], dt);
-                        if (filter && !(c > Acc(0))) continue;
-                        const Acc* bb = &bn[size_t(b) * ds];
-                        const Acc diff = dot(ba, bb, ds) - c;
-                        rl += diff * diff;
-                        ++cnt;
-                        if (gs) {
+                    std::fill(c, c + kTile, Acc(0));
+                    std::fill(gm, gm + kTile, Acc(0));
+                    for (int64_t k = 0; k < dt; ++k) {
+                        const Acc x = aa[k];
+                        const Acc* col = atile + k * kTile;
 #pragma omp simd
-                            for (int64_t k = 0; k < ds; ++k) ga[k] += diff * bb[k];
-                        }
+                        for (int j = 0; j < kTile; ++j) c[j] += x * col[j];
+                    }
+                    for (int64_t k = 0; k < ds; ++k) {
+                        const Acc x = ba[k];
+                        const Acc* col = btile + k * kTile;
+#pragma omp simd
+                        for (int j = 0; j < kTile; ++j) gm[j] += x * col[j];
+                    }
+                    Acc rl = 0;
+                    int64_t rc = 0;
+                    for (int j = 0; j < nbb; ++j) {
+                        const bool keep = !filter || c[j] > Acc(0);
+                        const Acc diff = keep ? gm[j] - c[j] : Acc(0);
+                        gm[j] = diff;
+                        rl += diff * diff;
+                        rc += keep;
                     }
                     lsum += double(rl);
+                    cnt += rc;
+                    if (gs) {
+                        Acc* ga = &gb[size_t(a - a0) * ds];
+                        for (int64_t k = 0; k < ds; ++k) {
+                            const Acc* col = btile + k * kTile;
+                            Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+                            for (int j = 0; j < kTile; ++j) acc += gm[j] * col[j];
+                            ga[k] += acc;
+                        }
+                    }
                 }
             }
             iloss[w] = lsum;
