@@ -16,7 +16,7 @@ from .. import _backend, _checks
 REDUCTIONS = ("sum", "mean")
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
     # Backend choice is a trace-time constant: under torch.compile the lookup (which imports the
     # extension) runs eagerly once instead of being traced.

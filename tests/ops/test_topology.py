@@ -49,7 +49,7 @@ def _ref_grouped(t, s, groups, filt, g_out):
 # ------------------------------------------------------------------ FTD
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,dt,ds", [(1, 3, 2), (13, 7, 3), (70, 33, 5)])
+@pytest.mark.parametrize("n,dt,ds", [(1, 3, 2), (13, 7, 3), (70, 33, 5), (600, 9, 4)])  # 600: several splits
 def test_ftd_matches_direct_formula(backend, dtype, n, dt, ds):
     dev = _dev(backend)
     t, s = _inputs(n, dt, ds, dtype, dev, seed=n + dt, zero_rows=(0,) if n > 3 else ())
@@ -142,7 +142,7 @@ def test_ftd_property_cpp_vs_reference(n, dt, ds, seed):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("filt", [True, False])
-@pytest.mark.parametrize("n,dt,ds,k", [(1, 3, 2, 1), (23, 7, 3, 4), (75, 65, 5, 3)])
+@pytest.mark.parametrize("n,dt,ds,k", [(1, 3, 2, 1), (23, 7, 3, 4), (75, 65, 5, 3), (150, 9, 3, 1)])  # 150: several tiles per group
 def test_grouped_matches_direct_formula(backend, dtype, filt, n, dt, ds, k):
     dev = _dev(backend)
     t, s = _inputs(n, dt, ds, dtype, dev, seed=n * k, zero_rows=(1,) if n > 3 else ())
