@@ -58,6 +58,7 @@ def main(argv=None):
                                                   "cpu_topology.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if not kdfast.backends()["cpp"][0]:
         sys.exit("the C++ extension is not built: python setup.py build_ext --inplace")
     g = torch.Generator().manual_seed(0)
@@ -109,6 +110,7 @@ def main(argv=None):
     head = (f"# CPU benchmark: topology losses (FTD, HTD entity level)\n\n"
             f"- CPU: {cpu_model()}\n- threads: {args.threads}\n- torch {torch.__version__}\n"
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+            f"- load average (1 min) at start: {load:.1f} on {os.cpu_count()} logical CPUs\n"
             f"- forward + backward (student gradient), best of {args.reps} after a warm-up; shared machine, "
             f"figures indicative\n- command: `python bench/cpu_topology.py --threads {args.threads}`\n\n")
     table = markdown_table(rows, ["op", "shape", "impl", "ms", "speed-up of cpp", "extra memory"])
