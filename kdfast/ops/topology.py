@@ -180,9 +180,9 @@ def grouped_topology_loss(teacher: torch.Tensor, student: torch.Tensor, groups: 
         dL/dB_a = 4 sum_b m_ab (cos(s_a,s_b) - cos(t_a,t_b)) B_b, then through the row normalisation.
     The fast backends sort rows by group (block-diagonal mask) and visit only same-group tiles,
     recomputing cosines on the fly: O(sum_g n_g^2 (d_t + d_s)) time, O(N (d_t + d_s)) extra memory.
-    With the filter off the cpp backend uses the per-group Gram rewrite (O(sum_g n_g (d_t+d_s)^2));
-    the triton backend uses the tiled kernel in both cases. Deterministic for a given backend and
-    thread count.
+    With the filter off both fast backends use the per-group Gram rewrite (O(N (d_t+d_s)^2), one
+    (d_t+d_s)^2 Gram per group; triton falls back to the tiled kernel when the per-group Grams would
+    exceed 64 MB). Deterministic for a given backend and thread count.
     """
     device = _check_pair(teacher, student)
     _checks.integer(groups, "groups", ndim=1)

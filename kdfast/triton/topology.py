@@ -6,6 +6,8 @@ Everything is computed in float32 (float64 inputs too: use the cpp or torch back
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -145,10 +147,7 @@ def topology_loss_grads(teacher, student, grad_teacher: bool, grad_student: bool
     _gram_partial_kernel[(n_splits, n_tiles, n_tiles)](t, s, it, is_, part, n, dt, ds, rows_per_split, d_pad,
                                                        TILE=_TILE, ROWS=_ROWS)
     q = part.sum(0)
-    sgn = torch.full((d_pad,), -1.0, dtype=torch.float32, device=t.device)
-    sgn[:dt] = 1.0
-    sign = sgn[:, None] * sgn[None, :]
-    w = q * sign
+    w = q * _sign(dt, d_pad, t.device)
     loss = (w.double() * q.double()).sum().float()
     if grad_teacher or grad_student:
         _ftd_grad_kernel[(triton.cdiv(n, _ROWS),)](t, s, it, is_, w.contiguous(), gt, gs, n, dt, ds, d_pad, 4.0,
@@ -221,7 +220,100 @@ def _grouped_kernel(t_ptr, s_ptr, it_ptr, is_ptr, perm_ptr, tile_start_ptr, tile
                  mask=amask[:, None] & smask[None, :])
 
 
+@triton.jit
+def _group_gram_kernel(t_ptr, s_ptr, it_ptr, is_ptr, perm_ptr, begin_ptr, end_ptr, part_ptr, dt, ds,
+                       D_PAD: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr):
+    # HTD entity level without the teacher-cosine filter, per-group Gram rewrite, pass 1:
+    #   part[g, I, J] = sum_{a in group g} Z[a, I]^T Z[a, J]  (rows gathered through the group-sorted perm).
+    # Grid (n_groups, D_PAD/TILE, D_PAD/TILE); a TILE x TILE fp32 accumulator in registers; each group's
+    # Gram is written by exactly one program per tile (no atomics).
+    g = tl.program_id(0)
+    ci = tl.program_id(1) * TILE + tl.arange(0, TILE)
+    cj = tl.program_id(2) * TILE + tl.arange(0, TILE)
+    r0 = tl.load(begin_ptr + g)
+    r_end = tl.load(end_ptr + g)
+    acc = tl.zeros((TILE, TILE), dtype=tl.float32)
+    while r0 < r_end:  # (a while loop: runtime-bound for loops fail in the Triton interpreter)
+        idx = r0 + tl.arange(0, ROWS)
+        rmask = idx < r_end
+        rows = tl.load(perm_ptr + idx, mask=rmask, other=0)
+        zi = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ci, dt, ds)
+        zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
+        acc += tl.dot(tl.trans(zi), zj, input_precision="ieee")
+        r0 += ROWS
+    base = part_ptr + g.to(tl.int64) * D_PAD * D_PAD
+    tl.store(base + ci[:, None] * D_PAD + cj[None, :], acc)
+
+
+@triton.jit
+def _group_grad_kernel(t_ptr, s_ptr, it_ptr, is_ptr, perm_ptr, tile_start_ptr, tile_gend_ptr, tile_group_ptr,
+                       w_ptr, gs_ptr, dt, ds, D_PAD: tl.constexpr, J0: tl.constexpr, TILE: tl.constexpr,
+                       ROWS: tl.constexpr):
+    # Pass 2: for the ROWS group-sorted rows of one tile, dB = 4 Z W_g[:, student columns] with
+    # W_g = sgn * Q_g of the tile's group, then dS_a = inv_a (dB_a - B_a <B_a, dB_a>), stored at perm[a].
+    # Two sweeps over the student column tiles (row dots first, then the stores), W_g read from L2.
+    pid = tl.program_id(0)
+    a0 = tl.load(tile_start_ptr + pid)
+    g_end = tl.load(tile_gend_ptr + pid)
+    grp = tl.load(tile_group_ptr + pid)
+    idx = a0 + tl.arange(0, ROWS)
+    rmask = idx < g_end
+    rows = tl.load(perm_ptr + idx, mask=rmask, other=0)
+    r64 = rows.to(tl.int64)
+    is_ = tl.load(is_ptr + rows, mask=rmask, other=0.0)
+    w_base = w_ptr + grp.to(tl.int64) * D_PAD * D_PAD
+    dot_s = tl.zeros((ROWS,), dtype=tl.float32)
+    for j0 in range(J0, D_PAD, TILE):
+        cj = j0 + tl.arange(0, TILE)
+        acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
+        for k0 in range(0, D_PAD, TILE):
+            ck = k0 + tl.arange(0, TILE)
+            zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
+            acc += tl.dot(zk, tl.load(w_base + ck[:, None] * D_PAD + cj[None, :]), input_precision="ieee")
+        zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
+        dot_s += tl.sum(tl.where((cj >= dt)[None, :], zj * acc, 0.0), axis=1)
+    for j0 in range(J0, D_PAD, TILE):
+        cj = j0 + tl.arange(0, TILE)
+        acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
+        for k0 in range(0, D_PAD, TILE):
+            ck = k0 + tl.arange(0, TILE)
+            zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
+            acc += tl.dot(zk, tl.load(w_base + ck[:, None] * D_PAD + cj[None, :]), input_precision="ieee")
+        zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
+        in_s = (cj >= dt) & (cj < dt + ds)
+        g = 4.0 * is_[:, None] * (acc - zj * dot_s[:, None])
+        tl.store(gs_ptr + r64[:, None] * ds + (cj - dt)[None, :], g.to(gs_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & in_s[None, :])
+
+
 _BLOCK = 32
+_GRAM_BUDGET = 64 << 20  # bytes of per-group Grams above which the filter-off case uses the tiled kernel
+
+
+@functools.lru_cache(maxsize=16)
+def _sign(dt: int, d_pad: int, device: torch.device):
+    """[d_pad, d_pad] float32: +1 on the teacher/teacher and student/student blocks, -1 across."""
+    sgn = torch.full((d_pad,), -1.0, dtype=torch.float32, device=device)
+    sgn[:dt] = 1.0
+    return sgn[:, None] * sgn[None, :]
+
+
+def _group_gram(t, s, it, is_, perm, begins, ends, counts, tiles, n_groups, grad_student, gs):
+    n, dt = t.shape
+    ds = s.shape[1]
+    d_pad = triton.cdiv(dt + ds, _TILE) * _TILE
+    n_t = d_pad // _TILE
+    part = torch.empty((n_groups, d_pad, d_pad), dtype=torch.float32, device=t.device)
+    _group_gram_kernel[(n_groups, n_t, n_t)](t, s, it, is_, perm, begins, ends, part, dt, ds, D_PAD=d_pad,
+                                             TILE=_TILE, ROWS=_ROWS)
+    w = part * _sign(dt, d_pad, t.device)
+    loss = (w.double() * part.double()).sum().float()
+    if grad_student:
+        tile_start, tile_gend, tile_group = tiles
+        _group_grad_kernel[(tile_start.shape[0],)](t, s, it, is_, perm, tile_start, tile_gend, tile_group, w, gs,
+                                                   dt, ds, D_PAD=d_pad, J0=(dt // _TILE) * _TILE, TILE=_TILE,
+                                                   ROWS=_BLOCK)
+    return loss, (counts * counts).sum()
 
 
 def grouped_topology_loss_grads(teacher, student, groups, n_groups: int, teacher_cos_filter: bool,
@@ -246,6 +338,11 @@ def grouped_topology_loss_grads(teacher, student, groups, n_groups: int, teacher
     tile_gbeg = begins[tile_group].contiguous()
     n_tiles = tile_start.shape[0]
     it, is_ = _inv_norms(t), _inv_norms(s)
+    d_pad = triton.cdiv(dt + ds, _TILE) * _TILE
+    if not teacher_cos_filter and n_groups * d_pad * d_pad * 4 <= _GRAM_BUDGET:
+        loss, count = _group_gram(t, s, it, is_, perm, begins.contiguous(), ends.contiguous(), counts,
+                                  (tile_start, tile_gend, tile_group.contiguous()), n_groups, grad_student, gs)
+        return loss, count, gs
     loss_part = torch.empty(n_tiles, dtype=torch.float32, device=t.device)
     count_part = torch.empty(n_tiles, dtype=torch.int64, device=t.device)
     _grouped_kernel[(n_tiles,)](t, s, it, is_, perm, tile_start, tile_gend, tile_gbeg, loss_part, count_part, gs,
