@@ -1,0 +1,154 @@
+"""FTD and HTD (kdfast.methods.topology) against direct N x N re-computations of SPEC section 4,
+including the authors' quirks (no gradient through prototypes, the teacher-cosine filter)."""
+import pytest
+import torch
+
+import kdfast
+from kdfast.methods.topology import group_means
+from tests.conftest import backend_params
+
+
+def _setup(d_t=10, d_s=4, n_u=25, n_i=40, seed=0, b=24):
+    g = torch.Generator().manual_seed(seed)
+    tu, ti = torch.randn(n_u, d_t, generator=g, dtype=torch.float64), torch.randn(n_i, d_t, generator=g,
+                                                                                 dtype=torch.float64)
+    su = torch.randn(n_u, d_s, generator=g, dtype=torch.float64).requires_grad_()
+    si = torch.randn(n_i, d_s, generator=g, dtype=torch.float64).requires_grad_()
+    users = torch.randint(0, n_u, (b,), generator=g)
+    pos, neg = torch.randint(0, n_i, (b,), generator=g), torch.randint(0, n_i, (b,), generator=g)
+    return tu, ti, su, si, users, pos, neg
+
+
+def _cos(x, y):
+    return torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
+
+
+def _entities(tu, ti, su, si, users, pos, neg):
+    u, i = users.unique(), torch.cat([pos, neg]).unique()
+    return torch.cat([tu[u], ti[i]]), torch.cat([su[u], si[i]]), u, i
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
+def test_ftd_matches_direct_formula(backend):
+    tu, ti, su, si, users, pos, neg = _setup()
+    m = kdfast.FTD.build(tu, ti, None, 4, backend=backend)
+    got = m(su, si, users, pos, neg)
+    got.backward()
+    g_u, g_i = su.grad.clone(), si.grad.clone()
+    su.grad = si.grad = None
+    t, s, _, _ = _entities(tu, ti, su, si, users, pos, neg)
+    want = 0.001 * ((_cos(t, t) - _cos(s, s)) ** 2).sum()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_u, su.grad)
+    torch.testing.assert_close(g_i, si.grad)
+    assert list(m.parameters()) == []
+
+
+def _htd_direct(m, tu, ti, su, si, users, pos, neg):
+    """SPEC 4 written out with N x N matrices, reusing m's assignment nets, experts and noise."""
+    t, s, u, i = _entities(tu, ti, su, si, users, pos, neg)
+    k = m.n_groups
+    ga = 0.0
+    groups = []
+    for off, side, ids, tt, ss in ((0, "user", u, tu, su), (k, "item", i, ti, si)):
+        v = torch.softmax(tt[ids] @ m.assign[side].weight.T + m.assign[side].bias, dim=1)
+        groups.append(v.argmax(1) + off)
+        r = torch.rand(v.shape, generator=m._noise, dtype=v.dtype)
+        z = torch.softmax((torch.log(v + 1e-10) - torch.log(-torch.log(r + 1e-20) + 1e-20)) / m.tau, dim=1)
+        e = m.experts[side]
+        hhat = sum(z[:, j:j + 1] * (torch.relu(ss[ids] @ e.w1[j] + e.b1[j]) @ e.w2[j] + e.b2[j]) for j in range(k))
+        ga = ga + ((tt[ids] - hhat) ** 2).sum()
+    groups = torch.cat(groups)
+    ct, cs = _cos(t, t), _cos(s, s)
+    mask = groups[:, None] == groups[None, :]
+    if m.teacher_cos_filter:
+        mask &= ct > 0
+    ent = (((cs - ct) ** 2) * mask).sum()
+    present = torch.stack([(groups == g).any() for g in range(2 * k)])
+    pt = torch.stack([t[groups == g].mean(0) if present[g] else torch.zeros(t.shape[1], dtype=t.dtype)
+                      for g in range(2 * k)])[present]
+    ps = torch.stack([s[groups == g].mean(0) if present[g] else torch.zeros(s.shape[1], dtype=s.dtype)
+                      for g in range(2 * k)])[present]
+    if m.group_level == "second":
+        grp = ((_cos(s, ps.detach()) - _cos(t, pt)) ** 2).sum()
+    else:
+        grp = ((_cos(ps, ps) - _cos(pt, pt)) ** 2).sum()
+    return m.lambda_td * (m.alpha * (ent + grp) + (1 - m.alpha) * ga)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
+@pytest.mark.parametrize("filt", [True, False])
+@pytest.mark.parametrize("level", ["second", "first"])
+def test_htd_matches_direct_formula(backend, filt, level):
+    tu, ti, su, si, users, pos, neg = _setup(seed=1)
+    m = kdfast.HTD.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(2), n_groups=3,
+                         teacher_cos_filter=filt, group_level=level, alpha=0.3, backend=backend).double()
+    m.start_epoch(1, 10, su, si)
+    state = m._noise.get_state()
+    got = m(su, si, users, pos, neg)
+    got.backward()
+    g_u, g_i, g_a = su.grad.clone(), si.grad.clone(), m.assign["user"].weight.grad.clone()
+    su.grad = si.grad = None
+    m.zero_grad()
+    m._noise.set_state(state)
+    want = _htd_direct(m, tu, ti, su, si, users, pos, neg)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_u, su.grad)
+    torch.testing.assert_close(g_i, si.grad)
+    torch.testing.assert_close(g_a, m.assign["user"].weight.grad)
+
+
+def test_htd_no_gradient_through_prototypes():
+    # 'second': the loss gradient equals that of a version where the student prototypes are constants
+    tu, ti, su, si, users, pos, neg = _setup(seed=3)
+    m = kdfast.HTD.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(4), n_groups=2).double()
+    t, s, _, _ = _entities(tu, ti, su, si, users, pos, neg)
+    groups = torch.arange(t.shape[0]) % 4
+    s_leaf = s.detach().clone().requires_grad_()
+    m.group_level_loss(t, s_leaf, groups).backward()
+    ps, present = group_means(s.detach(), groups, 4)
+    pt, _ = group_means(t, groups, 4)
+    s2 = s.detach().clone().requires_grad_()
+    ((_cos(s2, ps[present]) - _cos(t, pt[present])) ** 2).sum().backward()
+    torch.testing.assert_close(s_leaf.grad, s2.grad)
+    s3 = s.detach().clone().requires_grad_()
+    # with gradient through the prototypes the result differs: the quirk is observable
+    ps3 = torch.stack([s3[groups == g].mean(0) for g in range(4)])
+    ((_cos(s3, ps3) - _cos(t, pt)) ** 2).sum().backward()
+    assert not torch.allclose(s3.grad, s2.grad)
+
+
+def test_group_means_skips_empty_groups():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    means, present = group_means(x, torch.tensor([0, 2, 0]), 4)
+    assert present.tolist() == [True, False, True, False]
+    torch.testing.assert_close(means[0], torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(means[2], torch.tensor([3.0, 4.0]))
+
+
+def test_htd_alpha_edges_and_drop():
+    tu, ti, su, si, users, pos, neg = _setup(seed=5)
+    m1 = kdfast.HTD.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(6), alpha=1.0).double()
+    m1(su, si, users, pos, neg).backward()
+    assert all(p.grad is None for p in m1.experts.parameters())  # alpha = 1: no GA loss
+    assert id(su) not in {id(p) for p in m1.parameters()}
+    m0 = kdfast.HTD.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(6), alpha=0.0).double()
+    m0(su, si, users, pos, neg).backward()
+    assert m0.assign["item"].weight.grad is not None
+
+
+def test_bad_inputs():
+    tu, ti, su, si, users, pos, neg = _setup()
+    for kw, exc, msg in [({"alpha": 1.5}, ValueError, "alpha"), ({"alpha": -0.1}, ValueError, "alpha"),
+                         ({"n_groups": 0}, ValueError, "n_groups must be >= 1"),
+                         ({"group_level": "third"}, ValueError, "group_level"),
+                         ({"teacher_cos_filter": "yes"}, TypeError, "teacher_cos_filter")]:
+        with pytest.raises(exc, match=msg):
+            kdfast.HTD.build(tu, ti, None, 4, **kw)
+    m = kdfast.FTD.build(tu, ti, None, 4)
+    with pytest.raises(ValueError, match="student_item has"):
+        m(su, si[:3], users, pos, neg)
+    with pytest.raises(ValueError, match="teacher_user must be 2-D"):
+        kdfast.FTD.build(tu[0], ti, None, 4)
