@@ -122,7 +122,9 @@ def _prepare(user_emb, item_emb, idx, idx_name, exclude, clamp, reduction, backe
         indices = torch.zeros(0, dtype=torch.int64, device=device)
     else:
         indptr, indices = as_csr(exclude, "exclude", n_rows, n_items, device=device)
-    chosen = _backend.resolve(backend, device, has_cpp=False)
+    chosen = _backend.resolve(backend, device)
+    if chosen == "cpp" and user_emb.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError("backend='cpp' takes float32 or float64 embeddings; float16/bfloat16 are GPU dtypes")
     return clamp, indptr, indices, chosen
 
 
@@ -148,7 +150,7 @@ def full_catalog_log_tail(user_emb, item_emb, skip_idx=None, *, exclude=None, cl
 
     Args: user_emb [B, d], item_emb [I, d] floating, same dtype; skip_idx [B, M] int64 or None (-1 is
     padding; repeats allowed); exclude CSR with B rows (see kdfast.as_csr) or None; clamp float > 0 or
-    None; backend "auto" | "torch" | "triton". Returns [B] float32 (float64 for float64 inputs); -inf for
+    None; backend "auto" | "torch" | "cpp" | "triton". Returns [B] float32 (float64 for float64 inputs); -inf for
     a row whose items are all excluded.
     """
     if skip_idx is None:
@@ -170,8 +172,7 @@ def full_catalog_listwise_loss(user_emb, item_emb, ranked_idx, *, exclude=None, 
         exclude: CSR with B rows (e.g. each user's training items; repeats allowed) or None.
         clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40); None.
         reduction: "sum" (default, as every lambda in SPEC assumes), "mean" over rows, or "none" ([B]).
-        backend: "auto", "torch" or "triton" (the cpp backend is not written: "auto" runs the chunked
-            torch reference on CPU).
+        backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
     Math, per row with ranked scores s_1..s_K (valid entries only) and tail T_b = items neither excluded
     nor ranked:

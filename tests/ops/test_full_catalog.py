@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import kdfast
 from kdfast.reference.plackett_luce import plackett_luce_loss as pl_reference
-from tests.conftest import backend_params, DEVICE
+from tests.conftest import backend_params
 
 
 def _dense_mask(B, I, exclude, *idx):
@@ -117,16 +117,17 @@ def test_reference_chunking_is_invisible():
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck_reference():
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
+def test_gradcheck(backend):
     u, v, ranked, ex = make(3, 11, 3, 3, seed=4)
     u.requires_grad_(True)
     v.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: kdfast.full_catalog_listwise_loss(a, b, ranked, exclude=ex, reduction="none", backend="torch"),
+        lambda a, b: kdfast.full_catalog_listwise_loss(a, b, ranked, exclude=ex, reduction="none", backend=backend),
         (u, v))
     assert torch.autograd.gradcheck(
         lambda a, b: kdfast.full_catalog_set_loss(a, b, ranked, exclude=ex, clamp=2.0, reduction="none",
-                                                  backend="torch"), (u, v))
+                                                  backend=backend), (u, v))
 
 
 def test_everything_excluded_gives_finite_loss():
@@ -143,12 +144,13 @@ def test_everything_excluded_gives_finite_loss():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
 @pytest.mark.parametrize("dtype,clamp", [(torch.float32, None), (torch.float32, 2.0), (torch.float64, None)])
-def test_triton_matches_reference(backend, dtype, clamp):
+def test_backend_matches_reference(backend, dtype, clamp, device_for):
     u, v, ranked, ex = make(4, 67, 10, 5, dtype=dtype, seed=7, scale=1.0 if clamp is None else 1.4)
-    u, v, ranked = u.to(DEVICE), v.to(DEVICE), ranked.to(DEVICE)
-    ex = (ex[0].to(DEVICE), ex[1].to(DEVICE))
+    dev = device_for(backend)
+    u, v, ranked = u.to(dev), v.to(dev), ranked.to(dev)
+    ex = (ex[0].to(dev), ex[1].to(dev))
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for fn in (kdfast.full_catalog_listwise_loss, kdfast.full_catalog_set_loss):
         ref = grads(fn, u, v, ranked, exclude=ex, clamp=clamp, reduction="none", backend="torch")
@@ -157,13 +159,14 @@ def test_triton_matches_reference(backend, dtype, clamp):
             torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"))
-def test_triton_dense_exclusions_and_one_row(backend):
+@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+def test_dense_exclusions_and_one_row(backend, device_for):
     # one row, most of the catalog excluded (many exclusions per tile), odd sizes
     g = torch.Generator().manual_seed(11)
-    u, v = torch.randn(1, 5, generator=g), torch.randn(53, 5, generator=g)
-    ranked = torch.tensor([[3, 9]])
-    ex = (torch.tensor([0, 60]), torch.randint(0, 53, (60,), generator=g))
+    dev = device_for(backend)
+    u, v = torch.randn(1, 5, generator=g).to(dev), torch.randn(53, 5, generator=g).to(dev)
+    ranked = torch.tensor([[3, 9]], device=dev)
+    ex = (torch.tensor([0, 60], device=dev), torch.randint(0, 53, (60,), generator=g).to(dev))
     ref = grads(kdfast.full_catalog_listwise_loss, u, v, ranked, exclude=ex, backend="torch")
     got = grads(kdfast.full_catalog_listwise_loss, u, v, ranked, exclude=ex, backend=backend)
     for a, b in zip(got, ref):
