@@ -4,7 +4,8 @@
 //   forward:  lt_b = log sum_{j not in X_b} exp(S_bj)                          (-inf if nothing is left)
 //   backward: G_bj = g_b exp(S_bj - lt_b) [j not in X_b] [-c <= <u_b, v_j> <= c]
 //             grad_user = G @ V (parallel over user rows), grad_item = G^T @ U (parallel over item blocks)
-// Memory plan: nothing of size B x I; each thread keeps one [kRows x kItems] score tile on its stack.
+// Memory plan: nothing of size B x I; each thread keeps one [kRows x kItems] score tile on its stack and
+// the current item tile transposed ([D x kItems]) so the score loops run along items (vectorisable).
 // Rows walk their sorted exclusion list with a pointer as the item blocks advance (binary search where a
 // walk starts mid-row). Every output element is summed by one thread in a fixed order: deterministic.
 // The dot products and sums are accumulated in T (float for float32 inputs, double for float64).
@@ -18,14 +19,29 @@
 
 namespace {
 
-constexpr int64_t kRows = 8;
+constexpr int64_t kRows = 32;
 constexpr int64_t kItems = 128;
 
+// vt[k * kItems + j] = V[j0 + j][k]: the item tile transposed, so score loops run along j (vectorisable).
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t d) {
-    T s = 0;
-    for (int64_t k = 0; k < d; ++k) s += a[k] * b[k];
-    return s;
+inline void transpose_tile(const T* V, int64_t j0, int64_t nj, int64_t D, T* vt) {
+    for (int64_t j = 0; j < nj; ++j)
+        for (int64_t k = 0; k < D; ++k) vt[k * kItems + j] = V[(j0 + j) * D + k];
+}
+
+// tile[r][j] = <U[r0 + r], V[j0 + j]> for r < nr, j < nj (raw, unclamped).
+template <typename T>
+inline void score_tile(const T* U, int64_t r0, int64_t nr, const T* vt, int64_t nj, int64_t D, T (*tile)[kItems]) {
+    for (int64_t r = 0; r < nr; ++r) {
+        T* t = tile[r];
+        std::fill(t, t + kItems, T(0));
+        const T* u = U + (r0 + r) * D;
+        for (int64_t k = 0; k < D; ++k) {
+            const T uk = u[k];
+            const T* v = vt + k * kItems;
+            for (int64_t j = 0; j < nj; ++j) t[j] += uk * v[j];
+        }
+    }
 }
 
 // mark[r][j] = 1 for excluded items of row (r0 + r) inside [j0, j1); ptr[r] advances past them.
@@ -55,6 +71,7 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
         T m[kRows], s[kRows];
         T tile[kRows][kItems];
         unsigned char mark[kRows][kItems];
+        std::vector<T> vt(D * kItems);
         for (int64_t r = 0; r < nr; ++r) {
             ptr[r] = indptr[r0 + r];
             end[r] = indptr[r0 + r + 1];
@@ -64,11 +81,12 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
         for (int64_t j0 = 0; j0 < I; j0 += kItems) {
             const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
             mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+            transpose_tile(V, j0, nj, D, vt.data());
+            score_tile(U, r0, nr, vt.data(), nj, D, tile);
             for (int64_t r = 0; r < nr; ++r) {
-                const T* u = U + (r0 + r) * D;
                 T tmax = ninf;
                 for (int64_t j = 0; j < nj; ++j) {
-                    T x = std::min(std::max(dot(u, V + (j0 + j) * D, D), -clamp), clamp);
+                    T x = std::min(std::max(tile[r][j], -clamp), clamp);
                     x = mark[r][j] ? ninf : x;
                     tile[r][j] = x;
                     tmax = std::max(tmax, x);
@@ -103,6 +121,8 @@ void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, i
         const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
         int64_t ptr[kRows], end[kRows];
         unsigned char mark[kRows][kItems];
+        T tile[kRows][kItems];
+        std::vector<T> vt(D * kItems);
         for (int64_t r = 0; r < nr; ++r) {
             ptr[r] = indptr[r0 + r];
             end[r] = indptr[r0 + r + 1];
@@ -111,15 +131,16 @@ void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, i
         for (int64_t j0 = 0; j0 < I; j0 += kItems) {
             const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
             mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+            transpose_tile(V, j0, nj, D, vt.data());
+            score_tile(U, r0, nr, vt.data(), nj, D, tile);
             for (int64_t r = 0; r < nr; ++r) {
                 const int64_t b = r0 + r;
                 if (LT[b] == ninf || G[b] == 0) continue;
-                const T* u = U + b * D;
                 T* gu = GU + b * D;
                 for (int64_t j = 0; j < nj; ++j) {
                     if (mark[r][j]) continue;
                     const T* v = V + (j0 + j) * D;
-                    const T p = grad_entry(dot(u, v, D), clamp, G[b], LT[b]);
+                    const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
                     if (p == 0) continue;
                     for (int64_t k = 0; k < D; ++k) gu[k] += p * v[k];
                 }
@@ -134,6 +155,9 @@ void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, i
         std::fill(GI + j0 * D, GI + j1 * D, T(0));
         unsigned char mark[kRows][kItems];
         int64_t ptr[kRows], end[kRows];
+        T tile[kRows][kItems];
+        std::vector<T> vt(D * kItems);
+        transpose_tile(V, j0, nj, D, vt.data());
         for (int64_t r0 = 0; r0 < B; r0 += kRows) {
             const int64_t nr = std::min(kRows, B - r0);
             for (int64_t r = 0; r < nr; ++r) {
@@ -141,13 +165,14 @@ void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, i
                 ptr[r] = std::lower_bound(indices + indptr[r0 + r], indices + end[r], j0) - indices;
             }
             mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+            score_tile(U, r0, nr, vt.data(), nj, D, tile);
             for (int64_t r = 0; r < nr; ++r) {
                 const int64_t b = r0 + r;
                 if (LT[b] == ninf || G[b] == 0) continue;
                 const T* u = U + b * D;
                 for (int64_t j = 0; j < nj; ++j) {
                     if (mark[r][j]) continue;
-                    const T p = grad_entry(dot(u, V + (j0 + j) * D, D), clamp, G[b], LT[b]);
+                    const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
                     if (p == 0) continue;
                     T* gi = GI + (j0 + j) * D;
                     for (int64_t k = 0; k < D; ++k) gi[k] += p * u[k];
