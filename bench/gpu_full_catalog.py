@@ -85,6 +85,13 @@ def timings(device, smoke):
         return f
 
     reps = dict(warmup=1, reps=3 if smoke else 10, max_seconds=15)
+
+    def forward_only():
+        with torch.no_grad():
+            kdfast.full_catalog_listwise_loss(u, v, idx, exclude=ex, backend="triton")
+
+    rows.append({"op": OP, "shape": shape, "impl": "kdfast triton fp32 (ieee) fwd", "ms": time_ms(forward_only, device, **reps),
+                 "peak_MB": peak_extra_mb(forward_only, device), "note": ""})
     for name, backend, tf32 in [("kdfast triton fp32 (ieee)", "triton", False),
                                 ("kdfast triton (tf32 allowed)", "triton", True),
                                 ("kdfast torch chunked", "torch", False)]:

@@ -220,6 +220,11 @@ def _splits(n_rows, n_items, bm, bn, device):
     return triton.cdiv(n_items, per), per
 
 
+def _nonempty(indices):
+    """A 1-element stand-in for an empty id list (never read: every row's range is empty)."""
+    return indices if indices.numel() else torch.zeros(1, dtype=torch.int64, device=indices.device)
+
+
 def _clamp_arg(clamp):
     return float(clamp) if math.isfinite(clamp) else 3.0e38
 
@@ -231,6 +236,7 @@ def log_tail(user_emb, item_emb, indptr, indices, clamp):
     bm, bn, bd, log_iters, acc, prec = _config(user_emb, item_emb, indptr)
     n_split, per = _splits(n_rows, n_items, bm, bn, user_emb.device)
     out_dt = torch.float64 if user_emb.dtype == torch.float64 else torch.float32
+    indices = _nonempty(indices)
     m = torch.empty((n_split, n_rows), dtype=out_dt, device=user_emb.device)
     s = torch.empty_like(m)
     fwd_kernel[(triton.cdiv(n_rows, bm), n_split)](user_emb, item_emb, indptr, indices, m, s, n_rows, n_items, d,
@@ -249,6 +255,7 @@ def log_tail_backward(grad, lt, user_emb, item_emb, indptr, indices, clamp):
     bm, bn, bd, log_iters, acc, prec = _config(user_emb, item_emb, indptr)
     n_split, per = _splits(n_rows, n_items, bm, bn, user_emb.device)
     acc_dt = torch.float64 if user_emb.dtype == torch.float64 else torch.float32
+    indices = _nonempty(indices)
     grad = grad.to(acc_dt).contiguous()
     lt = lt.to(acc_dt).contiguous()
     gu = torch.empty((n_split, n_rows, d), dtype=acc_dt, device=user_emb.device)
