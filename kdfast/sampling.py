@@ -17,9 +17,10 @@ from .csr import as_csr, row_ids
 _MAX_ROUNDS = 64
 
 
-def _generator_device(generator, device):
-    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(f"generator lives on {generator.device} but the samples are drawn on {device}")
+def _draw_device(generator, device):
+    """Random numbers are drawn on the generator's device (so a CPU generator works for CUDA samples, at
+    the cost of a copy) and moved to `device`."""
+    return torch.device(device) if generator is None else torch.device(generator.device)
 
 
 def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, generator=None, device="cpu"):
@@ -30,7 +31,7 @@ def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, g
         n: length of each ranked list (ranks 1..N are positions 0..N-1), N >= K.
         k: how many positions per row (>= 1).
         temperature: T > 0.
-        generator: torch.Generator on `device` (or None for the global one).
+        generator: torch.Generator (or None for the global one); numbers are drawn on its device.
     Returns int64 [n_rows, k], each row strictly increasing.
     Method: Gumbel-top-k: the top-k of log p(r) + Gumbel noise is a sample of k items without
     replacement from the successive-draw (Plackett-Luce) process with weights p(r), the RRD sampler.
@@ -44,9 +45,9 @@ def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, g
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
             or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    _generator_device(generator, device)
     logits = -torch.arange(1, n + 1, dtype=torch.float64, device=device) / float(temperature)
-    u = torch.rand((n_rows, n), generator=generator, dtype=torch.float64, device=device)
+    u = torch.rand((n_rows, n), generator=generator, dtype=torch.float64,
+                   device=_draw_device(generator, device)).to(device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     pos = torch.topk(logits + gumbel, k, dim=1).indices
     return torch.sort(pos, dim=1).values
@@ -101,7 +102,7 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
         size: L >= 1, at most the number of available ids of every row.
         exclude: CSR with n_rows rows (e.g. the observed items), or None.
         extra: int64 [n_rows, M] more ids to exclude per row (e.g. the teacher's top-N), -1 padding; or None.
-        generator: torch.Generator on `device`, or None.
+        generator: torch.Generator (numbers are drawn on its device), or None.
     Returns int64 [n_rows, size], no id repeated within a row, none excluded; order is random.
     Method: draw every slot uniformly; reject slots whose id is excluded (binary search in the sorted
     (row, id) keys) or repeats an earlier slot of its row; redraw only the rejected slots, until none is
@@ -112,19 +113,19 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
         raise ValueError(f"n_rows must be an int >= 0, got {n_rows!r}")
     n_ids = _checks.positive_int(n_ids, "n_ids")
     size = _checks.positive_int(size, "size")
-    _generator_device(generator, device)
     device = torch.device(device)
+    draw = _draw_device(generator, device)
     keys, counts = _merged_keys(n_rows, n_ids, exclude, extra, device)
     avail = n_ids - counts
     if n_rows and int(avail.min()) < size:
         r = int(torch.argmin(avail))
         raise ValueError(f"size = {size} is larger than the {int(avail[r])} available ids of row {r} "
                          f"({n_ids} ids, {int(counts[r])} excluded)")
-    out = torch.randint(0, n_ids, (n_rows, size), generator=generator, device=device)
+    out = torch.randint(0, n_ids, (n_rows, size), generator=generator, device=draw).to(device)
     bad = _rejected(out, keys, n_ids)
     rounds = 0
     while bool(bad.any()) and rounds < _MAX_ROUNDS:
-        redraw = torch.randint(0, n_ids, (int(bad.sum()),), generator=generator, device=device)
+        redraw = torch.randint(0, n_ids, (int(bad.sum()),), generator=generator, device=draw).to(device)
         out = out.masked_scatter(bad, redraw)
         bad = _rejected(out, keys, n_ids)
         rounds += 1
@@ -135,6 +136,6 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
         ok = ~bad[r]
         taken[out[r][ok]] = True
         free = torch.nonzero(~taken).flatten()
-        pick = free[torch.randperm(free.numel(), generator=generator, device=device)[: int(bad[r].sum())]]
+        pick = free[torch.randperm(free.numel(), generator=generator, device=draw).to(device)[: int(bad[r].sum())]]
         out[r] = out[r].masked_scatter(bad[r], pick)
     return out

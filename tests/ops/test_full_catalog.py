@@ -230,3 +230,16 @@ def test_bad_inputs():
         f(u, v, ranked, exclude=ex, backend="cuda")
     with pytest.raises(ValueError, match="tail_skip_idx"):
         kdfast.full_catalog_set_loss(u, v, ranked, exclude=ex, tail_skip_idx=ranked[:1])
+
+
+def test_torch_compile_fullgraph():
+    u, v, ranked, ex = make(3, 20, 4, 3, dtype=torch.float32, seed=12)
+    u.requires_grad_(True)
+
+    def f(a):
+        return kdfast.full_catalog_listwise_loss(a, v, ranked, exclude=ex, clamp=5.0, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True)
+    want, got = f(u), compiled(u)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, u)[0], torch.autograd.grad(want, u)[0])
