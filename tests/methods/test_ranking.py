@@ -1,0 +1,127 @@
+"""RRD / IR-RRD: build + start_epoch + forward, gradients, errors, and that KD alone teaches the ranking."""
+import pytest
+import torch
+
+import kdfast
+from kdfast.methods.base import method_class
+
+
+@pytest.fixture(autouse=True)
+def _torch_topk(monkeypatch):
+    # the teacher top-N goes through kdfast.topk_scores; keep it on the reference in this worktree
+    monkeypatch.setenv("KDFAST_BACKEND", "torch")
+
+
+def _setup(U=24, I=90, dt=12, per_user=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tu, ti = torch.randn(U, dt, generator=g), torch.randn(I, dt, generator=g)
+    train = torch.cat([torch.randperm(I, generator=g)[:per_user] for _ in range(U)])
+    indptr = torch.arange(0, per_user * U + 1, per_user)
+    return tu, ti, (indptr, train), g
+
+
+def _batch(U, I, n, g):
+    return (torch.randint(0, U, (n,), generator=g), torch.randint(0, I, (n,), generator=g),
+            torch.randint(0, I, (n,), generator=g))
+
+
+SMALL = dict(N=20, K=8, L=8, T=5.0)
+
+
+@pytest.mark.parametrize("cls,opts", [(kdfast.RRD, {}), (kdfast.RRD, {"sampling": False}),
+                                      (kdfast.IRRRD, {"N_I": 10, "K_I": 4, "L_I": 4}),
+                                      (kdfast.IRRRD, {"N_I": 10, "K_I": 4, "L_I": 4, "item_source": "pos"})])
+def test_forward_finite_with_gradient(cls, opts):
+    tu, ti, train, g = _setup()
+    m = cls.build(tu, ti, train, 6, generator=g, **SMALL, **opts)
+    su = torch.nn.Parameter(torch.randn(24, 6, generator=g) * 0.1)
+    si = torch.nn.Parameter(torch.randn(90, 6, generator=g) * 0.1)
+    m.start_epoch(0, 5, su, si)
+    loss = m(su, si, *_batch(24, 90, 32, g))
+    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
+    loss.backward()
+    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0
+    assert si.grad.abs().sum() > 0
+
+
+def test_samples_respect_teacher_list_and_exclusions():
+    tu, ti, train, g = _setup()
+    m = kdfast.RRD.build(tu, ti, train, 6, generator=g, **SMALL)
+    side = m.user_side
+    scores = tu @ ti.T
+    indptr, idx = train
+    for u in range(24):
+        observed = set(idx[indptr[u]:indptr[u + 1]].tolist())
+        top = side.top[u].tolist()
+        assert not (observed & set(top))
+        # teacher order: scores along the list never increase
+        assert bool((scores[u, side.top[u]][1:] <= scores[u, side.top[u]][:-1]).all())
+        inter = side.interesting[u].tolist()
+        assert [top.index(i) for i in inter] == sorted(top.index(i) for i in inter)
+        un = set(side.uninteresting[u].tolist())
+        assert len(un) == SMALL["L"] and not (un & observed) and not (un & set(top))
+
+
+def test_no_sampling_uses_first_k_and_full_tail():
+    tu, ti, train, g = _setup()
+    m = kdfast.RRD.build(tu, ti, train, 6, generator=g, sampling=False, **SMALL)
+    su, si = torch.randn(24, 6, dtype=torch.float64), torch.randn(90, 6, dtype=torch.float64)
+    users = torch.tensor([3, 3, 5])
+    got = m(su, si, users, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    ub = torch.tensor([3, 5])
+    exclude = (torch.tensor([0, 4, 8]), torch.cat([train[1][12:16], train[1][20:24]]))  # rows 3 and 5
+    want = kdfast.full_catalog_listwise_loss(su[ub], si, m.user_side.top[ub, :SMALL["K"]], exclude=exclude,
+                                             backend="torch")
+    torch.testing.assert_close(got, 1e-3 * want)
+
+
+def test_kd_alone_increases_agreement_with_teacher():
+    torch.manual_seed(0)
+    tu, ti, train, g = _setup(U=30, I=120, dt=8, seed=1)
+    m = kdfast.RRD.build(tu, ti, train, 8, generator=g, N=20, K=10, L=20, T=5.0, lam=1.0)
+    su = torch.nn.Parameter(torch.randn(30, 8) * 0.1)
+    si = torch.nn.Parameter(torch.randn(120, 8) * 0.1)
+    top10 = m.user_side.top[:, :10]
+
+    def agreement():
+        with torch.no_grad():
+            _, idx = kdfast.topk_scores(su, si, 10, exclude=train, backend="torch")
+        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, top10)) / (30 * 10)
+
+    before = agreement()
+    opt = torch.optim.Adam([su, si], lr=0.05)
+    users = torch.arange(30)
+    for epoch in range(60):
+        m.start_epoch(epoch, 60, su, si)
+        opt.zero_grad()
+        m(su, si, users, users % 120, users % 120).backward()
+        opt.step()
+    assert agreement() > before + 0.2
+
+
+def test_registry_names():
+    assert method_class("rrd")[0] is kdfast.RRD
+    assert method_class("rrd-full") == (kdfast.RRD, {"sampling": False})
+    assert method_class("ir-rrd")[0] is kdfast.IRRRD
+
+
+def test_bad_inputs():
+    tu, ti, train, g = _setup()
+    with pytest.raises(ValueError, match="N"):
+        kdfast.RRD.build(tu, ti, train, 6, N=5, K=8)
+    with pytest.raises(ValueError, match="T"):
+        kdfast.RRD.build(tu, ti, train, 6, N=20, K=8, T=0.0)
+    with pytest.raises(ValueError, match="available|N = "):
+        kdfast.RRD.build(tu, ti, train, 6, N=88, K=8)
+    with pytest.raises(ValueError, match="size|available"):
+        kdfast.RRD.build(tu, ti, train, 6, N=20, K=8, L=80)
+    m = kdfast.RRD.build(tu, ti, train, 6, generator=g, **SMALL)
+    su, si = torch.randn(24, 6), torch.randn(90, 6)
+    with pytest.raises(ValueError, match="same length"):
+        m(su, si, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="users"):
+        m(su, si, torch.tensor([24]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="student"):
+        m(su[:5], si, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="item_source"):
+        kdfast.IRRRD.build(tu, ti, train, 6, item_source="neg", **SMALL)
