@@ -151,16 +151,26 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
                         acc[i][1] += k1 * b;
                     }
                 }
-                // Fast reject: a lane passes when !(s <= thr) (NaN scores and NaN thresholds pass).
-                typedef decltype(acc[0][0] <= acc[0][0]) M;
-                M pass = {};
-                for (int i = 0; i < MR; ++i) {
-                    pass |= ~(acc[i][0] <= thr[i]);
-                    pass |= ~(acc[i][1] <= thr[i]);
+                // Fast reject: the micro-tile is dropped when every lane has s <= thr (a NaN score or
+                // a NaN threshold fails the test). Compared in 32-byte pieces, which GCC vectorises
+                // for every variant (it scalarises 64-byte vector compares).
+                {
+                    typedef T H __attribute__((vector_size(32)));
+                    typedef decltype(H{} <= H{}) M;
+                    constexpr int NH = static_cast<int>(2 * sizeof(V) / sizeof(H));
+                    M rej = ~M{};
+                    for (int i = 0; i < MR; ++i) {
+                        H h[NH];
+                        std::memcpy(h, acc[i], sizeof h);
+                        const H t = H{} + thr[i];
+                        for (int c = 0; c < NH; ++c) rej &= h[c] <= t;
+                    }
+                    uint64_t u[sizeof(M) / 8];
+                    std::memcpy(u, &rej, sizeof u);
+                    uint64_t all = ~uint64_t(0);
+                    for (unsigned l = 0; l < sizeof(M) / 8; ++l) all &= u[l];
+                    if (all == ~uint64_t(0)) continue;
                 }
-                bool any = false;
-                for (int l = 0; l < W; ++l) any |= pass[l] != 0;
-                if (!any) continue;
                 std::memcpy(tile, acc, sizeof tile);
                 const int64_t jbase = pn * NR;
                 const int lanes = static_cast<int>(std::min<int64_t>(NR, P.n_k - jbase));
