@@ -154,11 +154,12 @@ def main(argv=None):
             rows.append(row)
     ref = results.get("torch")
     base = {r["impl"]: r.get("s") for r in rows}
-    table = ["| impl | median s | runs | first call s | peak extra MB | vs torch | same indices as torch | max abs value diff | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| impl | median s | runs | first call s | peak extra MB | vs torch | vs torch.compile | same indices as torch | max abs value diff | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("s")
         speed = f"{base['torch'] / s:.1f}x" if s and base.get("torch") else ""
+        speed_c = f"{base['torch.compile'] / s:.1f}x" if s and base.get("torch.compile") else ""
         same = diff = ""
         if ref is not None and r["impl"] in results:
             v, i = results[r["impl"]]
@@ -167,7 +168,7 @@ def main(argv=None):
             diff = f"{np.abs(v[fin] - ref[0][fin]).max():.2e}" if fin.any() else "0"
         fmt = lambda x, f: (f % x) if isinstance(x, (int, float)) else ""  # noqa: E731
         table.append(f"| {r['impl']} | {fmt(s, '%.3f')} | {r.get('runs', '')} | {fmt(r.get('first_call_s'), '%.2f')} | "
-                     f"{fmt(r.get('peak_extra_MB'), '%.0f')} | {speed} | {same} | {diff} | {r.get('note', '')} |")
+                     f"{fmt(r.get('peak_extra_MB'), '%.0f')} | {speed} | {speed_c} | {same} | {diff} | {r.get('note', '')} |")
     score_gb = args.n_q * args.n_k * 4 / 1e9
     header = [
         "# kdfast.topk_scores on the CPU",
@@ -175,7 +176,9 @@ def main(argv=None):
         f"- shape: {shape} (the full float32 score matrix would be {score_gb:.1f} GB)",
         f"- CPU: {cpu_model()}, {args.threads} threads (torch.set_num_threads / OMP_NUM_THREADS)",
         f"- torch {torch.__version__}, Python {platform.python_version()}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- command: `python bench/cpu_topk.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace("  ", " "),
+        f"- command: `python bench/cpu_topk.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
+        f"- load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        "(other processes on the machine slow every row alike)",
         "- each implementation in a fresh process; median of the timed calls after one warm-up call;",
         "  peak extra MB = growth of the peak RSS (VmHWM) over the RSS before the timed calls (output included).",
         "",

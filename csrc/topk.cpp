@@ -285,7 +285,7 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
     P.out_indices = out_indices;
     P.keep = std::max<int64_t>(1, std::min(k, n_k));
     P.cap = 2 * P.keep;
-    P.chunk_panels = std::max<int64_t>(1, (256 * 1024) / (static_cast<int64_t>(sizeof(T)) * d * NR));
+    P.chunk_panels = std::max<int64_t>(1, (256 * 1024) / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(d, 1) * NR));
     // Query rows per block: up to 16 micro-tiles, fewer so that every thread gets work and the
     // candidate buffers stay under 64 MB per thread.
     const int64_t per_thread = (n_q + n_threads - 1) / n_threads;

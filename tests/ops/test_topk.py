@@ -285,3 +285,11 @@ def test_cpp_rejects_half_precision():
         pytest.skip("C++ extension not built")
     with pytest.raises(TypeError, match="float16"):
         kdfast.topk_scores(torch.randn(3, 4).half(), torch.randn(6, 4).half(), 2, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
+def test_no_keys_or_zero_dim(backend):
+    v, i = kdfast.topk_scores(torch.randn(3, 4), torch.zeros(0, 4), 2, backend=backend)
+    assert (i == -1).all() and torch.isneginf(v).all()
+    v, i = kdfast.topk_scores(torch.zeros(2, 0), torch.zeros(5, 0), 3, backend=backend)
+    assert i.tolist() == [[0, 1, 2], [0, 1, 2]] and (v == 0).all()  # all scores 0: lowest indices win
