@@ -280,6 +280,11 @@ def test_bad_input_raises(case):
         kdfast.topk_scores(args["q"], args["keys"], args["k"], exclude=args["exclude"], backend=args["backend"])
 
 
+def test_too_many_keys():
+    with pytest.raises(ValueError, match="2\\^32"):
+        kdfast.topk_scores(torch.empty(1, 1, device="meta"), torch.empty(2**32, 1, device="meta"), 1)
+
+
 def test_cpp_rejects_half_precision():
     if kdfast._backend.ext() is None:
         pytest.skip("C++ extension not built")
