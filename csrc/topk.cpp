@@ -81,7 +81,6 @@ struct Problem {
     int64_t keep;           // min(k, n_k)
     int64_t cap;            // candidate buffer per row
     int64_t chunk_panels;   // key panels per L2 chunk
-    int64_t block_rows;     // QB, a multiple of MR
 };
 
 struct Scratch {
@@ -292,7 +291,6 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
     int64_t qb = std::min<int64_t>(16 * MR, (per_thread + MR - 1) / MR * MR);
     const int64_t by_mem = (int64_t(64) << 20) / (P.cap * 8) / MR * MR;
     qb = std::max<int64_t>(MR, std::min(qb, by_mem));
-    P.block_rows = qb;
     const int64_t n_blocks = (n_q + qb - 1) / qb;
 #pragma omp parallel num_threads(n_threads)
     {

@@ -300,3 +300,19 @@ def test_no_keys_or_zero_dim(backend):
     assert (i == -1).all() and torch.isneginf(v).all()
     v, i = kdfast.topk_scores(torch.zeros(2, 0), torch.zeros(5, 0), 3, backend=backend)
     assert i.tolist() == [[0, 1, 2], [0, 1, 2]] and (v == 0).all()  # all scores 0: lowest indices win
+
+
+def test_cpp_sorted_rows_with_repeats_are_used_as_given():
+    """Rows already sorted (repeats allowed) skip canonicalisation; the kernel's pointer walk copes."""
+    if kdfast._backend.ext() is None:
+        pytest.skip("C++ extension not built")
+    from kdfast.cpp.topk import _sorted_rows, topk_scores as cpp_topk
+    indptr, indices = torch.tensor([0, 4, 4, 6]), torch.tensor([1, 1, 3, 3, 0, 0])
+    assert _sorted_rows(indptr, indices)
+    assert not _sorted_rows(torch.tensor([0, 2]), torch.tensor([3, 1]))
+    assert _sorted_rows(torch.tensor([0, 2, 3]), torch.tensor([5, 6, 1]))  # a new row may start lower
+    gen = torch.Generator().manual_seed(5)
+    q, keys = int_embeddings(3, 4, torch.float32, gen), int_embeddings(6, 4, torch.float32, gen)
+    v, i = cpp_topk(q, keys, 6, indptr, indices)
+    rv, ri = reference_topk(q, keys, 6, indptr, indices)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
