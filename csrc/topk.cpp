@@ -203,18 +203,27 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
     }
 }
 
-// Instruction-set variants: the same body compiled for AVX-512, AVX2+FMA and the baseline ISA.
+// Instruction-set variants: the same body compiled for AVX-512, AVX2+FMA (x86-64 only) and the
+// baseline ISA of the build.
+#if defined(__x86_64__) || defined(__i386__)
+#define KD_X86 1
 #define KD_ISA_AVX512 "avx512f,avx512dq,avx512vl,avx2,fma"
 __attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<float, 16, 12>(P, q0, n, sc); }
 __attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<double, 8, 12>(P, q0, n, sc); }
 __attribute__((target("avx2,fma"))) void block_avx2(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<float, 8, 6>(P, q0, n, sc); }
 __attribute__((target("avx2,fma"))) void block_avx2(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<double, 4, 6>(P, q0, n, sc); }
+#else
+#define KD_X86 0
+template <typename T> void block_avx512(const Problem<T>&, int64_t, int64_t, Scratch&) {}  // never selected
+template <typename T> void block_avx2(const Problem<T>&, int64_t, int64_t, Scratch&) {}
+#endif
 void block_generic(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<float, 4, 6>(P, q0, n, sc); }
 void block_generic(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<double, 2, 6>(P, q0, n, sc); }
 
 enum class Isa { generic, avx2, avx512 };
 
 bool isa_supported(Isa isa) {
+#if KD_X86
     __builtin_cpu_init();
     switch (isa) {
         case Isa::avx512:
@@ -225,6 +234,9 @@ bool isa_supported(Isa isa) {
         default:
             return true;
     }
+#else
+    return isa == Isa::generic;
+#endif
 }
 
 Isa pick_isa(const std::string& name) {
