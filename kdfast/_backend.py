@@ -66,8 +66,12 @@ def backends() -> dict:
     return {"torch": (True, "pure PyTorch reference, always available"), "cpp": cpp, "triton": _triton_status()}
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, *, has_cpp: bool = True, has_triton: bool = True) -> str:
     """The concrete backend ("torch", "cpp" or "triton") for tensors on `device`.
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph (it depends
+    on the environment, not on tensor data), so tracing never enters the import machinery.
 
     has_cpp / has_triton say whether this op has that backend at all (an op may lack one).
     Raises ValueError for an unknown name and RuntimeError, saying how to get it, when an explicitly

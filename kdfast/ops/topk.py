@@ -32,7 +32,7 @@ def topk_scores(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude=No
     Args:
         queries: [n_q, d] float32 (float16/bfloat16/float64 accepted; scores accumulate in float32,
             float64 in the reference for float64 inputs).
-        keys: [n_k, d], same dtype and device as queries.
+        keys: [n_k, d], same dtype and device as queries; n_k < 2^32.
         k: how many keys per query (>= 1; may exceed n_k).
         exclude: keys each query must never get (e.g. its training items), as CSR: a pair
             (indptr [n_q+1], indices) of int64, a torch sparse CSR tensor or a scipy.sparse matrix.
@@ -44,7 +44,8 @@ def topk_scores(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude=No
         index. Slots beyond the number of non-excluded keys hold index -1 and value -inf. A NaN score
         ranks as -inf (below every finite score, ties by index) and is reported as -inf; -0.0 equals 0.0.
         Every backend returns the same order for the same float32 scores; scores themselves may differ in
-        the last bits between backends (summation order), which can reorder near-ties.
+        the last bits between backends (summation order), which can reorder near-ties. Each backend is
+        bitwise deterministic run to run (cpp: whatever the thread count, for one CPU instruction set).
     """
     _checks.floating(queries, "queries", ndim=2)
     _checks.floating(keys, "keys", ndim=2)
@@ -55,6 +56,8 @@ def topk_scores(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude=No
         raise TypeError(f"queries and keys must have the same dtype, got {queries.dtype} and {keys.dtype}")
     k = _checks.positive_int(k, "k")
     n_q, n_k = queries.shape[0], keys.shape[0]
+    if n_k >= 2**32:
+        raise ValueError(f"keys must have fewer than 2^32 rows (the rank keys hold a 32-bit index), got {n_k}")
     if exclude is None:
         indptr = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
         indices = torch.zeros(0, dtype=torch.int64, device=device)

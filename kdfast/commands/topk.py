@@ -1,0 +1,192 @@
+"""`kdfast topk`: each query's top-k keys (a teacher's ranking) from embedding files, written to .npz.
+
+    kdfast topk --queries users.npy --keys items.npy -k 100 --exclude users.dat --out top.npz
+    kdfast topk --demo 20000 100000 64 -k 100 --out top.npz      # random embeddings, no files needed
+
+The .npz holds values [n_q, k] float32 and indices [n_q, k] int64 (index -1 / value -inf where a query
+has fewer than k non-excluded keys); with --item-side also item_values / item_indices [n_k, k]: each
+key's top-k queries, excluding the transposed exclusion lists (e.g. an item's top users).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+class CommandError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def add_arguments(p):
+    src = p.add_argument_group("input")
+    src.add_argument("--queries", metavar="Q", help="query embeddings [n_q, d]: .npy or .pt (a tensor)")
+    src.add_argument("--keys", metavar="K", help="key embeddings [n_k, d]: .npy or .pt")
+    src.add_argument("--demo", nargs=3, type=int, metavar=("N_Q", "N_K", "D"),
+                     help="use random N(0, 1) embeddings of this size instead of files")
+    src.add_argument("--seed", type=int, default=0, help="seed for --demo (default 0)")
+    src.add_argument("--exclude", metavar="X",
+                     help="keys each query must not get: a scipy.sparse .npz (rows = queries), an .npz with "
+                          "'indptr' and 'indices', or a users.dat text file (line r: 'count id id ...')")
+    p.add_argument("-k", "--k", type=int, default=100, help="keys per query (default 100)")
+    p.add_argument("--item-side", action="store_true", help="also each key's top-k queries (transposed exclusions)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
+    p.add_argument("--device", default="cpu", help="torch device for the computation (default cpu; e.g. cuda)")
+    p.add_argument("--batch", type=int, default=4096, help="query rows per call (default 4096)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output .npz")
+
+
+def load_embeddings(path: str, name: str) -> torch.Tensor:
+    """A 2-D floating tensor from .npy or .pt."""
+    if not os.path.isfile(path):
+        raise CommandError(f"--{name}: file not found: {path}")
+    try:
+        if path.endswith(".npy"):
+            x = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.endswith(".pt"):
+            x = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CommandError(f"--{name}: expected a .npy or .pt file, got {path}")
+    except CommandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise CommandError(f"--{name}: cannot read {path}: {exc}") from None
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise CommandError(f"--{name}: {path} must hold one tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise CommandError(f"--{name}: expected a 2-D array [rows, d], got shape {tuple(x.shape)} in {path}")
+    if not x.dtype.is_floating_point:
+        raise CommandError(f"--{name}: expected floating-point embeddings, got {x.dtype} in {path}")
+    return x
+
+
+def read_users_dat(path: str):
+    """CSR (indptr, indices) of a users.dat file: line r is 'count id id ...' for query row r."""
+    indptr, indices = [0], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:  # a blank line: a query with nothing excluded
+                indptr.append(indptr[-1])
+                continue
+            try:
+                nums = [int(t) for t in parts]
+            except ValueError:
+                raise CommandError(f"--exclude: {path} line {lineno}: expected integers, got {line.strip()[:60]!r}") from None
+            if nums[0] != len(nums) - 1:
+                raise CommandError(f"--exclude: {path} line {lineno}: count {nums[0]} but {len(nums) - 1} ids follow")
+            indices.extend(nums[1:])
+            indptr.append(len(indices))
+    return np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64)
+
+
+def load_exclude(path: str, n_q: int, n_k: int):
+    import kdfast
+    if not os.path.isfile(path):
+        raise CommandError(f"--exclude: file not found: {path}")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "indptr" in z.files and "indices" in z.files and "format" not in z.files:
+                    obj = (z["indptr"], z["indices"])
+                else:
+                    import scipy.sparse
+                    obj = scipy.sparse.load_npz(path)
+        except Exception as exc:  # noqa: BLE001
+            raise CommandError(f"--exclude: cannot read {path}: {exc}") from None
+    else:
+        ip, ix = read_users_dat(path)
+        while len(ip) - 1 > n_q and ip[-1] == ip[-2]:  # trailing blank lines
+            ip = ip[:-1]
+        obj = (ip, ix)
+    n_rows = (len(obj[0]) - 1) if isinstance(obj, tuple) else obj.shape[0]
+    if n_rows != n_q:
+        raise CommandError(f"--exclude: {path} has {n_rows} rows but there are {n_q} queries")
+    try:
+        return kdfast.as_csr(obj, "exclude", n_q, n_k, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(f"--exclude: {exc}") from None
+
+
+def _slice_csr(indptr, indices, r0, r1):
+    lo, hi = int(indptr[r0]), int(indptr[r1])
+    return indptr[r0:r1 + 1] - lo, indices[lo:hi]
+
+
+def _ranked(queries, keys, k, csr, args, bar):
+    """Top-k over all query rows, batch by batch."""
+    import kdfast
+    n_q = queries.shape[0]
+    values = np.empty((n_q, k), dtype=np.float32)
+    index = np.empty((n_q, k), dtype=np.int64)
+    dev = torch.device(args.device)
+    keys_dev = keys.to(dev)
+    for r0 in range(0, n_q, args.batch):
+        r1 = min(n_q, r0 + args.batch)
+        excl = None if csr is None else tuple(t.to(dev) for t in _slice_csr(*csr, r0, r1))
+        v, i = kdfast.topk_scores(queries[r0:r1].to(dev), keys_dev, k, exclude=excl, backend=args.backend)
+        values[r0:r1], index[r0:r1] = v.cpu().numpy(), i.cpu().numpy()
+        bar.update(1)
+    return values, index
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except CommandError as exc:
+        print(f"kdfast topk: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        print(f"kdfast topk: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from tqdm import tqdm
+    if args.k < 1:
+        raise CommandError(f"-k must be >= 1, got {args.k}")
+    if args.batch < 1:
+        raise CommandError(f"--batch must be >= 1, got {args.batch}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.demo:
+        if args.queries or args.keys:
+            raise CommandError("give either --demo or --queries/--keys, not both")
+        n_q, n_k, d = args.demo
+        if min(n_q, n_k, d) < 1:
+            raise CommandError(f"--demo sizes must be >= 1, got {n_q} {n_k} {d}")
+        gen = torch.Generator().manual_seed(args.seed)
+        queries, keys = torch.randn(n_q, d, generator=gen), torch.randn(n_k, d, generator=gen)
+    else:
+        if not (args.queries and args.keys):
+            raise CommandError("give --queries and --keys (or --demo N_Q N_K D)")
+        queries, keys = load_embeddings(args.queries, "queries"), load_embeddings(args.keys, "keys")
+        if queries.shape[1] != keys.shape[1]:
+            raise CommandError(f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}")
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    csr = load_exclude(args.exclude, n_q, n_k) if args.exclude else None
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise CommandError(f"--out: directory does not exist: {out_dir}")
+    n_batches = math.ceil(n_q / args.batch) + (math.ceil(n_k / args.batch) if args.item_side else 0)
+    result = {}
+    with tqdm(total=n_batches, desc="top-k batches", unit="batch", disable=args.quiet, file=sys.stderr) as bar:
+        result["values"], result["indices"] = _ranked(queries, keys, args.k, csr, args, bar)
+        if args.item_side:
+            import kdfast
+            t_csr = None if csr is None else kdfast.transpose_csr(csr, n_k, n_q)
+            result["item_values"], result["item_indices"] = _ranked(keys, queries, args.k, t_csr, args, bar)
+    np.savez(args.out, **result)
+    if not args.quiet:
+        print(f"wrote {args.out}: top-{args.k} of {n_k} keys for {n_q} queries"
+              + (f" and top-{args.k} of {n_q} queries for {n_k} keys" if args.item_side else ""), file=sys.stderr)
+    return 0
