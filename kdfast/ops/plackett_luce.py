@@ -71,6 +71,12 @@ def _fwd_backward(ctx, g_loss, g_rest, g_inv):
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
+@torch.compiler.assume_constant_result
+def _choose(backend: str, device_type: str) -> str:
+    # Run eagerly even under torch.compile: backend resolution imports the extension (untraceable).
+    return _backend.resolve(backend, torch.device(device_type))
+
+
 def _reduce(per_row, reduction):
     if reduction == "none":
         return per_row
@@ -124,7 +130,7 @@ def plackett_luce_loss(ranked, unranked=None, *, log_tail=None, reduction="sum",
             raise TypeError(f"unranked must have ranked's dtype {ranked.dtype}, got {unranked.dtype}")
     _check_common(B, K, unranked is not None, log_tail, reduction, ranked.device, "ranked")
     device = _checks.same_device(ranked=ranked, unranked=unranked, log_tail=log_tail)
-    chosen = _backend.resolve(backend, device)
+    chosen = _choose(backend, device.type)
     if chosen == "cpp" and ranked.dtype in (torch.float16, torch.bfloat16):
         raise TypeError("backend='cpp' takes float32 or float64 scores; float16/bfloat16 are GPU dtypes")
     if chosen == "torch":
@@ -242,7 +248,7 @@ def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked
     _check_common(B, K, unranked_idx is not None, log_tail, reduction, query_emb.device, "ranked_idx")
     device = _checks.same_device(query_emb=query_emb, item_emb=item_emb, ranked_idx=ranked_idx,
                                  unranked_idx=unranked_idx, log_tail=log_tail)
-    chosen = _backend.resolve(backend, device)
+    chosen = _choose(backend, device.type)
     if chosen == "cpp" and query_emb.dtype in (torch.float16, torch.bfloat16):
         raise TypeError("backend='cpp' takes float32 or float64 embeddings; float16/bfloat16 are GPU dtypes")
     ranked_idx = ranked_idx.to(torch.int64)

@@ -322,7 +322,7 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad):
         us = torch.empty((B, L), dtype=acc, device=dev)
         gqu = torch.empty((B, D), dtype=acc, device=dev)
     else:
-        coef = us = gqu = torch.empty(0, dtype=acc, device=dev)
+        coef, us, gqu = (torch.empty(0, dtype=acc, device=dev) for _ in range(3))
     if B == 0:
         return loss, coef, us, rest, inv, gqu
     bk, bdc, bl, bd, _ = _emb_blocks(K, L, D)
