@@ -28,6 +28,10 @@
 
 #include "common.h"
 
+// Lets GCC if-convert the float compares/selects of fast_exp and vectorize the loops over it (this
+// file raises no floating-point exceptions on purpose; NaN and inf semantics are unchanged).
+#pragma GCC optimize("no-trapping-math")
+
 namespace py = pybind11;
 using kdfast::as_ptr;
 
@@ -35,14 +39,13 @@ namespace {
 
 // exp(x) for float, branch-free so that loops over it vectorize (plain SSE2 is enough): Cody-Waite
 // reduction and the Cephes degree-6 polynomial (about 2 ulp). x < -87 gives 0 (the exact value would be
-// denormal), x > 88.72 gives inf, NaN gives NaN.
+// denormal), x > 88.72 gives inf, NaN gives NaN (it flows through the arithmetic).
 inline float fast_exp(float x) {
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
     const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-    float xc = x < -87.0f ? -87.0f : x;
+    float xc = x < -87.0f ? -87.0f : x;  // a NaN x stays NaN: both compares are false
     xc = xc > 88.5f ? 88.5f : xc;
-    xc = (x != x) ? 0.0f : xc;
     float n = (xc * kLog2e + kRound) - kRound;
     float r = xc - n * kLn2Hi;
     r = r - n * kLn2Lo;
@@ -59,8 +62,7 @@ inline float fast_exp(float x) {
     std::memcpy(&scale, &bits, sizeof(scale));
     float res = p * scale * 2.0f;
     res = x < -87.0f ? 0.0f : res;
-    res = x > 88.72f ? std::numeric_limits<float>::infinity() : res;
-    return (x != x) ? x : res;
+    return x > 88.72f ? std::numeric_limits<float>::infinity() : res;
 }
 
 inline double fast_exp(double x) { return std::exp(x); }
@@ -113,34 +115,99 @@ void suffix_log_d(const T* s, int64_t K, T rest, T* log_d) {
     }
 }
 
+// Smallest shifted suffix sum the fast path accepts: terms flushed to 0 by exp (< ~1e-38 in float,
+// ~1e-308 in double; at most K of them) then change the sums by a relative 1e-12 or less.
+template <typename T>
+inline T fast_path_floor() {
+    return sizeof(T) == 4 ? T(1e-25) : T(1e-290);
+}
+
+// The ranked part of one row. Writes the loss and A_K = log sum_k 1/D_k; with gs != nullptr also the
+// ranked gradient times g. Two ways, the same math:
+//  fast: one shift c = max(valid s, rest) for the whole row: e_j = exp(s_j - c), r_k = exp(rest - c) +
+//        sum_{j>=k} e_j (= D_k e^-c), P_j = sum_{k<=j} 1/r_k, loss = sum (c + log r_k - s_k),
+//        A_K = log P_K - c, ds_j = e_j P_j - 1: one exp per entry, no overflow (r <= K + 1). Taken
+//        when every valid r_k >= fast_path_floor (suffix mass within ~57 nats of the row maximum).
+//  exact: running (max, sum) suffix and prefix scans in log space, exact at any scale (|s| ~ 1e4).
+// Scratch e, r: K values each.
+template <typename T>
+void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T* loss, T* inv, T* gs) {
+    const T ninf = neg_inf<T>();
+    T c = rest;
+    bool any = false;
+    for (int64_t k = 0; k < K; ++k) {
+        if (s[k] == ninf) continue;
+        any = true;
+        c = s[k] > c ? s[k] : c;
+    }
+    if (!any) {
+        *loss = 0;
+        *inv = ninf;
+        if (gs != nullptr)
+            for (int64_t k = 0; k < K; ++k) gs[k] = 0;
+        return;
+    }
+    bool fast = std::isfinite(c);
+    if (fast) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) e[k] = fast_exp(s[k] - c);
+        T acc = std::exp(rest - c);
+        for (int64_t k = K - 1; k >= 0; --k) {
+            acc += e[k];
+            r[k] = acc;
+        }
+        for (int64_t k = 0; k < K; ++k)
+            if (s[k] != ninf && !(r[k] >= fast_path_floor<T>())) fast = false;
+    }
+    if (fast) {
+        T total = 0, p = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            if (s[k] == ninf) {
+                if (gs != nullptr) gs[k] = 0;
+                continue;
+            }
+            total += c + std::log(r[k]) - s[k];
+            p += T(1) / r[k];
+            if (gs != nullptr) gs[k] = g * (e[k] * p - T(1));
+        }
+        *loss = total;
+        *inv = std::log(p) - c;
+        return;
+    }
+    suffix_log_d(s, K, rest, r);
+    T total = 0, am = ninf, az = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        if (s[k] == ninf) {
+            if (gs != nullptr) gs[k] = 0;
+            continue;
+        }
+        total += r[k] - s[k];
+        T a = -r[k];
+        if (a > am) {
+            az = az * std::exp(am - a) + T(1);
+            am = a;
+        } else {
+            az += std::exp(a - am);
+        }
+        if (gs != nullptr) gs[k] = g * (std::exp(s[k] + am + std::log(az)) - T(1));
+    }
+    *loss = total;
+    *inv = am + std::log(az);
+}
+
 template <typename T>
 void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L, T* loss, T* rest,
              T* inv, int n_threads) {
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(n_threads)
     {
-        std::vector<T> log_d(static_cast<size_t>(std::max<int64_t>(K, 1)));
+        std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
-            const T* sb = s + b * K;
-            T r = log_rest(u == nullptr ? nullptr : u + b * L, u == nullptr ? 0 : L,
-                           t == nullptr ? nullptr : t + b);
-            suffix_log_d(sb, K, r, log_d.data());
-            T acc = 0, am = neg_inf<T>(), az = 0;
-            for (int64_t k = 0; k < K; ++k) {
-                if (sb[k] == neg_inf<T>()) continue;
-                acc += log_d[k] - sb[k];
-                T a = -log_d[k];
-                if (a > am) {
-                    az = az * std::exp(am - a) + T(1);
-                    am = a;
-                } else {
-                    az += std::exp(a - am);
-                }
-            }
-            loss[b] = acc;
-            rest[b] = r;
-            inv[b] = am == neg_inf<T>() ? am : am + std::log(az);
+            rest[b] = log_rest(u == nullptr ? nullptr : u + b * L, u == nullptr ? 0 : L,
+                               t == nullptr ? nullptr : t + b);
+            ranked_row(s + b * K, K, rest[b], T(1), e.data(), r.data(), loss + b, inv + b,
+                       static_cast<T*>(nullptr));
         }
     }
 }
@@ -151,29 +218,13 @@ void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, co
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(n_threads)
     {
-        std::vector<T> log_d(static_cast<size_t>(std::max<int64_t>(K, 1)));
+        std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
-            const T* sb = s + b * K;
-            T g = go[b];
-            T a_total = inv[b];
-            suffix_log_d(sb, K, rest[b], log_d.data());
-            T am = neg_inf<T>(), az = 0;
-            for (int64_t k = 0; k < K; ++k) {
-                T sk = sb[k];
-                if (sk == neg_inf<T>()) {
-                    gs[b * K + k] = 0;
-                    continue;
-                }
-                T a = -log_d[k];
-                if (a > am) {
-                    az = az * std::exp(am - a) + T(1);
-                    am = a;
-                } else {
-                    az += std::exp(a - am);
-                }
-                gs[b * K + k] = g * (std::exp(sk + am + std::log(az)) - T(1));
-            }
+            const T g = go[b];
+            const T a_total = inv[b];
+            T loss_unused, inv_unused;
+            ranked_row(s + b * K, K, rest[b], g, e.data(), r.data(), &loss_unused, &inv_unused, gs + b * K);
             if (u != nullptr) {
                 const T* ub = u + b * L;
                 T* gub = gu + b * L;
