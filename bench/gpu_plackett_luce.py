@@ -8,6 +8,8 @@ reference and torch.compile(reference), peak extra memory, and the fraction of t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 import kdfast
@@ -15,6 +17,8 @@ from bench.common import peak_extra_mb, rel_err, sync, time_ms
 from kdfast.reference import plackett_luce as ref
 
 OP = "plackett_luce"
+# KDFAST_BENCH_COMPILE=0 skips the torch.compile baselines (their compilation alone takes tens of seconds)
+COMPILE = os.environ.get("KDFAST_BENCH_COMPILE", "1") != "0"
 
 
 def _scores(B, K, L, dtype, device, seed, scale=2.0):
@@ -130,6 +134,7 @@ def timings(device, smoke):
         impls = [("kdfast triton", lambda: kdfast.plackett_luce_loss(s, u, log_tail=t, backend="triton"), 50)]
         if dtype == torch.float32:
             impls.append(("eager reference", lambda: ref.plackett_luce_loss(s, u, t), 20))
+        if dtype == torch.float32 and COMPILE:
             try:
                 comp = torch.compile(ref.plackett_luce_loss)
                 comp(s, u, t).backward()
@@ -169,6 +174,8 @@ def timings(device, smoke):
                                                                                  backend="triton"), 20),
              ("eager reference", lambda: ref.plackett_luce_loss_from_embeddings(q, e, ri, ui, t), 5)]
     try:
+        if not COMPILE:
+            raise RuntimeError("skipped (KDFAST_BENCH_COMPILE=0)")
         comp_e = torch.compile(ref.plackett_luce_loss_from_embeddings)
         comp_e(q, e, ri, ui, t).backward()
         impls.append(("torch.compile(reference)", lambda: comp_e(q, e, ri, ui, t), 5))

@@ -40,7 +40,7 @@ namespace {
 // exp(x) for float, branch-free so that loops over it vectorize (plain SSE2 is enough): Cody-Waite
 // reduction and the Cephes degree-6 polynomial (about 2 ulp). x < -87 gives 0 (the exact value would be
 // denormal), x > 88.72 gives inf, NaN gives NaN (it flows through the arithmetic).
-inline float fast_exp(float x) {
+__attribute__((always_inline)) inline float fast_exp(float x) {
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
     const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
@@ -81,16 +81,56 @@ inline T logaddexp(T a, T b) {
 }
 
 // log( sum_l exp(u_l) + exp(t) ) over the non-padding entries; -inf when there are none.
+// The three loops over long rows, for float compiled twice (AVX2+FMA and baseline x86-64, chosen at
+// load time by the CPU), since the extension is built without -march flags.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KDFAST_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define KDFAST_CLONES
+#endif
+
+KDFAST_CLONES float row_max(const float* x, int64_t n) {
+    float m = neg_inf<float>();
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+KDFAST_CLONES float sum_exp(const float* x, int64_t n, float shift) {
+    float z = 0;
+#pragma omp simd reduction(+ : z)
+    for (int64_t i = 0; i < n; ++i) z += fast_exp(x[i] - shift);
+    return z;
+}
+
+KDFAST_CLONES void scaled_exp(const float* x, int64_t n, float shift, float g, float* out) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = g * fast_exp(x[i] + shift);
+}
+
+double row_max(const double* x, int64_t n) {
+    double m = neg_inf<double>();
+    for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+double sum_exp(const double* x, int64_t n, double shift) {
+    double z = 0;
+    for (int64_t i = 0; i < n; ++i) z += std::exp(x[i] - shift);
+    return z;
+}
+
+void scaled_exp(const double* x, int64_t n, double shift, double g, double* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = g * std::exp(x[i] + shift);
+}
+
 template <typename T>
 T log_rest(const T* u, int64_t L, const T* t) {
-    T m = neg_inf<T>();
-    for (int64_t l = 0; l < L; ++l) m = u[l] > m ? u[l] : m;
+    T m = row_max(u, L);
     if (t != nullptr && *t > m) m = *t;
     if (m == neg_inf<T>()) return m;
     if (m == std::numeric_limits<T>::infinity()) return m;
-    T z = 0;
-#pragma omp simd reduction(+ : z)
-    for (int64_t l = 0; l < L; ++l) z += fast_exp(u[l] - m);
+    T z = sum_exp(u, L, m);
     if (t != nullptr) z += std::exp(*t - m);
     return m + std::log(z);
 }
@@ -225,12 +265,7 @@ void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, co
             const T a_total = inv[b];
             T loss_unused, inv_unused;
             ranked_row(s + b * K, K, rest[b], g, e.data(), r.data(), &loss_unused, &inv_unused, gs + b * K);
-            if (u != nullptr) {
-                const T* ub = u + b * L;
-                T* gub = gu + b * L;
-#pragma omp simd
-                for (int64_t l = 0; l < L; ++l) gub[l] = g * fast_exp(ub[l] + a_total);
-            }
+            if (u != nullptr) scaled_exp(u + b * L, L, a_total, g, gu + b * L);
             if (t != nullptr) gt[b] = g * std::exp(t[b] + a_total);
         }
     }
