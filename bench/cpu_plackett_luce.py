@@ -1,7 +1,7 @@
 """CPU benchmark of the relaxed Plackett-Luce loss, forward + backward: kdfast cpp vs the eager reference
 vs torch.compile(reference), for the score form and the embedding-gather form.
 
-    python bench/cpu_plackett_luce.py --threads 2 [--out bench/results/cpu_plackett_luce.md]
+    python bench/cpu_plackett_luce.py --threads 2 [--threads-list 1,2] [--out bench/results/cpu_plackett_luce.md]
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def fwd_bwd(fn, leaves):
     return step
 
 
-def bench_scores(B, K, L, reps):
+def bench_scores(B, K, L, reps, compile_ok=True):
     s, u, t = (x.requires_grad_() for x in score_inputs(B, K, L))
     impls = {
         "kdfast cpp": lambda: kdfast.plackett_luce_loss(s, u, log_tail=t, backend="cpp"),
@@ -68,6 +68,8 @@ def bench_scores(B, K, L, reps):
     rows = []
     shape = f"B={B} K={K} L={L}"
     try:
+        if not compile_ok:
+            raise RuntimeError("skipped (--no-compile)")
         compiled = torch.compile(ref.plackett_luce_loss)
         t0 = time.perf_counter()
         fwd_bwd(lambda: compiled(s, u, t), [s, u, t])()
@@ -75,7 +77,7 @@ def bench_scores(B, K, L, reps):
         impls["torch.compile(reference)"] = lambda: compiled(s, u, t)
     except Exception as exc:  # noqa: BLE001 - report, do not die
         rows.append({"op": "plackett_luce_loss", "shape": shape, "impl": "torch.compile(reference)",
-                     "ms": float("nan"), "note": f"compile failed: {type(exc).__name__}"})
+                     "ms": float("nan"), "note": f"not timed: {type(exc).__name__}: {str(exc)[:60]}"})
         note = ""
     for name, fn in impls.items():
         ms = time_ms(fwd_bwd(fn, [s, u, t]), "cpu", warmup=2, reps=reps)
@@ -101,6 +103,7 @@ def bench_emb(B, K, L, N, d, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads-list", default="", help="comma-separated thread counts (overrides --threads)")
     ap.add_argument("--B", type=int, default=4096)
     ap.add_argument("--K", type=int, default=40)
     ap.add_argument("--L", type=int, default=400)
@@ -112,22 +115,27 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "cpu_plackett_luce.md"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     if not kdfast.backends()["cpp"][0]:
         sys.exit("the C++ extension is not built: python setup.py build_ext --inplace")
-    if args.no_compile:
-        torch.compile = None  # makes the compile attempt fail and be reported as such
-    rows = bench_scores(args.B, args.K, args.L, args.reps)
-    rows += bench_emb(args.emb_B, args.K, args.L, args.N, args.d, args.reps)
-    for r in rows:
-        eager = next(x["ms"] for x in rows if x["op"] == r["op"] and x["impl"] == "eager reference")
-        r["speed-up vs eager"] = eager / r["ms"] if r["ms"] == r["ms"] else float("nan")
+    thread_counts = [int(x) for x in args.threads_list.split(",")] if args.threads_list else [args.threads]
+    rows = []
+    for n in thread_counts:
+        torch.set_num_threads(n)
+        part = bench_scores(args.B, args.K, args.L, args.reps, compile_ok=not args.no_compile)
+        part += bench_emb(args.emb_B, args.K, args.L, args.N, args.d, args.reps)
+        for r in part:
+            eager = next(x["ms"] for x in part if x["op"] == r["op"] and x["impl"] == "eager reference")
+            r["speed-up vs eager"] = eager / r["ms"] if r["ms"] == r["ms"] else float("nan")
+            r["threads"] = n
+        rows += part
     header = (f"# CPU benchmark: relaxed Plackett-Luce loss (forward + backward)\n\n"
-              f"CPU: {cpu_model()}; threads: {args.threads}; torch {torch.__version__}; "
+              f"CPU: {cpu_model()}; threads: {','.join(map(str, thread_counts))}; torch {torch.__version__}; "
               f"date {time.strftime('%Y-%m-%d')}. Median wall time over up to {args.reps} runs; the machine "
               f"may be shared, so figures are indicative.\n\n"
-              f"Command: `python bench/cpu_plackett_luce.py --threads {args.threads}`\n\n")
-    table = markdown_table(rows, ["op", "shape", "impl", "ms", "speed-up vs eager", "note"])
+              f"Command: `python bench/cpu_plackett_luce.py "
+              + (f"--threads-list {args.threads_list}" if args.threads_list else f"--threads {args.threads}")
+              + "`\n\n")
+    table = markdown_table(rows, ["op", "shape", "threads", "impl", "ms", "speed-up vs eager", "note"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(header + table)

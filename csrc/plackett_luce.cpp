@@ -271,6 +271,18 @@ void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, co
     }
 }
 
+// Random item rows are latency-bound: ask for the row kPrefetch entries ahead (every 64-byte line).
+constexpr int64_t kPrefetch = 8;
+
+template <typename T>
+inline void prefetch_row(const T* e, const int64_t* idx, int64_t j, int64_t M, int64_t d) {
+    if (j + kPrefetch >= M) return;
+    int64_t i = idx[j + kPrefetch];
+    if (i < 0) return;
+    const char* row = reinterpret_cast<const char*>(e + i * d);
+    for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(row + off);
+}
+
 template <typename T>
 void gather_scores(const T* q, const T* e, const int64_t* idx, int64_t B, int64_t M, int64_t d, T* out,
                    int n_threads) {
@@ -279,6 +291,7 @@ void gather_scores(const T* q, const T* e, const int64_t* idx, int64_t B, int64_
     for (int64_t b = 0; b < B; ++b) {
         const T* qb = q + b * d;
         for (int64_t j = 0; j < M; ++j) {
+            prefetch_row(e, idx + b * M, j, M, d);
             int64_t i = idx[b * M + j];
             if (i < 0) {
                 out[b * M + j] = neg_inf<T>();
@@ -302,6 +315,7 @@ void gather_backward(const T* g, const T* q, const T* e, const int64_t* idx, int
     for (int64_t b = 0; b < B; ++b) {
         T* gqb = gq + b * d;
         for (int64_t j = 0; j < M; ++j) {
+            prefetch_row(e, idx + b * M, j, M, d);
             int64_t i = idx[b * M + j];
             T w = g[b * M + j];
             if (i < 0 || w == T(0)) continue;
