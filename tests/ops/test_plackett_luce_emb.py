@@ -190,3 +190,16 @@ def test_bad_inputs_raise(backend):
         f(q, e, ri[:, :0])
     with pytest.raises(ValueError, match="reduction"):
         f(q, e, ri, ui, reduction="max")
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("dtype,grad_tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_embeddings_float32_math(backend, device_for, dtype, grad_tol):
+    q, e, ri, ui, t = make(4, 8, 6, 3, 7, dtype=dtype, seed=22, device=device_for(backend))
+    loss, grads = run(kd(backend), q, e, ri, ui, t.float(), "none", 1.5)
+    loss_r, grads_r = run(ref64, q, e, ri, ui, t.float(), "none", 1.5)
+    assert loss.dtype == torch.float32
+    close(loss, loss_r, 1e-4, 1e-4)
+    for g, gr, x in zip(grads[:2], grads_r[:2], (q, e)):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert (g.double().cpu() - gr.cpu()).norm() <= grad_tol * gr.norm().cpu() + 1e-6
