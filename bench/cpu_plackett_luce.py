@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kdfast  # noqa: E402
-from bench.common import markdown_table, time_ms  # noqa: E402
+from bench.common import markdown_table  # noqa: E402
 from kdfast.reference import plackett_luce as ref  # noqa: E402
 
 
@@ -59,6 +60,21 @@ def fwd_bwd(fn, leaves):
     return step
 
 
+def interleaved_ms(steps, reps, warmup=1):
+    """Median wall time (ms) of each step, the steps run in turn in every round, so that load from
+    other processes on a shared machine hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def bench_scores(B, K, L, reps, compile_ok=True):
     s, u, t = (x.requires_grad_() for x in score_inputs(B, K, L))
     impls = {
@@ -79,8 +95,8 @@ def bench_scores(B, K, L, reps, compile_ok=True):
         rows.append({"op": "plackett_luce_loss", "shape": shape, "impl": "torch.compile(reference)",
                      "ms": float("nan"), "note": f"not timed: {type(exc).__name__}: {str(exc)[:60]}"})
         note = ""
-    for name, fn in impls.items():
-        ms = time_ms(fwd_bwd(fn, [s, u, t]), "cpu", warmup=2, reps=reps)
+    times = interleaved_ms({name: fwd_bwd(fn, [s, u, t]) for name, fn in impls.items()}, reps)
+    for name, ms in times.items():
         rows.append({"op": "plackett_luce_loss", "shape": shape, "impl": name, "ms": ms,
                      "note": note if name.startswith("torch.compile") else ""})
     return rows
@@ -95,9 +111,9 @@ def bench_emb(B, K, L, N, d, reps):
         "eager reference": lambda: ref.plackett_luce_loss_from_embeddings(q, e, ri, ui, t),
     }
     shape = f"B={B} K={K} L={L} N={N} d={d}"
-    return [{"op": "plackett_luce_loss_from_embeddings", "shape": shape, "impl": name,
-             "ms": time_ms(fwd_bwd(fn, [q, e]), "cpu", warmup=1, reps=reps), "note": ""}
-            for name, fn in impls.items()]
+    times = interleaved_ms({name: fwd_bwd(fn, [q, e]) for name, fn in impls.items()}, reps)
+    return [{"op": "plackett_luce_loss_from_embeddings", "shape": shape, "impl": name, "ms": ms, "note": ""}
+            for name, ms in times.items()]
 
 
 def main(argv=None):
@@ -130,8 +146,8 @@ def main(argv=None):
         rows += part
     header = (f"# CPU benchmark: relaxed Plackett-Luce loss (forward + backward)\n\n"
               f"CPU: {cpu_model()}; threads: {','.join(map(str, thread_counts))}; torch {torch.__version__}; "
-              f"date {time.strftime('%Y-%m-%d')}. Median wall time over up to {args.reps} runs; the machine "
-              f"may be shared, so figures are indicative.\n\n"
+              f"date {time.strftime('%Y-%m-%d')}. Median wall time of {args.reps} rounds, the implementations "
+              f"taking turns within each round; the machine was shared with other jobs, so figures are indicative.\n\n"
               f"Command: `python bench/cpu_plackett_luce.py "
               + (f"--threads-list {args.threads_list}" if args.threads_list else f"--threads {args.threads}")
               + "`\n\n")
