@@ -242,7 +242,7 @@ void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L
 #pragma omp parallel num_threads(n_threads)
     {
         std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 64)
         for (int64_t b = 0; b < B; ++b) {
             rest[b] = log_rest(u == nullptr ? nullptr : u + b * L, u == nullptr ? 0 : L,
                                t == nullptr ? nullptr : t + b);
@@ -259,7 +259,7 @@ void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, co
 #pragma omp parallel num_threads(n_threads)
     {
         std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 64)
         for (int64_t b = 0; b < B; ++b) {
             const T g = go[b];
             const T a_total = inv[b];
@@ -287,7 +287,7 @@ template <typename T>
 void gather_scores(const T* q, const T* e, const int64_t* idx, int64_t B, int64_t M, int64_t d, T* out,
                    int n_threads) {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+#pragma omp parallel for schedule(dynamic, 64) num_threads(n_threads)
     for (int64_t b = 0; b < B; ++b) {
         const T* qb = q + b * d;
         for (int64_t j = 0; j < M; ++j) {
@@ -311,7 +311,7 @@ void gather_backward(const T* g, const T* q, const T* e, const int64_t* idx, int
                      int64_t N, int64_t d, T* gq, T* ge, int n_threads) {
     py::gil_scoped_release release;
     // grad_q_b += sum_j g_bj E[idx_bj]
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+#pragma omp parallel for schedule(dynamic, 64) num_threads(n_threads)
     for (int64_t b = 0; b < B; ++b) {
         T* gqb = gq + b * d;
         for (int64_t j = 0; j < M; ++j) {
