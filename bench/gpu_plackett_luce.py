@@ -99,6 +99,23 @@ def checks(device, smoke):
             tol_g = 1e-5 if dtype == torch.float32 else 1e-2
             res.append(_check(f"emb B{B} K{K} L{L} N{N} d{d} {str(dtype)[6:]}", out, grads, out_r, grads_r,
                               tol_v, tol_g))
+    # deterministic mode: no atomics for the item gradient, bitwise equal run to run
+    q, e, ri, ui, t = _emb(64 if smoke else 2048, 40, 400, 1000, 64, torch.float32, device, seed=5)
+    go = torch.rand(q.shape[0], device=device) + 0.5
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_grads(lambda a, b, c: kdfast.plackett_luce_loss_from_embeddings(
+            a, b, ri, ui, log_tail=c, reduction="none", backend="triton"), (q, e, t), go) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    out_r, grads_r = _grads(lambda a, b, c: ref.plackett_luce_loss_from_embeddings(
+        a.double(), b.double(), ri, ui, c.double(), "none"), (q, e, t), go.double())
+    r = _check("emb deterministic mode float32", runs[0][0], runs[0][1], out_r, grads_r, 1e-5, 1e-5)
+    same = all(torch.equal(x, y) for x, y in zip(runs[0][1], runs[1][1]))
+    r["ok"] = r["ok"] and same
+    r["detail"] += f"; bitwise equal run to run: {same}"
+    res.append(r)
     return res
 
 

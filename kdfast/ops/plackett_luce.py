@@ -227,8 +227,9 @@ def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked
 
     Gradients reach query_emb and the touched rows of item_emb (repeated ids accumulate). Determinism:
     the cpp backend sums each item row in a fixed order (counting sort), bitwise reproducible; the
-    triton backend accumulates item gradients with float32 atomic adds, whose order (and so the last
-    bits) can vary run to run.
+    triton backend accumulates item gradients with float32 atomic adds by default, whose order (and so
+    the last bits) can vary run to run, and under torch.use_deterministic_algorithms(True) sums them
+    with a chunked sort-based index_add_ instead (reproducible, slower).
     """
     _checks.floating(query_emb, "query_emb", ndim=2)
     _checks.floating(item_emb, "item_emb", ndim=2)

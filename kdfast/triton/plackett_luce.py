@@ -254,11 +254,12 @@ def _emb_fwd_kernel(q_ptr, e_ptr, ridx_ptr, uidx_ptr, t_ptr, loss_ptr, rest_ptr,
 # Memory plan: q row in registers; the ranked item rows are gathered again (K rows, [BLOCK_KC, BLOCK_D]
 # tiles); the unranked rows are only written to, never read. grad_E is float32 and accumulated with
 # atomic adds (relaxed): repeated ids add up correctly, but float32 addition order varies run to run.
+# With SCATTER off the kernel only writes grad_q (the deterministic path scatters separately).
 @triton.jit
 def _emb_bwd_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, us_ptr, inv_ptr, gqu_ptr,
                     gq_ptr, ge_ptr, K, L, D,
-                    HAS_U: tl.constexpr, CDT: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_L: tl.constexpr,
-                    BLOCK_D: tl.constexpr, NKC: tl.constexpr, NL: tl.constexpr):
+                    HAS_U: tl.constexpr, SCATTER: tl.constexpr, CDT: tl.constexpr, BLOCK_KC: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NKC: tl.constexpr, NL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(go_ptr + row).to(CDT)
     inv = tl.load(inv_ptr + row).to(CDT)
@@ -277,20 +278,23 @@ def _emb_bwd_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, us_ptr, 
         m2 = valid[:, None] & dmask[None, :]
         e = tl.load(e_ptr + safe[:, None] * D + ds[None, :], mask=m2, other=0.0).to(CDT)
         gk += tl.sum(c[:, None] * e, axis=0)
-        tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :], (g * c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
-                      mask=m2, sem="relaxed")
-    if HAS_U:
-        for lc in range(NL):
-            ls = lc * BLOCK_L + tl.arange(0, BLOCK_L)
-            lmask = ls < L
-            idx = tl.load(uidx_ptr + row * L + ls, mask=lmask, other=-1)
-            valid = idx >= 0
-            safe = tl.where(valid, idx, 0)
-            u = tl.load(us_ptr + row * L + ls, mask=valid, other=float("-inf")).to(CDT)
-            c = g * tl.exp(u + inv)
-            m2 = valid[:, None] & dmask[None, :]
-            tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :], (c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
+        if SCATTER:
+            tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :],
+                          (g * c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
                           mask=m2, sem="relaxed")
+    if SCATTER:
+        if HAS_U:
+            for lc in range(NL):
+                ls = lc * BLOCK_L + tl.arange(0, BLOCK_L)
+                lmask = ls < L
+                idx = tl.load(uidx_ptr + row * L + ls, mask=lmask, other=-1)
+                valid = idx >= 0
+                safe = tl.where(valid, idx, 0)
+                u = tl.load(us_ptr + row * L + ls, mask=valid, other=float("-inf")).to(CDT)
+                c = g * tl.exp(u + inv)
+                m2 = valid[:, None] & dmask[None, :]
+                tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :],
+                              (c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty), mask=m2, sem="relaxed")
     tl.store(gq_ptr + row * D + ds, (g * (gq + gk)).to(gq_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -335,11 +339,32 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad):
     return loss, coef, us, rest, inv, gqu
 
 
+def _scatter_deterministic(ge, g, q, ridx, coef, uidx, uscores, inv, max_entries=2**19):
+    """grad_E[i] += sum_{(b, j): idx_bj = i} c_bj q_b with index_add_ (sort-based and deterministic
+    under torch.use_deterministic_algorithms), over row chunks of at most max_entries entries taken in
+    a fixed order, so that the [entries, d] source never exceeds max_entries * d values."""
+    B = q.shape[0]
+    parts = [(ridx, coef * g[:, None])]
+    if uidx is not None and uidx.shape[1] > 0:
+        parts.append((uidx, torch.exp(uscores + inv[:, None]) * g[:, None]))
+    qf = q.to(ge.dtype)
+    for idx, c in parts:
+        M = idx.shape[1]
+        step = max(1, max_entries // max(M, 1))
+        for b0 in range(0, B, step):
+            ids = idx[b0:b0 + step]
+            cc = torch.where(ids >= 0, c[b0:b0 + step], torch.zeros_like(c[b0:b0 + step]))
+            src = (cc[:, :, None] * qf[b0:b0 + step, None, :]).reshape(-1, qf.shape[1])
+            ge.index_add_(0, ids.clamp_min(0).reshape(-1), src.to(ge.dtype))
+
+
 def emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ranked, saved_unranked,
                  log_rest, log_inv, aux):
     """(grad_query [B, d], grad_item [N, d], grad_tail [B] or [0]) in the input dtypes.
 
-    grad_item is accumulated with float32 atomic adds: not bitwise reproducible run to run.
+    grad_item is accumulated with float32 atomic adds by default (not bitwise reproducible run to
+    run); under torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based
+    index_add_ instead (reproducible, slower, at most 2^19 * d extra values).
     """
     q, e = query.contiguous(), item.contiguous()
     ridx = ranked_idx.to(torch.int64).contiguous()
@@ -351,13 +376,17 @@ def emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ra
     gq = torch.empty_like(q)
     ge = torch.zeros(e.shape, dtype=torch.float64 if acc == torch.float64 else torch.float32, device=e.device)
     g = grad.to(acc).contiguous()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if B > 0:
         _, _, bl, bd, bkc = _emb_blocks(K, L, D)
         _emb_bwd_kernel[(B,)](
             g, q, e, ridx, ridx if uidx is None else uidx, saved_ranked, saved_unranked if L > 0 else saved_ranked,
             log_inv, aux, gq, ge, K, L, D,
-            HAS_U=uidx is not None and L > 0, CDT=_cdt(q.dtype), BLOCK_KC=bkc, BLOCK_L=bl, BLOCK_D=bd,
+            HAS_U=uidx is not None and L > 0, SCATTER=not deterministic, CDT=_cdt(q.dtype), BLOCK_KC=bkc,
+            BLOCK_L=bl, BLOCK_D=bd,
             NKC=triton.cdiv(K, bkc), NL=triton.cdiv(L, bl), num_warps=4)
+        if deterministic:
+            _scatter_deterministic(ge, g, q, ridx, saved_ranked, uidx, saved_unranked, log_inv)
     gt = q.new_empty(0)
     if log_tail is not None:
         gt = (g * torch.exp(log_tail.to(acc) + log_inv)).to(log_tail.dtype)

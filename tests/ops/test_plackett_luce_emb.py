@@ -203,3 +203,22 @@ def test_half_embeddings_float32_math(backend, device_for, dtype, grad_tol):
     for g, gr, x in zip(grads[:2], grads_r[:2], (q, e)):
         assert g.dtype == dtype and torch.isfinite(g).all()
         assert (g.double().cpu() - gr.cpu()).norm() <= grad_tol * gr.norm().cpu() + 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_triton_deterministic_mode(backend, device_for):
+    """Under torch.use_deterministic_algorithms the item gradient is summed without atomics: equal to
+    the reference, and bitwise equal run to run."""
+    dev = device_for(backend)
+    q, e, ri, ui, t = make(5, 6, 4, 3, 8, dtype=torch.float32, seed=23, device=dev)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = run(kd(backend), q, e, ri, ui, t, "sum", 0.8)
+        b = run(kd(backend), q, e, ri, ui, t, "sum", 0.8)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    ref = run(ref64, q, e, ri, ui, t, "sum", 0.8)
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    for g, gr in zip(a[1], ref[1]):
+        close(g, gr, 2e-5, 2e-5)
