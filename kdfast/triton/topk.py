@@ -34,6 +34,7 @@ import torch
 EMPTY = -(2**63)
 CONFIG = {"variant": "buffer"}
 VARIANTS = ("buffer", "merge")
+LAST_LAUNCH = {}  # the last compiled kernel (its n_regs / n_spills, for the benchmark notes)
 
 
 def _next_pow2(n: int) -> int:
@@ -141,7 +142,7 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
         prec = "ieee"
     kern = _get_kernels()[cfg["variant"]]
     grid = (triton.cdiv(n_q, cfg["BM"]), S)
-    kern[grid](queries, keys, ids, starts, ends, buf, part, n_q, n_k, d, chunk,
+    LAST_LAUNCH["kernel"] = kern[grid](queries, keys, ids, starts, ends, buf, part, n_q, n_k, d, chunk,
                queries.stride(0), keys.stride(0),
                K=cfg["k_eff"], KP=KP, C=C, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], E=excl_chunk,
                PREC=prec, HAS_EXCL=has_excl,
