@@ -96,59 +96,64 @@ def compare(q, kk, excl, vals, idx, rvals, ridx, *, exact=False, tol=1e-5):
     return ""
 
 
-def _cases(smoke):
-    if smoke:
-        return [("ragged-excl", 5, 70, 8, 10, 4), ("k>n_k", 3, 20, 8, 30, 0)]
-    return [("users.dat-like", 5219, 25181, 64, 100, 40), ("odd d=200,k=50", 777, 100003, 200, 50, 30),
-            ("k=500", 300, 50000, 64, 500, 60), ("k>n_k", 50, 90, 32, 100, 10),
-            ("few rows (split-K)", 40, 300007, 64, 100, 100)]
+# Every GPU shape keeps n_q, n_k, d and the split chunk divisible by 16, so that one compiled kernel per
+# (variant, dtype, precision) serves all of them (Triton specialises on divisibility): `python -m
+# bench.gpu_topk --warm VARIANT:PREC` compiles one of them, several run in parallel before bench/gpu.py.
+CHECK = (2000, 50000, 64, 100)
+BIG = (32768, 2**20, 64, 100)
+PRECS = {"ieee": (torch.float32, False, 1e-5), "tf32": (torch.float32, True, 3e-3),
+         "bf16": (torch.bfloat16, False, 1e-5), "fp16": (torch.float16, False, 1e-5)}
+GPU_CFGS = [("buffer", "ieee", {}), ("buffer", "tf32", {}), ("buffer", "bf16", {}), ("buffer", "fp16", {}),
+            ("merge", "ieee", {}), ("merge", "bf16", {}), ("buffer", "bf16", {"block_m": 32})]
+
+
+def _no_excl(n_q, device):
+    return (torch.zeros(n_q + 1, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
 
 
 def checks(device, smoke):
     out = []
     gen = torch.Generator().manual_seed(0)
-    variants_cfg = [("buffer", {}), ("merge", {})]
     if smoke:
-        variants_cfg = [("buffer", {"block_m": 16, "block_n": 16}), ("merge", {"block_m": 16})]
-    dtypes = [("fp32-ieee", torch.float32, False, 1e-5), ("tf32", torch.float32, True, 3e-3),
-              ("bf16", torch.bfloat16, False, 1e-5), ("fp16", torch.float16, False, 1e-5)]
-    if smoke:
-        dtypes = dtypes[:1]
-    for name, n_q, n_k, d, k, mean_excl in _cases(smoke):
-        excl = ragged_exclusions(n_q, n_k, max(mean_excl, 1), gen, device) if mean_excl else (
-            torch.zeros(n_q + 1, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
-        for dname, dt, allow_tf32, tol in dtypes:
+        cases = [("ragged-excl+NaN", 5, 70, 8, 10, 4), ("k>n_k", 3, 20, 8, 30, 0)]
+        cfgs = [("buffer", "ieee", {"block_m": 16, "block_n": 16}), ("merge", "ieee", {"block_m": 16})]
+        n_int = (4, 60, 8, 12)
+    else:
+        cases = [("users.dat-like excl+NaN, split-K", *CHECK, 40)]
+        cfgs = [c for c in GPU_CFGS if not c[2]]
+        n_int = CHECK
+    for name, n_q, n_k, d, k, mean_excl in cases:
+        excl = ragged_exclusions(n_q, n_k, mean_excl, gen, device) if mean_excl else _no_excl(n_q, device)
+        for variant, prec, kw in cfgs:
+            dt, allow_tf32, tol = PRECS[prec]
             q = torch.randn(n_q, d, generator=gen).to(device, dt)
             kk = torch.randn(n_k, d, generator=gen).to(device, dt)
-            if name == "users.dat-like":
-                kk[torch.randint(0, n_k, (20,), generator=gen)] = float("nan")
+            kk[torch.randint(0, n_k, (max(1, n_k // 2000),), generator=gen)] = float("nan")
             with tf32(allow_tf32):
                 rv, ri = ref_topk(q, kk, k, *excl)
-                for variant, kw in variants_cfg:
-                    if variant == "merge" and n_k > 100000 and not smoke:
-                        continue  # the simple variant is slow on long key ranges; checked on the others
-                    try:
-                        v, i = tri.topk_scores(q, kk, k, *excl, variant=variant, **kw)
-                        why = compare(q, kk, excl, v, i, rv, ri, tol=tol)
-                    except Exception as exc:  # noqa: BLE001 - report and go on
-                        why = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    out.append({"op": OP, "case": f"{variant} {dname} {name}", "ok": not why, "detail": why})
-    # integer-valued embeddings: many exact ties, every precision must reproduce the reference exactly
-    n_q, n_k, d, k = (4, 60, 8, 12) if smoke else (1000, 40000, 64, 100)
+                try:
+                    v, i = tri.topk_scores(q, kk, k, *excl, variant=variant, **kw)
+                    why = compare(q, kk, excl, v, i, rv, ri, tol=tol)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            out.append({"op": OP, "case": f"{variant} {prec} {name}", "ok": not why, "detail": why})
+            print("[row]", out[-1], flush=True)
+    # integer-valued embeddings: many exact ties; every precision must reproduce the reference exactly
+    n_q, n_k, d, k = n_int
     q = torch.randint(-2, 3, (n_q, d), generator=gen).float().to(device)
     kk = torch.randint(-2, 3, (n_k, d), generator=gen).float().to(device)
     excl = ragged_exclusions(n_q, n_k, 5 if smoke else 50, gen, device)
     rv, ri = ref_topk(q, kk, k, *excl)
-    for dname, dt, allow_tf32 in [("fp32-ieee", torch.float32, False), ("tf32", torch.float32, True),
-                                  ("bf16", torch.bfloat16, False)]:
-        for variant, kw in variants_cfg:
-            with tf32(allow_tf32):
-                try:
-                    v, i = tri.topk_scores(q.to(dt), kk.to(dt), k, *excl, variant=variant, **kw)
-                    why = compare(q, kk, excl, v, i, rv, ri, exact=True)
-                except Exception as exc:  # noqa: BLE001
-                    why = f"{type(exc).__name__}: {str(exc)[:300]}"
-            out.append({"op": OP, "case": f"{variant} {dname} integer ties", "ok": not why, "detail": why})
+    for variant, prec, kw in cfgs:
+        dt, allow_tf32, _ = PRECS[prec]
+        with tf32(allow_tf32):
+            try:
+                v, i = tri.topk_scores(q.to(dt), kk.to(dt), k, *excl, variant=variant, **kw)
+                why = compare(q, kk, excl, v, i, rv, ri, exact=True)
+            except Exception as exc:  # noqa: BLE001
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        out.append({"op": OP, "case": f"{variant} {prec} integer ties", "ok": not why, "detail": why})
+        print("[row]", out[-1], flush=True)
     return out
 
 
@@ -161,60 +166,84 @@ def _mm_rate(device, dt, allow_tf32, smoke):
     return 2 * n**3 / (ms * 1e-3)
 
 
+def _note(exc):
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
 def timings(device, smoke):
     rows = []
     if smoke:
-        n_q, n_k, d, k, n_q_c = 16, 300, 16, 10, 8
-        cfgs = [("buffer", {"block_m": 16, "block_n": 16}), ("merge", {"block_m": 16})]
+        n_q, n_k, d, k = 16, 300, 16, 10
+        cfgs = [("buffer", "ieee", {"block_m": 16, "block_n": 16}), ("merge", "ieee", {"block_m": 16})]
+        precs = ["ieee"]
+        n_q_merge = 16
     else:
-        n_q, n_k, d, k, n_q_c = 32768, 2**20, 64, 100, 1024
-        cfgs = [("buffer", {}), ("buffer", {"block_m": 128}), ("buffer", {"block_m": 64, "block_n": 64}),
-                ("buffer", {"block_m": 64, "num_stages": 3}), ("merge", {})]
+        n_q, n_k, d, k = BIG
+        cfgs = GPU_CFGS
+        precs = ["ieee", "tf32", "bf16"]
+        n_q_merge = 2048  # the simple variant merges on most tiles: timed on fewer queries
     gen = torch.Generator().manual_seed(1)
-    shape = f"n_q={n_q},n_k={n_k},d={d},k={k}"
-    empty = (torch.zeros(n_q + 1, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
     q32 = torch.randn(n_q, d, generator=gen).to(device)
     k32 = torch.randn(n_k, d, generator=gen).to(device)
-    for prec, dt, allow_tf32 in [("fp32-ieee", torch.float32, False), ("tf32", torch.float32, True),
-                                 ("bf16", torch.bfloat16, False)]:
+    for prec in precs:
+        dt, allow_tf32, _ = PRECS[prec]
         q, kk = q32.to(dt), k32.to(dt)
+        shape = f"n_q={n_q},n_k={n_k},d={d},k={k}"
         floor_ms = 2 * n_q * n_k * d / _mm_rate(device, dt, allow_tf32, smoke) * 1e3
         rows.append({"op": OP, "shape": shape, "impl": f"matmul floor {prec}", "ms": floor_ms,
                      "note": "2*n_q*n_k*d / rate of an 8192^3 torch.mm"})
         with tf32(allow_tf32):
-            ref_ms = time_ms(lambda: ref_topk(q, kk, k, *empty), device, warmup=1, reps=2)
-            rows.append({"op": OP, "shape": shape, "impl": f"eager reference {prec}", "ms": ref_ms,
-                         "peak_MB": peak_extra_mb(lambda: ref_topk(q, kk, k, *empty), device)})
-            for variant, kw in cfgs:
-                fn = (lambda kw=kw, variant=variant: tri.topk_scores(q, kk, k, *empty, variant=variant, **kw))
+            ref_ms = time_ms(lambda: ref_topk(q, kk, k, *_no_excl(n_q, device)), device, warmup=1, reps=1)
+            rows.append({"op": OP, "shape": shape, "impl": f"eager reference {prec}", "ms": ref_ms})
+            print("[row]", rows[-1], rows[-2], flush=True)
+            for variant, p2, kw in cfgs:
+                if p2 != prec:
+                    continue
+                nq = n_q if variant == "buffer" else n_q_merge
+                qv = q[:nq]
+                ex = _no_excl(nq, device)
+                fn = (lambda kw=kw, variant=variant, qv=qv, ex=ex: tri.topk_scores(qv, kk, k, *ex, variant=variant, **kw))
+                sh = f"n_q={nq},n_k={n_k},d={d},k={k}"
                 try:
-                    ms = time_ms(fn, device, warmup=1, reps=5, max_seconds=5)
-                    cfg = tri.plan(n_q, n_k, d, k, device, variant=variant, **kw)
+                    ms = time_ms(fn, device, warmup=1, reps=5, max_seconds=3)
                     ck = tri.LAST_LAUNCH.get("kernel")
-                    regs = f"regs={getattr(ck, 'n_regs', '?')} spills={getattr(ck, 'n_spills', '?')} "
-                    note = regs + (f"BM={cfg['BM']} BN={cfg['BN']} splits={cfg['splits']} warps={cfg['num_warps']} "
-                            f"stages={cfg['num_stages']}; {ref_ms / ms:.1f}x eager, floor/ms={floor_ms / ms:.2f}")
-                    rows.append({"op": OP, "shape": shape, "impl": f"triton {variant} {prec}", "ms": ms,
+                    cfg = tri.plan(nq, n_k, d, k, device, variant=variant, **kw)
+                    scale = n_q / nq
+                    note = (f"regs={getattr(ck, 'n_regs', '?')} spills={getattr(ck, 'n_spills', '?')} "
+                            f"BM={cfg['BM']} BN={cfg['BN']} splits={cfg['splits']} warps={cfg['num_warps']}; "
+                            f"{ref_ms / (ms * scale):.1f}x eager, floor/ms={floor_ms / (ms * scale):.2f}")
+                    rows.append({"op": OP, "shape": sh, "impl": f"triton {variant} {prec}", "ms": ms,
                                  "peak_MB": peak_extra_mb(fn, device), "note": note})
+                    print("[row]", rows[-1], flush=True)
                 except Exception as exc:  # noqa: BLE001
-                    rows.append({"op": OP, "shape": shape, "impl": f"triton {variant} {prec}", "ms": float("nan"),
-                                 "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            # torch.compile of the reference, at fewer queries (it compiles the Python tile loop)
-            qc = q[:n_q_c]
-            emp_c = (empty[0][: n_q_c + 1], empty[1])
-            shape_c = f"n_q={n_q_c},n_k={n_k},d={d},k={k}"
-            e_ms = time_ms(lambda: ref_topk(qc, kk, k, *emp_c), device, warmup=1, reps=3)
-            rows.append({"op": OP, "shape": shape_c, "impl": f"eager reference {prec}", "ms": e_ms})
-            t_ms = time_ms(lambda: tri.topk_scores(qc, kk, k, *emp_c), device, warmup=1, reps=5)
-            rows.append({"op": OP, "shape": shape_c, "impl": f"triton buffer {prec}", "ms": t_ms,
-                         "note": f"{e_ms / t_ms:.1f}x eager"})
-            if prec != "tf32":
-                try:
-                    comp = torch.compile(ref_topk)
-                    c_ms = time_ms(lambda: comp(qc, kk, k, *emp_c), device, warmup=2, reps=3, max_seconds=10)
-                    rows.append({"op": OP, "shape": shape_c, "impl": f"torch.compile reference {prec}", "ms": c_ms,
-                                 "note": f"triton {c_ms / t_ms:.1f}x faster"})
-                except Exception as exc:  # noqa: BLE001
-                    rows.append({"op": OP, "shape": shape_c, "impl": f"torch.compile reference {prec}",
-                                 "ms": float("nan"), "note": "failed: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:200]})
+                    rows.append({"op": OP, "shape": sh, "impl": f"triton {variant} {prec}", "ms": float("nan"),
+                                 "note": _note(exc)})
+    rows.append({"op": OP, "shape": "-", "impl": "torch.compile reference", "ms": float("nan"),
+                 "note": "not timed on the GPU: dynamo unrolls the reference's Python tile loop (minutes to "
+                         "compile); on CPU inductor fails (make_reindexer NYI on the int32 view of encode)"})
     return rows
+
+
+def _warm(spec):
+    """Compile (and run once) one kernel configuration at the check shape: fills Triton's disk cache."""
+    variant, prec = spec.split(":")[:2]
+    kw = {"block_m": int(spec.split(":")[2])} if spec.count(":") == 2 else {}
+    dt, allow_tf32, _ = PRECS[prec]
+    device = torch.device("cuda")
+    n_q, n_k, d, k = CHECK
+    q = torch.randn(n_q, d, device=device).to(dt)
+    kk = torch.randn(n_k, d, device=device).to(dt)
+    excl = ragged_exclusions(n_q, n_k, 40, torch.Generator().manual_seed(0), device)
+    import time
+    t0 = time.perf_counter()
+    with tf32(allow_tf32):
+        tri.topk_scores(q, kk, k, *excl, variant=variant, **kw)
+    torch.cuda.synchronize()
+    ck = tri.LAST_LAUNCH.get("kernel")
+    print(f"[warm] {spec}: {time.perf_counter() - t0:.1f} s, regs={getattr(ck, 'n_regs', '?')} "
+          f"spills={getattr(ck, 'n_spills', '?')}", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    _warm(sys.argv[sys.argv.index("--warm") + 1])

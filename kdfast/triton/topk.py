@@ -74,7 +74,9 @@ def plan(n_q: int, n_k: int, d: int, k: int, device, *, variant=None, block_m=No
     splits = max(1, -(-n_k // chunk))
     if num_warps is None:
         num_warps = 8 if block_m * max(bn, c if variant == "buffer" else 2 * kp) >= 8192 else 4
+    rows_per_compaction = max(1, min(block_m, 16384 // c))
     return {"variant": variant, "k_eff": k_eff, "KP": kp, "BD": bd, "BN": bn, "C": c, "BM": block_m,
+            "R": rows_per_compaction,
             "splits": splits, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages or 2}
 
 
@@ -116,8 +118,7 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
     cfg = plan(n_q, n_k, d, k, dev, variant=variant, block_m=block_m, block_n=block_n, splits=splits,
                num_warps=num_warps, num_stages=num_stages)
     S, KP, C, chunk = cfg["splits"], cfg["KP"], cfg["C"], cfg["chunk"]
-    has_excl = excl_indices.numel() > 0
-    if has_excl:
+    if excl_indices.numel() > 0:
         indptr, ids = canonicalize(excl_indptr, excl_indices, n_k)
         starts = indptr[:-1]
         if S > 1:
@@ -128,25 +129,28 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
             want = torch.arange(n_q, device=dev, dtype=torch.int64)[None, :] * n_k + lows[:, None]
             starts = torch.searchsorted(flat, want.reshape(-1)).reshape(S, n_q)
         starts = starts.contiguous()
-        ends = indptr[1:].contiguous()
-    else:
-        ids = starts = ends = torch.zeros(1, dtype=torch.int64, device=dev)
+        ends = indptr[1:].clone()  # a fresh, aligned buffer (Triton specialises on pointer alignment)
+    else:  # every row's list is empty: the kernels never look at an excluded id
+        ids = torch.zeros(1, dtype=torch.int64, device=dev)
+        starts = torch.zeros(S * n_q, dtype=torch.int64, device=dev)
+        ends = torch.zeros(n_q, dtype=torch.int64, device=dev)
     part = torch.empty((S, n_q, KP), dtype=torch.int64, device=dev)
     if cfg["variant"] == "buffer":
         buf = torch.empty((S, n_q, C), dtype=torch.int64, device=dev)
+        aux = torch.empty((S, n_q, 2), dtype=torch.int64, device=dev)
     else:
-        buf = part  # unused by the merge kernel
+        buf = aux = part  # unused by the merge kernel
     if queries.dtype == torch.float32:
         prec = "tf32" if (dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     else:
         prec = "ieee"
     kern = _get_kernels()[cfg["variant"]]
     grid = (triton.cdiv(n_q, cfg["BM"]), S)
-    LAST_LAUNCH["kernel"] = kern[grid](queries, keys, ids, starts, ends, buf, part, n_q, n_k, d, chunk,
-               queries.stride(0), keys.stride(0),
-               K=cfg["k_eff"], KP=KP, C=C, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], E=excl_chunk,
-               PREC=prec, HAS_EXCL=has_excl,
-               WHILE_LOOP=os.environ.get("TRITON_INTERPRET", "0") == "1", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    LAST_LAUNCH["kernel"] = kern[grid](
+        queries, keys, ids, starts, ends, buf, aux, part, n_q, n_k, d, chunk, queries.stride(0), keys.stride(0),
+        cfg["k_eff"], KP=KP, C=C, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], R=cfg["R"], E=excl_chunk, PREC=prec,
+        WHILE_LOOP=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     k_eff = cfg["k_eff"]
     if S == 1:
         top = part[0, :, :k_eff]
