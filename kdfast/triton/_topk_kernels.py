@@ -46,16 +46,12 @@ def _excluded(excl_ptr, ep, ee, nxt, cols, tile_end, BM: tl.constexpr, BN: tl.co
     return kill, ep, nxt
 
 
-@triton.jit
-def _compact(buf_ptr, aux_ptr, part_ptr, row0, n_q, rows64, row_ok, count, k, FINAL: tl.constexpr,
-             KP: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, R: tl.constexpr):
-    # Candidate lists buf[row, :C] (first count[row] valid) -> their best KP keys, sorted descending, stored
-    # back in slots [0, KP) (or, FINAL, in part[row, :KP]); returns the new thresholds: the score of each
-    # row's k-th key. Done R rows at a time (the lists are in global memory), so that only [R, C] keys
-    # are on chip; counts and k-th keys travel through aux[row, 0:2].
-    tl.debug_barrier()  # appends and counts of every thread of this program are visible
-    tl.store(aux_ptr + rows64 * 2 + 1, count.to(tl.int64), mask=row_ok)
-    tl.debug_barrier()
+@triton.jit(noinline=True)
+def _compact_rows(buf_ptr, aux_ptr, part_ptr, row0, n_q, k, FINAL: tl.constexpr, KP: tl.constexpr,
+                  C: tl.constexpr, BM: tl.constexpr, R: tl.constexpr):
+    # Rows [row0, row0 + BM), R at a time: candidate lists buf[row, :aux[row, 1]] -> their best KP keys,
+    # sorted descending, into buf[row, :KP] (FINAL: part[row, :KP]); the k-th key into aux[row, 0].
+    # Not inlined, so that its [R, C] keys do not add to the register pressure of the scan loop.
     j = tl.arange(0, C)
     jj = tl.arange(0, KP)
     for r0 in tl.static_range(0, BM, R):
@@ -71,6 +67,17 @@ def _compact(buf_ptr, aux_ptr, part_ptr, row0, n_q, rows64, row_ok, count, k, FI
             tl.store(buf_ptr + rr[:, None] * C + jj[None, :], top, mask=rr_ok[:, None])
         kth = tl.max(tl.where(jj[None, :] == k - 1, top, -(2**63)), axis=1)
         tl.store(aux_ptr + rr * 2, kth, mask=rr_ok)
+
+
+@triton.jit
+def _compact(buf_ptr, aux_ptr, part_ptr, row0, n_q, rows64, row_ok, count, k, FINAL: tl.constexpr,
+             KP: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, R: tl.constexpr):
+    # Compact this program's candidate lists (see _compact_rows); counts in and k-th keys out travel
+    # through aux[row, 0:2]. Returns the new thresholds: the score of each row's k-th key.
+    tl.debug_barrier()  # appends of every thread of this program are visible
+    tl.store(aux_ptr + rows64 * 2 + 1, count.to(tl.int64), mask=row_ok)
+    tl.debug_barrier()
+    _compact_rows(buf_ptr, aux_ptr, part_ptr, row0, n_q, k, FINAL, KP, C, BM, R)
     tl.debug_barrier()
     kth = tl.load(aux_ptr + rows64 * 2, mask=row_ok, other=-(2**63))
     return tl.where(row_ok, _score_key(kth), float("inf"))

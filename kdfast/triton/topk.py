@@ -48,7 +48,7 @@ def _get_kernels():
 
 
 def plan(n_q: int, n_k: int, d: int, k: int, device, *, variant=None, block_m=None, block_n=None,
-         splits=None, num_warps=None, num_stages=None) -> dict:
+         splits=None, num_warps=None, num_stages=None, compact_rows=None) -> dict:
     """The launch configuration for one call (block sizes, split count, warps); see topk_scores."""
     variant = variant or CONFIG["variant"]
     if variant not in VARIANTS:
@@ -74,14 +74,14 @@ def plan(n_q: int, n_k: int, d: int, k: int, device, *, variant=None, block_m=No
     splits = max(1, -(-n_k // chunk))
     if num_warps is None:
         num_warps = 8 if block_m * max(bn, c if variant == "buffer" else 2 * kp) >= 8192 else 4
-    rows_per_compaction = max(1, min(block_m, 16384 // c))
+    rows_per_compaction = compact_rows or max(1, min(block_m, 2048 // c))  # [R, C] keys on chip
     return {"variant": variant, "k_eff": k_eff, "KP": kp, "BD": bd, "BN": bn, "C": c, "BM": block_m,
             "R": rows_per_compaction,
             "splits": splits, "chunk": chunk, "num_warps": num_warps, "num_stages": num_stages or 2}
 
 
 def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, block_m=None, block_n=None,
-                splits=None, num_warps=None, num_stages=None, excl_chunk=4):
+                splits=None, num_warps=None, num_stages=None, compact_rows=None, excl_chunk=4):
     """Top-k keys per query by dot product, skipping excluded keys (one fused Triton kernel).
 
     Args:
@@ -91,7 +91,8 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
         excl_indptr [n_q+1], excl_indices [nnz]: int64 CSR of each query's excluded key ids (validated by
             the op; canonicalised here: sorted unique ids per row).
         variant: "buffer" (fast) or "merge" (simple); default CONFIG["variant"].
-        block_m, block_n, splits, num_warps, num_stages: launch overrides (tests use tiny blocks).
+        block_m, block_n, splits, num_warps, num_stages, compact_rows: launch overrides (tests use tiny
+            blocks); compact_rows (a power of two <= block_m) rows are compacted at a time.
         excl_chunk: excluded ids examined per row and step inside a tile.
 
     Returns values [n_q, k] float32 (descending) and indices [n_q, k] int64 with the reference order:
@@ -116,7 +117,7 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
         out = torch.full((n_q, k), EMPTY, dtype=torch.int64, device=dev)
         return decode(out)
     cfg = plan(n_q, n_k, d, k, dev, variant=variant, block_m=block_m, block_n=block_n, splits=splits,
-               num_warps=num_warps, num_stages=num_stages)
+               num_warps=num_warps, num_stages=num_stages, compact_rows=compact_rows)
     S, KP, C, chunk = cfg["splits"], cfg["KP"], cfg["C"], cfg["chunk"]
     if excl_indices.numel() > 0:
         indptr, ids = canonicalize(excl_indptr, excl_indices, n_k)

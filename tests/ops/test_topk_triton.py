@@ -12,7 +12,7 @@ from kdfast.reference.topk import topk_scores as ref_topk
 from tests.conftest import DEVICE, backend_params
 
 pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
-VARIANTS = [("buffer", {"block_m": 16, "block_n": 16}), ("merge", {"block_m": 16})]
+VARIANTS = [("buffer", {"block_m": 16, "block_n": 16, "compact_rows": 4}), ("merge", {"block_m": 16})]
 
 
 def tri(q, kk, k, excl, variant, **kw):
