@@ -8,12 +8,15 @@ is ever stored. The order is the reference's exactly (kdfast.reference.topk): in
 
 Two variants (module-level CONFIG["variant"] or the `variant` argument):
   "buffer" (default, fast): each row appends the keys of a tile whose score reaches the row's current
-      k-th score to a small per-row candidate list of C = 2*max(KP, BN) slots in global memory (it stays
-      in L2); when a list would overflow it is compacted on chip with tl.topk to its best KP keys and the
-      row's threshold rises to the new k-th score. After the first tiles most tiles append nothing, so
-      the steady state costs one compare per score on top of the matmul.
-  "merge" (simple, robust): the running top-KP keys live in registers and every tile in which some key
-      beats its row's k-th key is merged with tl.topk over the joined [BM, 2*KP] keys (BN = KP).
+      k-th score to its candidate list of C = 2*max(KP, BN) int64 slots in global memory (KP = next power
+      of two >= k; the lists are small and mostly hit L2); when a list would overflow, the lists are
+      compacted with tl.topk to their best KP keys (R rows at a time, in a non-inlined function so that
+      the scan loop keeps its registers) and the thresholds rise to the new k-th scores. A row appends
+      about k * ln(n_k / k) keys over the whole scan (plus the threshold's lag), so most tiles cost one
+      compare per score and a block-wide max on top of the matmul.
+  "merge" (simple, robust, slower): the running top-KP keys live in registers and every tile in which
+      some key beats its row's k-th key is merged with tl.topk over the joined [BM, 2*KP] keys (BN = KP);
+      with many rows per block most tiles merge, so this is the fallback, not the fast path.
 Both may split the key axis into S ranges ("split-K", to fill the GPU when n_q / BM is small): each
 program keeps the top-KP of its range, and a short torch.topk over the S * KP partial keys of a row
 finishes the job.
@@ -98,7 +101,8 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
     Returns values [n_q, k] float32 (descending) and indices [n_q, k] int64 with the reference order:
     descending float32 score <q, k_j>, ties to the lower j, NaN as -inf, -1 / -inf in empty slots.
     Memory: the output, splits * n_q * KP int64 partial keys (KP = next power of two >= k, >= 16), for
-    "buffer" splits * n_q * C int64 candidate slots (C = 2 * max(KP, BN)), the canonical exclusion CSR.
+    "buffer" splits * n_q * (C + 2) int64 (candidate lists, C = 2 * max(KP, BN), and counts), and the
+    canonical exclusion CSR (plus splits * n_q start pointers when splits > 1). Nothing grows with n_k.
     """
     from ..csr import canonicalize
     from ..reference.topk import decode
