@@ -44,7 +44,7 @@ class BPRMF(torch.nn.Module):
 
 def normalized_adjacency(train, n_users: int, n_items: int) -> torch.Tensor:
     """The symmetric-normalised bipartite adjacency D^-1/2 A D^-1/2 of the training graph, as a sparse
-    CSR tensor of size (U + I) x (U + I) (float32). train: int64 CSR pair users -> items."""
+    tensor of size (U + I) x (U + I) (float32, coalesced COO). train: int64 CSR pair users -> items."""
     indptr, indices = train
     counts = indptr[1:] - indptr[:-1]
     rows = torch.repeat_interleave(torch.arange(n_users), counts)
@@ -57,7 +57,7 @@ def normalized_adjacency(train, n_users: int, n_items: int) -> torch.Tensor:
     c = torch.cat([cols, rows])
     vals = (inv[r] * inv[c]).to(torch.float32)
     n = n_users + n_items
-    return torch.sparse_coo_tensor(torch.stack([r, c]), vals, (n, n)).coalesce().to_sparse_csr()
+    return torch.sparse_coo_tensor(torch.stack([r, c]), vals, (n, n), check_invariants=True).coalesce()
 
 
 class LightGCN(torch.nn.Module):
