@@ -18,6 +18,15 @@ LOO_NS = (5, 10, 20)
 FULL_KS = (10, 20, 50)
 
 
+def metric_names(protocol: str, ns=LOO_NS, ks=FULL_KS) -> list:
+    """The names evaluate() returns for a protocol ("loo": HR/NDCG/MRR@N, "full": Recall/NDCG/Precision@K)."""
+    if protocol == "loo":
+        return [f"{m}@{n}" for n in ns for m in ("HR", "NDCG", "MRR")]
+    if protocol == "full":
+        return [f"{m}@{k}" for k in ks for m in ("Recall", "NDCG", "Precision")]
+    raise ValueError(f"protocol must be 'loo' or 'full', got {protocol!r}")
+
+
 def loo_ranks(user_emb, item_emb, users, candidates, *, batch: int = 512) -> torch.Tensor:
     """0-based rank of candidates[:, 0] among each row of candidates (ties pessimistic).
 

@@ -77,6 +77,9 @@ class Trainer:
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.eval_every, self.patience, self.seed = eval_every, patience, seed
         self.monitor = monitor or DEFAULT_MONITOR[split.protocol]
+        if self.monitor not in metrics.metric_names(split.protocol):
+            raise ValueError(f"monitor {self.monitor!r} is not a {split.protocol} metric; choose from "
+                             f"{', '.join(metrics.metric_names(split.protocol))}")
         self.progress, self.log, self.name, self.backend = progress, log, name, backend
 
     def _params(self):

@@ -189,10 +189,9 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     monitor = args.monitor or DEFAULT_MONITOR[args.protocol]
-    valid_names = (set(f"{m}@{n}" for m in ("HR", "NDCG", "MRR") for n in metrics.LOO_NS) if args.protocol == "loo"
-                   else set(f"{m}@{k}" for m in ("Recall", "NDCG", "Precision") for k in metrics.FULL_KS))
-    if monitor not in valid_names:
-        raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from {', '.join(sorted(valid_names))}")
+    if monitor not in metrics.metric_names(args.protocol):
+        raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
+                         f"{', '.join(metrics.metric_names(args.protocol))}")
     try:
         options = {"n_users": args.synthetic_users, "n_items": args.synthetic_items} if args.data == "synthetic" else {}
         dataset = kdata.load(args.data, fmt=args.format, min_user_interactions=args.min_interactions,
