@@ -29,6 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threshold", type=float, default=4.0, help="MovieLens: ratings >= this are interactions")
     p.add_argument("--synthetic-users", type=int, default=2000)
     p.add_argument("--synthetic-items", type=int, default=1500)
+    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic data (not of the split)")
     p.add_argument("--protocol", default="loo", choices=("loo", "full"),
                    help="loo: leave-one-out with 499 sampled negatives; full: 60/20/20 split, full ranking")
     p.add_argument("--n-neg", type=int, default=499, help="loo: sampled negatives per held-out item")
@@ -195,7 +196,7 @@ def _run(args) -> int:
     try:
         options = {"n_users": args.synthetic_users, "n_items": args.synthetic_items} if args.data == "synthetic" else {}
         dataset = kdata.load(args.data, fmt=args.format, min_user_interactions=args.min_interactions,
-                             threshold=args.threshold, seed=args.split_seed, **options)
+                             threshold=args.threshold, seed=args.synthetic_seed, **options)
         split = kdata.make_split(dataset, args.protocol, seed=args.split_seed, n_neg=args.n_neg)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--data {args.data}: {exc}") from None
