@@ -36,8 +36,8 @@ def loo_ranks(user_emb, item_emb, users, candidates, *, batch: int = 512) -> tor
     out = torch.empty(users.numel(), dtype=torch.int64)
     with torch.no_grad():
         for b0 in range(0, users.numel(), batch):
-            u = user_emb[users[b0:b0 + batch]]
-            c = item_emb[candidates[b0:b0 + batch]]
+            u = user_emb[users[b0:b0 + batch].to(user_emb.device)]
+            c = item_emb[candidates[b0:b0 + batch].to(item_emb.device)]
             s = torch.bmm(c, u.unsqueeze(2)).squeeze(2)
             out[b0:b0 + batch] = (s[:, 1:] >= s[:, :1]).sum(1).cpu()
     return out
@@ -91,7 +91,7 @@ def full_topk(user_emb, item_emb, users, exclude, k: int, *, batch: int = 1024, 
         for b0 in range(0, users.numel(), batch):
             ub = users[b0:b0 + batch]
             ex = subset_csr(exclude, ub)
-            _, idx = topk_scores(ue[ub], ie, k, exclude=ex, backend=backend)
+            _, idx = topk_scores(ue[ub.to(ue.device)], ie, k, exclude=ex, backend=backend)
             out[b0:b0 + batch] = idx.cpu()
     return out
 

@@ -76,7 +76,7 @@ class LightGCN(torch.nn.Module):
             raise ValueError(f"n_layers must be a non-negative int, got {n_layers!r}")
         self.base = BPRMF(n_users, n_items, dim, generator=generator)
         self.n_users, self.n_items, self.dim, self.n_layers = n_users, n_items, dim, n_layers
-        self.adj = normalized_adjacency(train, n_users, n_items)
+        self.register_buffer("adj", normalized_adjacency(train, n_users, n_items), persistent=False)
 
     def embeddings(self):
         """(user [U, d], item [I, d]) after propagation (differentiable w.r.t. the base tables)."""

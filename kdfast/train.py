@@ -11,6 +11,7 @@ Per epoch (SPEC section 1):
   4. every `eval_every` epochs: validation metrics; the best state (by `monitor`) is kept and training
      stops after `patience` evaluations without improvement. The test metrics are those of the best
      validation state.
+The model (and method) may live on any device; batches are moved there once per epoch.
 Seeded and deterministic on the CPU: the negatives and the batch order come from a torch.Generator seeded
 with `seed`, and the global torch RNG (used by methods' own noise, e.g. Gumbel) is seeded with it too.
 """
@@ -113,16 +114,20 @@ class Trainer:
         n = items.numel()
         if n == 0:
             raise ValueError("the split has no training interactions")
+        device = next(self.model.parameters()).device
         opt = torch.optim.Adam(self._params(), lr=self.lr, weight_decay=self.weight_decay)
         history, best, best_epoch, best_state, since_best = [], -math.inf, 0, None, 0
         train_seconds, epochs_run = 0.0, 0
         n_batches = math.ceil(n / self.batch_size)
         self.model.train()
+        if self.method is not None:
+            self.method.train()
         for epoch in range(1, self.epochs + 1):
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=gen)
             users, pos = users_all[perm], items[perm]
             neg = sample_negatives(users, train_keys, n_items, gen)
+            users, pos, neg = users.to(device), pos.to(device), neg.to(device)
             if self.method is not None:
                 with torch.no_grad():
                     su, si = self.model.embeddings()

@@ -51,6 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="training seed (model init, negatives, batch order)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1 ...)")
     p.add_argument("--backend", default="auto", help="kdfast op backend for evaluation (auto, torch, cpp, triton)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--out", default="kdfast-out", help="output folder (created)")
@@ -189,6 +190,11 @@ def _run(args) -> int:
         _check_writable(teacher_path.parent, "the folder of the teacher file")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UsageError(f"--device {args.device!r} is not usable here: {exc}") from None
     monitor = args.monitor or DEFAULT_MONITOR[args.protocol]
     if monitor not in metrics.metric_names(args.protocol):
         raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
@@ -215,6 +221,7 @@ def _run(args) -> int:
     if teacher_path.exists():
         try:
             t_user, t_item, meta = load_teacher(teacher_path, expect=expect)
+            t_user, t_item = t_user.to(device), t_item.to(device)
         except (OSError, ValueError, RuntimeError) as exc:
             raise UsageError(str(exc)) from None
         log(f"teacher: loaded {teacher_path} (trained {meta.get('epochs_run')} epochs, best {meta.get('best_epoch')})")
@@ -225,7 +232,8 @@ def _run(args) -> int:
                               "history": meta.get("history", [])}
     else:
         gen = torch.Generator().manual_seed(args.seed)
-        teacher = build_model(args.teacher_model, split.n_users, split.n_items, args.teacher_dim, split.train, generator=gen)
+        teacher = build_model(args.teacher_model, split.n_users, split.n_items, args.teacher_dim, split.train,
+                              generator=gen).to(device)
         r = Trainer(teacher, split, epochs=args.teacher_epochs or args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience, monitor=monitor,
                     seed=args.seed, progress=not args.no_progress, name="teacher", backend=args.backend).fit()
@@ -233,7 +241,7 @@ def _run(args) -> int:
             t_user, t_item = (e.detach().clone() for e in teacher.embeddings())
         meta = dict(expect, seed=args.seed, data_name=dataset.name, best_epoch=r["best_epoch"], epochs_run=r["epochs_run"],
                     seconds_per_epoch=r["seconds_per_epoch"], valid=r["valid"], test=r["test"], monitor=monitor,
-                    history=r["history"], command=" ".join(sys.argv))
+                    history=r["history"], args={k: v for k, v in vars(args).items() if k != "func"})
         save_teacher(teacher_path, t_user, t_item, meta)
         log(f"teacher: saved {teacher_path}")
         results["teacher"] = {"loaded": False, "file": str(teacher_path), **{k: r[k] for k in ("best_epoch", "seconds_per_epoch", "epochs_run", "valid", "test", "history")}}
@@ -241,7 +249,8 @@ def _run(args) -> int:
 
     for name, cls, opts in methods:
         gen = torch.Generator().manual_seed(args.seed)
-        student = build_model(args.student_model, split.n_users, split.n_items, args.student_dim, split.train, generator=gen)
+        student = build_model(args.student_model, split.n_users, split.n_items, args.student_dim, split.train,
+                              generator=gen).to(device)
         method = None
         if cls is not None:
             method = cls.build(t_user, t_item, split.train, args.student_dim, generator=gen, **opts)
