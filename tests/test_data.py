@@ -73,6 +73,25 @@ def test_citeulike_path_resolution(tmp_path, monkeypatch):
         kd.citeulike_path(download=False)
 
 
+def test_citeulike_download_checks_sha256(tmp_path, monkeypatch):
+    import hashlib
+
+    from kdfast.data import datasets
+
+    src = write(tmp_path, "remote.dat", "2 1 2\n")
+    monkeypatch.delenv("KDFAST_DATA", raising=False)
+    monkeypatch.setenv("KDFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "CITEULIKE_URL", src.as_uri())
+    monkeypatch.setattr(datasets, "CITEULIKE_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        kd.citeulike_path()
+    assert not (tmp_path / "cache" / "citeulike-t" / "users.dat").exists()  # nothing half-downloaded kept
+    monkeypatch.setattr(datasets, "CITEULIKE_SHA256", hashlib.sha256(src.read_bytes()).hexdigest())
+    got = kd.citeulike_path()
+    assert got == tmp_path / "cache" / "citeulike-t" / "users.dat" and got.read_text() == "2 1 2\n"
+    assert kd.load_citeulike(min_user_interactions=1).nnz == 2
+
+
 @pytest.mark.skipif(not os.environ.get("KDFAST_DATA"), reason="KDFAST_DATA not set (CiteULike-t users.dat)")
 def test_real_citeulike_counts():
     path = kd.citeulike_path(download=False)
