@@ -64,6 +64,7 @@ def test_distill_full_protocol(tmp_path):
     (["--data", "no/such/file.csv"], "no/such/file.csv"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--monitor", "Recall@50"], "not a loo metric"),
+    (["--backend", "fortran"], "--backend"),
 ])
 def test_distill_errors_before_training(tmp_path, capsys, extra, message):
     out = tmp_path / "o"

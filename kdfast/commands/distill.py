@@ -176,8 +176,8 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
+    from .. import _backend, metrics
     from .. import data as kdata
-    from .. import metrics
     from ..models import build_model, load_teacher, save_teacher
     from ..train import DEFAULT_MONITOR, Trainer
 
@@ -195,6 +195,10 @@ def _run(args) -> int:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise UsageError(f"--device {args.device!r} is not usable here: {exc}") from None
+    try:
+        _backend.resolve(args.backend, device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--backend: {exc}") from None
     monitor = args.monitor or DEFAULT_MONITOR[args.protocol]
     if monitor not in metrics.metric_names(args.protocol):
         raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
@@ -253,7 +257,7 @@ def _run(args) -> int:
                               generator=gen).to(device)
         method = None
         if cls is not None:
-            method = cls.build(t_user, t_item, split.train, args.student_dim, generator=gen, **opts)
+            method = cls.build(t_user, t_item, split.train, args.student_dim, generator=gen, **opts).to(device)
         t0 = time.perf_counter()
         r = Trainer(student, split, method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience, monitor=monitor,
