@@ -115,7 +115,11 @@ class Trainer:
         if n == 0:
             raise ValueError("the split has no training interactions")
         device = next(self.model.parameters()).device
-        opt = torch.optim.Adam(self._params(), lr=self.lr, weight_decay=self.weight_decay)
+        params = self._params()
+        # the fused Adam kernel does the same update (L2 weight decay added to the gradient) about ten
+        # times cheaper on the CPU than the per-tensor loop, which dominated an epoch with dense tables
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
         history, best, best_epoch, best_state, since_best = [], -math.inf, 0, None, 0
         train_seconds, epochs_run = 0.0, 0
         n_batches = math.ceil(n / self.batch_size)
