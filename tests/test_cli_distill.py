@@ -20,13 +20,14 @@ def setup(monkeypatch):
 
 def test_distill_end_to_end_and_teacher_reuse(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["distill", *TINY, "--methods", "none,l2-pull", "--seed", "1", "--out", str(out)])
+    rc = main(["distill", *TINY, "--methods", "none,l2-pull", "--option", "l2-pull.lam=0.25", "--seed", "1", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "teacher" in printed and "l2-pull" in printed and "NDCG@10 vs none" in printed
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"config", "teacher", "students"}
     assert res["config"]["methods"] == ["none", "l2-pull"] and res["config"]["protocol"] == "loo"
+    assert res["config"]["method_options"] == {"l2-pull": {"lam": 0.25}}
     assert 0 <= res["teacher"]["test"]["NDCG@10"] <= 1 and "HR@10" in res["teacher"]["test"]
     for name in ("none", "l2-pull"):
         s = res["students"][name]
@@ -65,6 +66,8 @@ def test_distill_full_protocol(tmp_path):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--monitor", "Recall@50"], "not a loo metric"),
     (["--backend", "fortran"], "--backend"),
+    (["--option", "rrd.lam=1"], "not among --methods"),
+    (["--option", "lam=1"], "METHOD.KEY=VALUE"),
 ])
 def test_distill_errors_before_training(tmp_path, capsys, extra, message):
     out = tmp_path / "o"

@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher", default=None,
                    help="teacher file: loaded when it exists (its metadata must match), else trained and saved there (default OUT/teacher.pt)")
     p.add_argument("--methods", default="none", help="comma-separated: none and/or KD methods (de, phr, ftd, htd, rrd, ir-rrd, ...)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a KD method option passed to its build(), e.g. rrd.lam=0.01 (VALUE parsed as JSON, else a string); repeatable")
     p.add_argument("--epochs", type=int, default=1000, help="maximum student epochs (early stopping on validation)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="maximum teacher epochs (default: --epochs)")
     p.add_argument("--eval-every", type=int, default=1, help="validate every E epochs")
@@ -84,6 +86,25 @@ def parse_methods(text: str):
         except (ImportError, AttributeError) as exc:
             raise UsageError(f"method {m!r} is not available in this installation ({exc})") from None
         out.append((m, cls, opts))
+    return out
+
+
+def parse_options(items, methods):
+    """{method: {key: value}} from "METHOD.KEY=VALUE" strings; UsageError for a malformed item or a
+    method that is not in the run."""
+    out = {}
+    for item in items:
+        head, eq, value = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not eq or not dot or not name or not key:
+            raise UsageError(f"--option {item!r} is not METHOD.KEY=VALUE")
+        if name not in methods or name == "none":
+            raise UsageError(f"--option {item!r}: method {name!r} is not among --methods")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(name, {})[key] = parsed
     return out
 
 
@@ -183,6 +204,8 @@ def _run(args) -> int:
 
     _check_args(args)
     methods = parse_methods(args.methods)
+    overrides = parse_options(args.option, [m for m, _, _ in methods])
+    methods = [(m, cls, {**opts, **overrides.get(m, {})}) for m, cls, opts in methods]
     out = Path(args.out)
     _check_writable(out, "--out folder")
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
@@ -215,7 +238,8 @@ def _run(args) -> int:
     log(f"split: {split.describe()}")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config.update({"data": dataset.describe(), "split": split.describe(), "monitor": monitor,
-                   "methods": [m for m, _, _ in methods], "teacher_file": str(teacher_path)})
+                   "methods": [m for m, _, _ in methods], "method_options": {m: o for m, _, o in methods if o},
+                   "teacher_file": str(teacher_path)})
     results = {"config": config, "teacher": {}, "students": {}}
 
     expect = {"data_fingerprint": dataset.fingerprint(), "protocol": args.protocol, "split_seed": args.split_seed,
