@@ -1,0 +1,297 @@
+"""`kdfast distill`: train (or load) a teacher, distill one student per KD method, report and plot.
+
+    kdfast distill --data synthetic --protocol loo --teacher-dim 200 --student-dim 20 \
+        --methods none,de,rrd --epochs 100 --seed 0 --out runs/demo
+
+Writes OUT/results.json ({"config", "teacher": {"test", "valid", ...}, "students": {method: {"test",
+"valid", "best_epoch", "seconds_per_epoch", "history"}}}), OUT/validation.png (the validation metric per
+epoch of every student, the teacher as a dashed line) and, unless --teacher names another file,
+OUT/teacher.pt (the saved teacher, reused by later runs whose data, split and teacher settings match).
+Bad arguments (unknown method, missing data, unwritable output) fail before any training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SUMMARY = {"loo": ("HR@10", "NDCG@10", "MRR@10", "NDCG@20"), "full": ("Recall@20", "NDCG@20", "Recall@50", "NDCG@50")}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (default, seconds), 'citeulike-t' (path from $KDFAST_DATA, else downloaded) or a file/folder")
+    p.add_argument("--format", default="auto", choices=("auto", "users-dat", "movielens", "pairs"),
+                   help="file format of --data PATH (auto: by file name)")
+    p.add_argument("--min-interactions", type=int, default=5, help="drop users with fewer interactions (default 5)")
+    p.add_argument("--threshold", type=float, default=4.0, help="MovieLens: ratings >= this are interactions")
+    p.add_argument("--synthetic-users", type=int, default=2000)
+    p.add_argument("--synthetic-items", type=int, default=1500)
+    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic data (not of the split)")
+    p.add_argument("--protocol", default="loo", choices=("loo", "full"),
+                   help="loo: leave-one-out with 499 sampled negatives; full: 60/20/20 split, full ranking")
+    p.add_argument("--n-neg", type=int, default=499, help="loo: sampled negatives per held-out item")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--teacher-model", default="bprmf", choices=("bprmf", "lightgcn"))
+    p.add_argument("--student-model", default="bprmf", choices=("bprmf", "lightgcn"))
+    p.add_argument("--teacher-dim", type=int, default=200)
+    p.add_argument("--student-dim", type=int, default=20)
+    p.add_argument("--teacher", default=None,
+                   help="teacher file: loaded when it exists (its metadata must match), else trained and saved there (default OUT/teacher.pt)")
+    p.add_argument("--methods", default="none", help="comma-separated: none and/or KD methods (de, phr, ftd, htd, rrd, ir-rrd, ...)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a KD method option passed to its build(), e.g. rrd.lam=0.01 (VALUE parsed as JSON, else a string); repeatable")
+    p.add_argument("--epochs", type=int, default=1000, help="maximum student epochs (early stopping on validation)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="maximum teacher epochs (default: --epochs)")
+    p.add_argument("--eval-every", type=int, default=1, help="validate every E epochs")
+    p.add_argument("--patience", type=int, default=20, help="stop after this many evaluations without improvement")
+    p.add_argument("--monitor", default=None, help="validation metric for early stopping (default NDCG@10 / Recall@50)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="training seed (model init, negatives, batch order)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1 ...)")
+    p.add_argument("--backend", default="auto", help="kdfast op backend for evaluation (auto, torch, cpp, triton)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--out", default="kdfast-out", help="output folder (created)")
+
+
+class UsageError(Exception):
+    """A problem with the arguments, found before training."""
+
+
+def parse_methods(text: str):
+    """[(name, class or None, default options)] for a comma-separated list; UsageError on unknown or
+    unavailable names."""
+    from ..methods.base import METHODS, method_class
+
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UsageError("--methods is empty")
+    unknown = [m for m in names if m != "none" and m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}; known: none, {', '.join(sorted(METHODS))}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods lists a method twice: {text}")
+    out = []
+    for m in names:
+        if m == "none":
+            out.append((m, None, {}))
+            continue
+        try:
+            cls, opts = method_class(m)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"method {m!r} is not available in this installation ({exc})") from None
+        out.append((m, cls, opts))
+    return out
+
+
+def parse_options(items, methods):
+    """{method: {key: value}} from "METHOD.KEY=VALUE" strings; UsageError for a malformed item or a
+    method that is not in the run."""
+    out = {}
+    for item in items:
+        head, eq, value = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not eq or not dot or not name or not key:
+            raise UsageError(f"--option {item!r} is not METHOD.KEY=VALUE")
+        if name not in methods or name == "none":
+            raise UsageError(f"--option {item!r}: method {name!r} is not among --methods")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(name, {})[key] = parsed
+    return out
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kdfast-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{what} {str(folder)!r} cannot be written: {exc}") from None
+
+
+def _check_args(args) -> None:
+    for name in ("teacher_dim", "student_dim", "epochs", "eval_every", "patience", "batch_size", "n_neg",
+                 "synthetic_users", "synthetic_items"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.teacher_epochs is not None and args.teacher_epochs < 1:
+        raise UsageError(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _fmt_table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def report_table(results: dict, protocol: str, monitor: str) -> str:
+    """The printed summary: teacher and one row per student, with the change of `monitor` relative to
+    the no-KD student ("none") when it ran."""
+    cols = list(SUMMARY[protocol])
+    if monitor not in cols:
+        cols.append(monitor)
+    header = ["model"] + cols + [f"{monitor} vs none", "best epoch", "s/epoch"]
+    rows = []
+    t = results["teacher"]
+    rows.append(["teacher"] + [f"{t['test'][c]:.4f}" for c in cols] + ["", str(t.get("best_epoch", "")),
+                 f"{t['seconds_per_epoch']:.2f}" if t.get("seconds_per_epoch") else "loaded"])
+    base = results["students"].get("none", {}).get("test", {}).get(monitor)
+    for name, r in results["students"].items():
+        rel = "" if not base else f"{100.0 * (r['test'][monitor] / base - 1.0):+.1f}%"
+        rows.append([name] + [f"{r['test'][c]:.4f}" for c in cols] + [rel, str(r["best_epoch"]), f"{r['seconds_per_epoch']:.2f}"])
+    return _fmt_table(rows, header)
+
+
+def plot(results: dict, monitor: str, path: Path) -> None:
+    """PNG of the validation `monitor` per evaluated epoch, one line per student, teacher dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results["students"].items():
+        h = r["history"]
+        ax.plot([e["epoch"] for e in h], [e["valid"][monitor] for e in h], label=name)
+    tv = results["teacher"].get("valid", {}).get(monitor)
+    if tv is not None:
+        ax.axhline(tv, color="black", linestyle="--", linewidth=1, label="teacher")
+    cfg = results["config"]
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {monitor}")
+    ax.set_title(f"{cfg['data']['name']} ({cfg['protocol']}): student dim {cfg['student_dim']}, teacher dim {cfg['teacher_dim']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(results, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"kdfast distill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from .. import _backend, metrics
+    from .. import data as kdata
+    from ..models import build_model, load_teacher, save_teacher
+    from ..train import DEFAULT_MONITOR, Trainer
+
+    _check_args(args)
+    methods = parse_methods(args.methods)
+    overrides = parse_options(args.option, [m for m, _, _ in methods])
+    methods = [(m, cls, {**opts, **overrides.get(m, {})}) for m, cls, opts in methods]
+    out = Path(args.out)
+    _check_writable(out, "--out folder")
+    teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
+    if not teacher_path.exists():
+        _check_writable(teacher_path.parent, "the folder of the teacher file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UsageError(f"--device {args.device!r} is not usable here: {exc}") from None
+    try:
+        _backend.resolve(args.backend, device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--backend: {exc}") from None
+    monitor = args.monitor or DEFAULT_MONITOR[args.protocol]
+    if monitor not in metrics.metric_names(args.protocol):
+        raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
+                         f"{', '.join(metrics.metric_names(args.protocol))}")
+    try:
+        options = {"n_users": args.synthetic_users, "n_items": args.synthetic_items} if args.data == "synthetic" else {}
+        dataset = kdata.load(args.data, fmt=args.format, min_user_interactions=args.min_interactions,
+                             threshold=args.threshold, seed=args.synthetic_seed, **options)
+        split = kdata.make_split(dataset, args.protocol, seed=args.split_seed, n_neg=args.n_neg)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--data {args.data}: {exc}") from None
+    log = print
+    log(f"data: {dataset.describe()}")
+    log(f"split: {split.describe()}")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config.update({"data": dataset.describe(), "split": split.describe(), "monitor": monitor,
+                   "methods": [m for m, _, _ in methods], "method_options": {m: o for m, _, o in methods if o},
+                   "teacher_file": str(teacher_path)})
+    results = {"config": config, "teacher": {}, "students": {}}
+
+    expect = {"data_fingerprint": dataset.fingerprint(), "protocol": args.protocol, "split_seed": args.split_seed,
+              "model": args.teacher_model, "dim": args.teacher_dim}
+    if args.protocol == "loo":
+        expect["n_neg"] = args.n_neg
+    if teacher_path.exists():
+        try:
+            t_user, t_item, meta = load_teacher(teacher_path, expect=expect)
+            t_user, t_item = t_user.to(device), t_item.to(device)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UsageError(str(exc)) from None
+        log(f"teacher: loaded {teacher_path} (trained {meta.get('epochs_run')} epochs, best {meta.get('best_epoch')})")
+        results["teacher"] = {"loaded": True, "file": str(teacher_path), "best_epoch": meta.get("best_epoch"),
+                              "seconds_per_epoch": meta.get("seconds_per_epoch"),
+                              "valid": metrics.evaluate(t_user, t_item, split, "valid", backend=args.backend),
+                              "test": metrics.evaluate(t_user, t_item, split, "test", backend=args.backend),
+                              "history": meta.get("history", [])}
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        teacher = build_model(args.teacher_model, split.n_users, split.n_items, args.teacher_dim, split.train,
+                              generator=gen).to(device)
+        r = Trainer(teacher, split, epochs=args.teacher_epochs or args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience, monitor=monitor,
+                    seed=args.seed, progress=not args.no_progress, name="teacher", backend=args.backend).fit()
+        with torch.no_grad():
+            t_user, t_item = (e.detach().clone() for e in teacher.embeddings())
+        meta = dict(expect, seed=args.seed, data_name=dataset.name, best_epoch=r["best_epoch"], epochs_run=r["epochs_run"],
+                    seconds_per_epoch=r["seconds_per_epoch"], valid=r["valid"], test=r["test"], monitor=monitor,
+                    history=r["history"], args={k: v for k, v in vars(args).items() if k != "func"})
+        save_teacher(teacher_path, t_user, t_item, meta)
+        log(f"teacher: saved {teacher_path}")
+        results["teacher"] = {"loaded": False, "file": str(teacher_path), **{k: r[k] for k in ("best_epoch", "seconds_per_epoch", "epochs_run", "valid", "test", "history")}}
+    _write_json(results, out / "results.json")
+
+    for name, cls, opts in methods:
+        gen = torch.Generator().manual_seed(args.seed)
+        student = build_model(args.student_model, split.n_users, split.n_items, args.student_dim, split.train,
+                              generator=gen).to(device)
+        method = None
+        if cls is not None:
+            method = cls.build(t_user, t_item, split.train, args.student_dim, generator=gen, **opts).to(device)
+        t0 = time.perf_counter()
+        r = Trainer(student, split, method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience, monitor=monitor,
+                    seed=args.seed, progress=not args.no_progress, name=f"student {name}", backend=args.backend).fit()
+        r["wall_seconds"] = time.perf_counter() - t0
+        results["students"][name] = r
+        _write_json(results, out / "results.json")
+
+    plot(results, monitor, out / "validation.png")
+    print()
+    print(report_table(results, args.protocol, monitor))
+    print(f"\nwrote {out / 'results.json'} and {out / 'validation.png'}")
+    return 0

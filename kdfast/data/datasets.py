@@ -1,0 +1,356 @@
+"""Interaction data sets: loaders for CiteULike-t, MovieLens and generic user-item files, a seeded
+synthetic generator, filtering by minimum interactions, id remapping and the CSR form.
+
+Every loader returns an `Interactions`: implicit feedback of n_users users on n_items items as an int64
+CSR pair (indptr [n_users + 1], indices [nnz]) with each row's item ids sorted and unique. Original ids
+are kept (user_ids, item_ids) so results can be mapped back. A malformed file raises a ValueError that
+names the file, the line number and what is wrong, before anything is returned (nothing half-loaded).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CITEULIKE_URL = "https://raw.githubusercontent.com/js05212/citeulike-t/master/users.dat"
+CITEULIKE_SHA256 = "02d5d429b2c0362e0ed79f6ef204666b4092563d21493abf4dfb521e8a7078bf"
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Implicit user-item interactions in CSR form.
+
+    name: a short label ("citeulike-t", "synthetic", a file name).
+    n_users, n_items: sizes after filtering and remapping (ids are 0..n-1).
+    indptr: int64 [n_users + 1]; indices: int64 [nnz], each row's item ids sorted and unique.
+    user_ids, item_ids: the original id of every remapped user / item (numpy arrays).
+    source: where the data came from (path, URL or generator parameters).
+    """
+
+    name: str
+    n_users: int
+    n_items: int
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    user_ids: np.ndarray = field(repr=False)
+    item_ids: np.ndarray = field(repr=False)
+    source: str = ""
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def csr(self):
+        return self.indptr, self.indices
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of the sizes and the CSR: equal data <=> equal fingerprint."""
+        h = hashlib.sha256()
+        h.update(np.array([self.n_users, self.n_items], dtype=np.int64).tobytes())
+        h.update(self.indptr.numpy().astype(np.int64).tobytes())
+        h.update(self.indices.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "users": self.n_users, "items": self.n_items, "interactions": self.nnz,
+                "fingerprint": self.fingerprint(), "source": self.source}
+
+
+def from_pairs(users, items, *, name: str, source: str = "", min_user_interactions: int = 1,
+               min_item_interactions: int = 1) -> Interactions:
+    """Build Interactions from parallel arrays of original user and item ids (ints or strings).
+
+    Duplicate pairs count once. Users with fewer than min_user_interactions distinct items are dropped,
+    then items with fewer than min_item_interactions users (one pass each, in that order; SPEC section 1
+    filters users only). Remaining ids are remapped to 0..n-1 in the sorted order of the original ids.
+    """
+    users = np.asarray(users)
+    items = np.asarray(items)
+    if users.shape != items.shape or users.ndim != 1:
+        raise ValueError(f"users and items must be 1-D arrays of the same length, got {users.shape} and {items.shape}")
+    if min_user_interactions < 0 or min_item_interactions < 0:
+        raise ValueError("min_user_interactions and min_item_interactions must be >= 0")
+    u_orig, u_code = np.unique(users, return_inverse=True)
+    i_orig, i_code = np.unique(items, return_inverse=True)
+    key = np.unique(u_code.astype(np.int64) * max(len(i_orig), 1) + i_code)
+    u_code, i_code = key // max(len(i_orig), 1), key % max(len(i_orig), 1)
+    counts = np.bincount(u_code, minlength=len(u_orig))
+    keep = counts[u_code] >= min_user_interactions
+    u_code, i_code = u_code[keep], i_code[keep]
+    if min_item_interactions > 1:
+        icounts = np.bincount(i_code, minlength=len(i_orig))
+        keep = icounts[i_code] >= min_item_interactions
+        u_code, i_code = u_code[keep], i_code[keep]
+    u_kept, u_new = np.unique(u_code, return_inverse=True)
+    i_kept, i_new = np.unique(i_code, return_inverse=True)
+    n_users, n_items = len(u_kept), len(i_kept)
+    if n_users == 0 or n_items == 0:
+        raise ValueError(f"{name}: no interactions left after filtering (min_user_interactions={min_user_interactions})")
+    order = np.lexsort((i_new, u_new))
+    u_new, i_new = u_new[order], i_new[order]
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(u_new, minlength=n_users))
+    return Interactions(name=name, n_users=n_users, n_items=n_items, indptr=torch.from_numpy(indptr),
+                        indices=torch.from_numpy(i_new.astype(np.int64)), user_ids=u_orig[u_kept],
+                        item_ids=i_orig[i_kept], source=source)
+
+
+def _bad(path, lineno, what):
+    return ValueError(f"{path}, line {lineno}: {what}")
+
+
+def _int_token(tok, path, lineno, what):
+    try:
+        v = int(tok)
+    except ValueError:
+        raise _bad(path, lineno, f"{what} {tok!r} is not an integer") from None
+    if v < 0:
+        raise _bad(path, lineno, f"{what} {v} is negative")
+    return v
+
+
+def _read_lines(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    with open(path, "r", encoding="utf-8", errors="strict") as f:
+        try:
+            return f.read().splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from None
+
+
+def load_users_dat(path, *, name: str = "citeulike-t", min_user_interactions: int = 5) -> Interactions:
+    """Load a CiteULike-style users.dat: line u (0-based user u) is "count item item ..." with
+    `count` item ids after it. Empty trailing lines are ignored; users with zero items may appear.
+
+    Raises ValueError naming the file and line for a count that does not match, a non-integer or
+    negative id, or an empty line inside the file.
+    """
+    lines = _read_lines(path)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    users, items = [], []
+    for lineno, line in enumerate(lines, start=1):
+        toks = line.split()
+        if not toks:
+            raise _bad(path, lineno, "empty line (expected 'count item item ...')")
+        count = _int_token(toks[0], path, lineno, "count")
+        ids = [_int_token(t, path, lineno, "item id") for t in toks[1:]]
+        if len(ids) != count:
+            raise _bad(path, lineno, f"the count says {count} items but {len(ids)} item ids follow")
+        users.extend([lineno - 1] * count)
+        items.extend(ids)
+    if not lines:
+        raise ValueError(f"{path}: the file is empty")
+    return from_pairs(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64), name=name,
+                      source=str(path), min_user_interactions=min_user_interactions)
+
+
+def load_movielens(path, *, threshold: float = 4.0, min_user_interactions: int = 5) -> Interactions:
+    """Load a MovieLens rating file as implicit feedback: a (user, movie) pair is an interaction when
+    its rating >= threshold.
+
+    Formats (by file name): u.data (tab-separated user item rating timestamp), ratings.dat
+    (user::movie::rating::timestamp), ratings.csv (header userId,movieId,rating,timestamp).
+    """
+    path = Path(path)
+    base = path.name.lower()
+    if base.endswith(".csv"):
+        sep, header = ",", True
+    elif base.endswith(".dat"):
+        sep, header = "::", False
+    else:
+        sep, header = None, False  # u.data: whitespace / tabs
+    lines = _read_lines(path)
+    users, items = [], []
+    for lineno, line in enumerate(lines, start=1):
+        if header and lineno == 1:
+            continue
+        if not line.strip():
+            continue
+        toks = line.split(sep) if sep else line.split()
+        if len(toks) < 3:
+            raise _bad(path, lineno, f"expected user, item, rating (and timestamp), got {len(toks)} fields")
+        u = _int_token(toks[0].strip(), path, lineno, "user id")
+        i = _int_token(toks[1].strip(), path, lineno, "item id")
+        try:
+            r = float(toks[2])
+        except ValueError:
+            raise _bad(path, lineno, f"rating {toks[2].strip()!r} is not a number") from None
+        if not np.isfinite(r):
+            raise _bad(path, lineno, f"rating {toks[2].strip()!r} is not finite")
+        if r >= threshold:
+            users.append(u)
+            items.append(i)
+    if not users:
+        raise ValueError(f"{path}: no rating >= {threshold} in the file")
+    return from_pairs(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64),
+                      name=path.name, source=str(path), min_user_interactions=min_user_interactions)
+
+
+def load_pairs(path, *, sep: str | None = None, min_user_interactions: int = 5) -> Interactions:
+    """Load a generic file of user-item pairs, one per line: "user<sep>item[<sep>anything...]".
+
+    sep: the field separator; None guesses from the file (tab, comma, then whitespace). A first line
+    whose fields are not both integers is taken as a header when the rest are integers. Ids may be
+    arbitrary strings (they are remapped); blank lines and lines starting with '#' are skipped.
+    """
+    path = Path(path)
+    lines = _read_lines(path)
+    body = [(n, ln) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not body:
+        raise ValueError(f"{path}: the file has no user-item pairs")
+    if sep is None:
+        probe = body[min(1, len(body) - 1)][1]
+        sep = "\t" if "\t" in probe else ("," if "," in probe else None)
+    rows = []
+    for lineno, line in body:
+        toks = [t.strip() for t in (line.split(sep) if sep else line.split())]
+        if len(toks) < 2 or not toks[0] or not toks[1]:
+            raise _bad(path, lineno, f"expected at least two fields (user, item) separated by {sep or 'whitespace'!r}")
+        rows.append((lineno, toks[0], toks[1]))
+
+    def is_int(t):
+        return t.lstrip("-").isdigit()
+
+    if len(rows) > 1 and not (is_int(rows[0][1]) and is_int(rows[0][2])) and all(is_int(a) and is_int(b) for _, a, b in rows[1:]):
+        rows = rows[1:]  # header
+    users = [a for _, a, _ in rows]
+    items = [b for _, _, b in rows]
+    if all(is_int(t) for t in users) and all(is_int(t) for t in items):
+        users = np.asarray([int(t) for t in users], dtype=np.int64)
+        items = np.asarray([int(t) for t in items], dtype=np.int64)
+    else:
+        users, items = np.asarray(users), np.asarray(items)
+    return from_pairs(users, items, name=path.name, source=str(path), min_user_interactions=min_user_interactions)
+
+
+def synthetic(n_users: int = 2000, n_items: int = 1500, *, rank: int = 16, mean_interactions: float = 25.0,
+              popularity_exponent: float = 1.0, noise: float = 1.0, seed: int = 0,
+              min_user_interactions: int = 5) -> Interactions:
+    """Seeded synthetic implicit feedback with planted low-rank preferences and power-law popularity.
+
+    User u draws its number of items n_u ~ 5 + Poisson-lognormal around mean_interactions, then its n_u
+    items WITHOUT replacement from p(i | u) proportional to exp(<a_u, b_i> + log pop_i) with
+    a_u, b_i ~ N(0, 1/sqrt(rank)) * 2 and pop_i = (rank of item i)^(-popularity_exponent) (Zipf),
+    by the Gumbel-top-k trick (noise scales the Gumbel noise). Runs in seconds at the default size.
+    """
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0.0, 2.0 / np.sqrt(np.sqrt(rank)), size=(n_users, rank))
+    b = rng.normal(0.0, 2.0 / np.sqrt(np.sqrt(rank)), size=(n_items, rank))
+    log_pop = -popularity_exponent * np.log(np.arange(1, n_items + 1))[rng.permutation(n_items)]
+    sizes = 5 + rng.poisson(np.maximum(mean_interactions - 5, 0.0) * rng.lognormal(0.0, 0.5, n_users) / np.exp(0.125))
+    sizes = np.minimum(sizes, n_items // 2)
+    users, items = [], []
+    for u0 in range(0, n_users, 512):
+        u1 = min(n_users, u0 + 512)
+        logits = a[u0:u1] @ b.T + log_pop
+        logits += noise * rng.gumbel(size=logits.shape)
+        order = np.argsort(-logits, axis=1, kind="stable")
+        for r in range(u1 - u0):
+            n = sizes[u0 + r]
+            users.append(np.full(n, u0 + r, dtype=np.int64))
+            items.append(order[r, :n].astype(np.int64))
+    src = (f"synthetic(n_users={n_users}, n_items={n_items}, rank={rank}, mean_interactions={mean_interactions}, "
+           f"popularity_exponent={popularity_exponent}, noise={noise}, seed={seed})")
+    return from_pairs(np.concatenate(users), np.concatenate(items), name="synthetic", source=src,
+                      min_user_interactions=min_user_interactions)
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def citeulike_path(path=None, *, download: bool = True) -> Path:
+    """Locate CiteULike-t users.dat: `path` (a file or a folder holding users.dat), else $KDFAST_DATA
+    (a file, a folder with users.dat, or a folder with citeulike-t/users.dat), else the cache
+    ($KDFAST_CACHE or ~/.cache/kdfast) where it is downloaded from its public source and checked
+    against its sha256. Raises FileNotFoundError saying where it looked."""
+    tried = []
+    candidates = []
+    if path is not None:
+        candidates.append(Path(path))
+    elif os.environ.get("KDFAST_DATA"):
+        candidates.append(Path(os.environ["KDFAST_DATA"]))
+        candidates.append(Path(os.environ["KDFAST_DATA"]) / "citeulike-t")
+    for c in candidates:
+        for f in (c, c / "users.dat"):
+            tried.append(str(f))
+            if f.is_file():
+                return f
+    if path is not None:
+        raise FileNotFoundError(f"CiteULike-t users.dat not found at {path!r} (tried {', '.join(tried)})")
+    cache = Path(os.environ.get("KDFAST_CACHE", Path.home() / ".cache" / "kdfast")) / "citeulike-t"
+    target = cache / "users.dat"
+    if target.is_file() and _sha256(target) == CITEULIKE_SHA256:
+        return target
+    tried.append(str(target))
+    if not download:
+        raise FileNotFoundError(f"CiteULike-t users.dat not found (tried {', '.join(tried)}); set KDFAST_DATA")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+    os.close(fd)
+    try:
+        try:
+            urllib.request.urlretrieve(CITEULIKE_URL, tmp)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"CiteULike-t users.dat not found (tried {', '.join(tried)}) and the download from "
+                f"{CITEULIKE_URL} failed ({exc}); set KDFAST_DATA to a folder holding users.dat") from None
+        got = _sha256(tmp)
+        if got != CITEULIKE_SHA256:
+            raise ValueError(f"downloaded {CITEULIKE_URL} has sha256 {got}, expected {CITEULIKE_SHA256}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def load_citeulike(path=None, *, min_user_interactions: int = 5, download: bool = True) -> Interactions:
+    """CiteULike-t (users with >= 5 interactions: 5,219 users, 25,181 items) - see citeulike_path."""
+    return load_users_dat(citeulike_path(path, download=download), name="citeulike-t",
+                          min_user_interactions=min_user_interactions)
+
+
+def load(spec: str, *, fmt: str = "auto", min_user_interactions: int = 5, threshold: float = 4.0,
+         seed: int = 0, **synthetic_options) -> Interactions:
+    """Load a data set by name or path: "synthetic", "citeulike-t" or a file/folder.
+
+    fmt: "auto" (by file name: users.dat -> users-dat; u.data, ratings.dat, ratings.csv -> movielens;
+    anything else -> pairs), or "users-dat", "movielens", "pairs".
+    """
+    formats = ("auto", "users-dat", "movielens", "pairs")
+    if fmt not in formats:
+        raise ValueError(f"fmt must be one of {formats}, got {fmt!r}")
+    if spec == "synthetic":
+        return synthetic(seed=seed, min_user_interactions=min_user_interactions, **synthetic_options)
+    if spec == "citeulike-t":
+        return load_citeulike(min_user_interactions=min_user_interactions)
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "users.dat"
+    if not p.is_file():
+        raise FileNotFoundError(f"data {spec!r} is neither 'synthetic', 'citeulike-t' nor an existing file")
+    if fmt == "auto":
+        base = p.name.lower()
+        fmt = ("users-dat" if base == "users.dat" else
+               "movielens" if base in ("u.data", "ratings.dat", "ratings.csv") else "pairs")
+    if fmt == "users-dat":
+        return load_users_dat(p, name=p.parent.name if p.name == "users.dat" and p.parent.name else p.name,
+                              min_user_interactions=min_user_interactions)
+    if fmt == "movielens":
+        return load_movielens(p, threshold=threshold, min_user_interactions=min_user_interactions)
+    return load_pairs(p, min_user_interactions=min_user_interactions)

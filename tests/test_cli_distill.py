@@ -1,0 +1,90 @@
+"""`kdfast distill` end to end on tiny synthetic data (seconds), and its up-front argument errors."""
+import json
+
+import pytest
+
+from kdfast.cli import main
+from kdfast.methods import base
+
+TINY = ["--data", "synthetic", "--synthetic-users", "120", "--synthetic-items", "150", "--n-neg", "40",
+        "--teacher-dim", "16", "--student-dim", "4", "--epochs", "3", "--eval-every", "1", "--lr", "0.01",
+        "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def setup(monkeypatch):
+    monkeypatch.setenv("KDFAST_BACKEND", "torch")
+    # a KD method defined by the tests, registered like the real ones
+    monkeypatch.setitem(base.METHODS, "l2-pull", ("tests.test_train:L2Pull", {"lam": 0.5}))
+
+
+def test_distill_end_to_end_and_teacher_reuse(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["distill", *TINY, "--methods", "none,l2-pull", "--option", "l2-pull.lam=0.25", "--seed", "1", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "teacher" in printed and "l2-pull" in printed and "NDCG@10 vs none" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"config", "teacher", "students"}
+    assert res["config"]["methods"] == ["none", "l2-pull"] and res["config"]["protocol"] == "loo"
+    assert res["config"]["method_options"] == {"l2-pull": {"lam": 0.25}}
+    assert 0 <= res["teacher"]["test"]["NDCG@10"] <= 1 and "HR@10" in res["teacher"]["test"]
+    for name in ("none", "l2-pull"):
+        s = res["students"][name]
+        assert {"test", "valid", "best_epoch", "seconds_per_epoch", "history"} <= set(s)
+        assert 1 <= s["best_epoch"] <= 3 and s["seconds_per_epoch"] > 0
+        assert [h["epoch"] for h in s["history"]] == [1, 2, 3]
+    assert (out / "validation.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["teacher"]["loaded"] is False and (out / "teacher.pt").exists()
+
+    # second run: the saved teacher is reused, with identical teacher metrics
+    out2 = tmp_path / "run2"
+    rc = main(["distill", *TINY, "--methods", "none", "--seed", "1", "--teacher", str(out / "teacher.pt"), "--out", str(out2)])
+    assert rc == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert res2["teacher"]["loaded"] is True and res2["teacher"]["test"] == res["teacher"]["test"]
+    assert res2["students"]["none"]["test"] == res["students"]["none"]["test"]  # seeded: same student
+
+    # a teacher trained on another split is refused, not silently reused
+    rc = main(["distill", *TINY, "--split-seed", "5", "--teacher", str(out / "teacher.pt"), "--out", str(tmp_path / "r3")])
+    assert rc == 2 and "split_seed" in capsys.readouterr().err
+
+
+def test_distill_full_protocol(tmp_path):
+    out = tmp_path / "full"
+    rc = main(["distill", *TINY, "--protocol", "full", "--epochs", "2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["monitor"] == "Recall@50"
+    assert {"Recall@50", "NDCG@10", "Precision@20"} <= set(res["students"]["none"]["test"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "none,bogus"], "unknown method(s) bogus"),
+    (["--methods", "none,none"], "twice"),
+    (["--data", "no/such/file.csv"], "no/such/file.csv"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--monitor", "Recall@50"], "not a loo metric"),
+    (["--backend", "fortran"], "--backend"),
+    (["--option", "rrd.lam=1"], "not among --methods"),
+    (["--option", "lam=1"], "METHOD.KEY=VALUE"),
+])
+def test_distill_errors_before_training(tmp_path, capsys, extra, message):
+    out = tmp_path / "o"
+    rc = main(["distill", *TINY, "--out", str(out), *extra])
+    err = capsys.readouterr()
+    assert rc == 2 and message in err.err
+    assert not (out / "teacher.pt").exists() and "[teacher]" not in err.out
+
+
+def test_distill_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["distill", *TINY, "--out", str(blocker / "sub")])
+    assert rc == 2 and "cannot be written" in capsys.readouterr().err
+
+
+def test_distill_unavailable_method(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(base.METHODS, "ghost", ("kdfast.methods.no_such_module:Ghost", {}))
+    rc = main(["distill", *TINY, "--methods", "ghost", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "'ghost' is not available" in capsys.readouterr().err
