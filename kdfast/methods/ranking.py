@@ -15,7 +15,7 @@ import torch
 from .. import _checks
 from ..csr import as_csr, transpose_csr
 from ..ops.full_catalog import full_catalog_listwise_loss
-from ..ops.plackett_luce import plackett_luce_loss
+from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.topk import topk_scores
 from ..sampling import rank_discounted_sample, uniform_excluding_sample
 from .base import KDMethod
@@ -58,10 +58,8 @@ class _Side:
                                                       extra=self.top, generator=generator, device=self.top.device)
 
     def loss(self, q_emb, k_emb, rows):
-        qe = q_emb[rows]
-        ranked = torch.einsum("bd,bkd->bk", qe, k_emb[self.interesting[rows]])
-        unranked = torch.einsum("bd,bld->bl", qe, k_emb[self.uninteresting[rows]])
-        return plackett_luce_loss(ranked, unranked, reduction="sum")
+        return plackett_luce_loss_from_embeddings(q_emb[rows], k_emb, self.interesting[rows],
+                                                  self.uninteresting[rows], reduction="sum")
 
 
 def _check_batch(student_user, student_item, users, pos, neg, n_users, n_items):
