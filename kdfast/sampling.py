@@ -53,8 +53,13 @@ def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, g
     return torch.sort(pos, dim=1).values
 
 
-def _merged_keys(n_rows, n_ids, exclude, extra, device):
-    """Sorted unique int64 keys row * n_ids + id of every excluded (row, id), and per-row counts."""
+def exclusion_keys(n_rows, n_ids, exclude=None, extra=None, device="cpu"):
+    """Sorted unique int64 keys row * n_ids + id of every excluded (row, id), and per-row counts.
+
+    Building them sorts every excluded pair; a caller that samples every epoch against the same
+    exclusions builds them once and passes them to uniform_excluding_sample(excluded_keys=...).
+    """
+    device = torch.device(device)
     rows, ids = [], []
     if exclude is not None:
         indptr, indices = as_csr(exclude, "exclude", n_rows, n_ids, device=device, validate=True)
@@ -93,7 +98,7 @@ def _rejected(cand, keys, n_ids):
 
 
 def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None, extra=None, generator=None,
-                             device="cpu"):
+                             device="cpu", excluded_keys=None):
     """`size` distinct ids per row, uniform over [0, n_ids) minus the row's excluded ids.
 
     Args:
@@ -103,6 +108,8 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
         exclude: CSR with n_rows rows (e.g. the observed items), or None.
         extra: int64 [n_rows, M] more ids to exclude per row (e.g. the teacher's top-N), -1 padding; or None.
         generator: torch.Generator (numbers are drawn on its device), or None.
+        excluded_keys: the result of exclusion_keys(n_rows, n_ids, exclude, extra) built beforehand, in place
+            of exclude/extra (which must then be None).
     Returns int64 [n_rows, size], no id repeated within a row, none excluded; order is random.
     Method: draw every slot uniformly; reject slots whose id is excluded (binary search in the sorted
     (row, id) keys) or repeats an earlier slot of its row; redraw only the rejected slots, until none is
@@ -115,7 +122,14 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
     size = _checks.positive_int(size, "size")
     device = torch.device(device)
     draw = _draw_device(generator, device)
-    keys, counts = _merged_keys(n_rows, n_ids, exclude, extra, device)
+    if excluded_keys is not None:
+        if exclude is not None or extra is not None:
+            raise ValueError("pass either excluded_keys or exclude/extra, not both")
+        keys, counts = excluded_keys
+        if counts.numel() != n_rows:
+            raise ValueError(f"excluded_keys holds counts for {counts.numel()} rows, expected n_rows = {n_rows}")
+    else:
+        keys, counts = exclusion_keys(n_rows, n_ids, exclude, extra, device)
     avail = n_ids - counts
     if n_rows and int(avail.min()) < size:
         r = int(torch.argmin(avail))

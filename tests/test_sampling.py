@@ -128,3 +128,21 @@ def test_seeded_reproducible():
     assert torch.equal(a, b)
     assert torch.equal(rank_discounted_sample(4, 30, 5, 2.0, generator=torch.Generator().manual_seed(9)),
                        rank_discounted_sample(4, 30, 5, 2.0, generator=torch.Generator().manual_seed(9)))
+
+
+def test_precomputed_exclusion_keys_match_exclude_and_extra():
+    from kdfast.sampling import exclusion_keys
+    n_rows, n_ids = 7, 60
+    gen = torch.Generator().manual_seed(3)
+    indptr = torch.tensor([0, 3, 3, 10, 12, 20, 21, 25])
+    indices = torch.randint(0, n_ids, (25,), generator=gen)
+    extra = torch.randint(-1, n_ids, (n_rows, 5), generator=gen)
+    a = uniform_excluding_sample(n_rows, n_ids, 9, exclude=(indptr, indices), extra=extra,
+                                 generator=torch.Generator().manual_seed(11))
+    keys = exclusion_keys(n_rows, n_ids, (indptr, indices), extra)
+    b = uniform_excluding_sample(n_rows, n_ids, 9, excluded_keys=keys, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not both"):
+        uniform_excluding_sample(n_rows, n_ids, 9, exclude=(indptr, indices), excluded_keys=keys)
+    with pytest.raises(ValueError, match="n_rows"):
+        uniform_excluding_sample(n_rows + 1, n_ids, 9, excluded_keys=keys)

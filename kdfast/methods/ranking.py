@@ -17,7 +17,7 @@ from ..csr import as_csr, transpose_csr
 from ..ops.full_catalog import full_catalog_listwise_loss
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.topk import topk_scores
-from ..sampling import rank_discounted_sample, uniform_excluding_sample
+from ..sampling import exclusion_keys, rank_discounted_sample, uniform_excluding_sample
 from .base import KDMethod
 
 
@@ -49,13 +49,14 @@ class _Side:
         self.top, self.excl, self.n_ids = top, excl, n_ids
         self.k, self.n_unint, self.temperature = k, n_unint, temperature
         self.interesting = self.uninteresting = None
+        self.forbidden = exclusion_keys(top.shape[0], n_ids, excl, top, device=top.device)
 
     def resample(self, generator):
         rows, n = self.top.shape
         pos = rank_discounted_sample(rows, n, self.k, self.temperature, generator=generator, device=self.top.device)
         self.interesting = torch.gather(self.top, 1, pos)
-        self.uninteresting = uniform_excluding_sample(rows, self.n_ids, self.n_unint, exclude=self.excl,
-                                                      extra=self.top, generator=generator, device=self.top.device)
+        self.uninteresting = uniform_excluding_sample(rows, self.n_ids, self.n_unint, excluded_keys=self.forbidden,
+                                                      generator=generator, device=self.top.device)
 
     def loss(self, q_emb, k_emb, rows):
         return plackett_luce_loss_from_embeddings(q_emb[rows], k_emb, self.interesting[rows],
