@@ -25,6 +25,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.common import cpu_model  # noqa: E402
 IMPLS = ("cpp", "torch", "torch.compile")
 
 
@@ -104,16 +108,6 @@ def run_impl(impl, args, result_path):
         return {"impl": impl, "note": f"failed: {tail[:120]}"}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None):
