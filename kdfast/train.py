@@ -3,7 +3,9 @@
 Per epoch (SPEC section 1):
   1. every training pair (u, i) is shuffled and gets ONE uniform negative j (an item u has no training
      interaction with), resampled every epoch;
-  2. method.start_epoch(epoch, max_epoch, student_user, student_item) runs the method's per-epoch work;
+  2. method.start_epoch(epoch, max_epoch, student_user, student_item) runs the method's per-epoch work
+     (epoch is 0-based, 0 .. max_epoch - 1, so DE's tau = (1e-10)^(epoch / max_epoch) starts at 1; the
+     embeddings are detached, computed without gradient);
   3. for each batch of `batch_size` training pairs:
         L = -sum_(u,i,j) log sigmoid(<e_u, e_i> - <e_u, e_j>)  +  method(student_user, student_item, u, i, j)
      (sum-reduced; the method's loss is already lambda-weighted), one Adam step on the model's and the
