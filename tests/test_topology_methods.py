@@ -152,3 +152,29 @@ def test_bad_inputs():
         m(su, si[:3], users, pos, neg)
     with pytest.raises(ValueError, match="teacher_user must be 2-D"):
         kdfast.FTD.build(tu[0], ti, None, 4)
+
+
+def test_htd_select_only_below_evaluates_the_selected_expert():
+    """Below the threshold the GA term uses only the argmax expert: with the same Gumbel noise the loss
+    equals the full mixture evaluated on the one-hot (hardened) weights at a tiny temperature, and
+    above the threshold both modules agree exactly."""
+    tu, ti, su, si, users, pos, neg = _setup(seed=8)
+    kw = dict(alpha=0.0)
+    full = kdfast.HTD.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(9), **kw).double()
+    sel = kdfast.HTD.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(9), select_only_below=0.5,
+                           **kw).double()
+    for tau in (1.0, 1e-8):
+        full.tau = sel.tau = tau
+        a, b = full(su, si, users, pos, neg), sel(su, si, users, pos, neg)
+        assert torch.allclose(a, b, rtol=1e-9)
+    with pytest.raises(ValueError, match="select_only_below"):
+        kdfast.HTD.build(tu, ti, None, 4, select_only_below=0.0)
+
+
+def test_expert_bank_selected_only_equals_one_hot_mixture():
+    from kdfast.methods.latent import ExpertBank
+    bank = ExpertBank(5, 3, 7, generator=torch.Generator().manual_seed(1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    idx = torch.tensor([0, 4, 2, 2, 1, 3])
+    w = torch.nn.functional.one_hot(idx, 5).double() * 0.75
+    assert torch.allclose(bank.mixture(x, w, selected_only=True), bank.mixture(x, w), rtol=1e-12)

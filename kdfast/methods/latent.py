@@ -73,11 +73,25 @@ class ExpertBank(nn.Module):
         out = torch.einsum("bmh,mho->bmo", hid, self.w2) + self.b2
         return torch.einsum("bm,bmo->bo", weights, out)
 
+    def mixture(self, x: torch.Tensor, weights: torch.Tensor, selected_only: bool = False) -> torch.Tensor:
+        """forward(x, weights); with selected_only, only each row's largest-weight expert is evaluated
+        (weights[b, m*] E_m*(x[b]), m* = argmax_m weights[b, m]): M times cheaper, and equal to forward
+        when the weights are one-hot (the Gumbel-softmax at a small temperature)."""
+        if selected_only:
+            w, idx = weights.max(dim=-1)
+            return self.forward_selected(x, idx, w)
+        return self(x, weights)
+
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """weight[b] E_{index[b]}(x[b]): only the selected expert of each row is evaluated (batched bmm)."""
         hid = torch.relu(torch.bmm(x[:, None, :], self.w1[index])[:, 0] + self.b1[index])
         out = torch.bmm(hid[:, None, :], self.w2[index])[:, 0] + self.b2[index]
         return weight[:, None] * out
+
+
+def selected_only(tau: float, select_only_below) -> bool:
+    """Whether to evaluate only the selected expert: the temperature fell below the option's threshold."""
+    return select_only_below is not None and tau < select_only_below
 
 
 def check_teacher(teacher_user, teacher_item):
@@ -182,10 +196,7 @@ class DE(KDMethod):
         """hhat for rows of one side ("user" or "item"): [B, d_t]."""
         alpha = torch.softmax(self.selectors[side](h_t), dim=-1)
         z = gumbel_softmax(alpha, self.tau, self._noise)
-        if self.select_only_below is not None and self.tau < self.select_only_below:
-            w, idx = z.max(dim=-1)
-            return self.experts[side].forward_selected(h_s, idx, w)
-        return self.experts[side](h_s, z)
+        return self.experts[side].mixture(h_s, z, selected_only(self.tau, self.select_only_below))
 
     def forward(self, student_user, student_item, users, pos, neg):
         check_student(student_user, student_item, self.teacher_user, self.teacher_item, self.student_dim)

@@ -14,7 +14,7 @@ from .. import _checks
 from ..ops.topology import grouped_topology_loss, topology_loss
 from ..reference.topology import normalize_rows
 from .base import KDMethod
-from .latent import (ExpertBank, check_batch, check_positive, check_prob, check_student, check_teacher,
+from .latent import (ExpertBank, selected_only, check_batch, check_positive, check_prob, check_student, check_teacher,
                      gumbel_softmax, make_linear, noise_generator, temperature)
 
 GROUP_LEVELS = ("second", "first")
@@ -81,14 +81,16 @@ class HTD(KDMethod):
       L = lambda_td * (alpha (L_ent + L_grp) + (1 - alpha) L_GA).
 
     Args (build options): n_groups K (30), alpha (0.5), lambda_td (0.001), group_level ("second"),
-    teacher_cos_filter (True), tau0 (1.0), tau_end (1e-10), backend ("auto").
+    teacher_cos_filter (True), tau0 (1.0), tau_end (1e-10), select_only_below (None: as in DE, once tau
+    falls below it the GA term evaluates only each entity's selected expert), backend ("auto").
     """
 
     name = "htd"
 
     def __init__(self, teacher_user, teacher_item, student_dim: int, *, n_groups: int = 30, alpha: float = 0.5,
                  lambda_td: float = 0.001, group_level: str = "second", teacher_cos_filter: bool = True,
-                 tau0: float = 1.0, tau_end: float = 1e-10, backend: str = "auto", generator=None):
+                 tau0: float = 1.0, tau_end: float = 1e-10, select_only_below: float | None = None,
+                 backend: str = "auto", generator=None):
         super().__init__()
         check_teacher(teacher_user, teacher_item)
         self.student_dim = _checks.positive_int(student_dim, "student_dim")
@@ -102,6 +104,8 @@ class HTD(KDMethod):
         self.lambda_td = float(lambda_td)
         self.tau0, self.tau_end = check_positive(tau0, "tau0"), check_positive(tau_end, "tau_end")
         self.tau = self.tau0
+        self.select_only_below = None if select_only_below is None else check_positive(select_only_below,
+                                                                                       "select_only_below")
         self.backend = backend
         d_t = teacher_user.shape[1]
         self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
@@ -153,7 +157,8 @@ class HTD(KDMethod):
             group_ids.append(v.detach().argmax(dim=1) + k * self.n_groups)
             if self.alpha < 1:  # alpha = 1: no GA term (and no expert evaluation)
                 z = gumbel_softmax(v, self.tau, self._noise)
-                ga = ga + ((h_t - self.experts[side](h_s, z)) ** 2).sum()
+                hhat = self.experts[side].mixture(h_s, z, selected_only(self.tau, self.select_only_below))
+                ga = ga + ((h_t - hhat) ** 2).sum()
         t = torch.cat([parts["user"][0], parts["item"][0]])
         s = torch.cat([parts["user"][1], parts["item"][1]])
         groups = torch.cat(group_ids)
