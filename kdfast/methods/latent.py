@@ -83,9 +83,23 @@ class ExpertBank(nn.Module):
         return self(x, weights)
 
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """weight[b] E_{index[b]}(x[b]): only the selected expert of each row is evaluated (batched bmm)."""
-        hid = torch.relu(torch.bmm(x[:, None, :], self.w1[index])[:, 0] + self.b1[index])
-        out = torch.bmm(hid[:, None, :], self.w2[index])[:, 0] + self.b2[index]
+        """weight[b] E_{index[b]}(x[b]): only the selected expert of each row is evaluated.
+
+        Rows are grouped by expert (one stable sort) and each present expert runs one matmul over its
+        rows: reading each expert's weights once, instead of gathering a [B, d_in, hidden] copy of them.
+        """
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=self.w1.shape[0]).tolist()
+        xs = x[order]
+        parts = []
+        start = 0
+        for m, c in enumerate(counts):
+            if c:
+                h = torch.relu(xs[start:start + c] @ self.w1[m] + self.b1[m])
+                parts.append(h @ self.w2[m] + self.b2[m])
+                start += c
+        out = torch.empty((x.shape[0], self.w2.shape[2]), dtype=x.dtype, device=x.device)
+        out = out.index_copy(0, order, torch.cat(parts)) if parts else out
         return weight[:, None] * out
 
 
