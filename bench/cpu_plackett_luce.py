@@ -133,10 +133,12 @@ def main(argv=None):
             r["speed-up vs eager"] = eager / r["ms"] if r["ms"] == r["ms"] else float("nan")
             r["threads"] = n
         rows += part
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (f"# CPU benchmark: relaxed Plackett-Luce loss (forward + backward)\n\n"
               f"CPU: {cpu_model()}; threads: {','.join(map(str, thread_counts))}; torch {torch.__version__}; "
               f"date {time.strftime('%Y-%m-%d')}. Median wall time of {args.reps} rounds, the implementations "
-              f"taking turns within each round; the machine was shared with other jobs, so figures are indicative.\n\n"
+              f"taking turns within each round; load average (1 min) at the end: {load:.1f} on {os.cpu_count()} "
+              f"logical CPUs (other jobs slow every implementation alike).\n\n"
               f"Command: `python bench/cpu_plackett_luce.py "
               + (f"--threads-list {args.threads_list}" if args.threads_list else f"--threads {args.threads}")
               + "`\n\n")

@@ -100,8 +100,8 @@ def main(argv=None):
             f"- CPU: {cpu_model()}\n- threads: {args.threads}\n- torch {torch.__version__}\n"
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
             f"- load average (1 min) at start: {load:.1f} on {os.cpu_count()} logical CPUs\n"
-            f"- forward + backward (student gradient), best of {args.reps} after a warm-up; shared machine, "
-            f"figures indicative\n- command: `python bench/cpu_topology.py --threads {args.threads}`\n\n")
+            f"- forward + backward (student gradient), best of {args.reps} after a warm-up (other jobs, see the load "
+            f"average, slow every implementation)\n- command: `python bench/cpu_topology.py --threads {args.threads}`\n\n")
     table = markdown_table(rows, ["op", "shape", "impl", "ms", "speed-up of cpp", "extra memory"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -6,7 +6,7 @@ kdfast.reference.topology), fresh random inputs with zero rows, float32 (and bfl
 loss and student/teacher gradients with grad_output != 1; freed NaN-filled memory is left in the
 caching allocator first so that an unwritten gradient element shows up; NaN/inf fails.
 timings(): forward+backward (student gradient) of kdfast triton vs the eager direct formula vs
-torch.compile of it, with peak extra memory. Shapes: N=16384 entities, d_t=200, d_s=20 (SPEC 1: teacher
+torch.compile of it, with peak extra memory. Shapes: N=16384 entities, d_t=200, d_s=20 (docs/METHODS.md section 1: teacher
 dim 200, student 10% of it), K=30 groups for HTD (uniform random group ids).
 """
 from __future__ import annotations

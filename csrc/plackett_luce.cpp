@@ -1,4 +1,4 @@
-// Relaxed Plackett-Luce loss (SPEC section 5) on the CPU, and the gather/scatter kernels of its
+// Relaxed Plackett-Luce loss (docs/METHODS.md section 5) on the CPU, and the gather/scatter kernels of its
 // embedding form.
 //
 // Math, per row b (s = ranked scores in teacher order, u = unranked scores, t = log of a tail mass;

@@ -1,4 +1,4 @@
-"""Ranking metrics for the two protocols of SPEC section 1, computed without a dense users x items matrix.
+"""Ranking metrics for the two protocols of docs/METHODS.md section 1, computed without a dense users x items matrix.
 
 Leave-one-out (sampled candidates): the held-out item's 0-based rank r among its candidates counts the
     negatives scoring >= it (ties count against the model, so a constant model scores as badly as it

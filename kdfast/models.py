@@ -14,7 +14,7 @@ from . import __version__
 
 
 class BPRMF(torch.nn.Module):
-    """Matrix factorisation scored by dot products (BPR-MF, SPEC section 1).
+    """Matrix factorisation scored by dot products (BPR-MF, docs/METHODS.md section 1).
 
     n_users, n_items: table sizes; dim: embedding dimension (any >= 1).
     Embeddings are initialised N(0, std=0.01) with the given torch.Generator (or the global one).

@@ -1,6 +1,6 @@
 """The trainer: BPR base loss + an optional KD method, Adam, periodic validation and early stopping.
 
-Per epoch (SPEC section 1):
+Per epoch (docs/METHODS.md section 1):
   1. every training pair (u, i) is shuffled and gets ONE uniform negative j (an item u has no training
      interaction with), resampled every epoch;
   2. method.start_epoch(epoch, max_epoch, student_user, student_item) runs the method's per-epoch work
@@ -51,7 +51,7 @@ def sample_negatives(users: torch.Tensor, train_keys: torch.Tensor, n_items: int
 
 
 def bpr_loss(user_emb, item_emb, users, pos, neg) -> torch.Tensor:
-    """-sum log sigmoid(<e_u, e_pos> - <e_u, e_neg>) over the batch (sum reduction, SPEC section 1)."""
+    """-sum log sigmoid(<e_u, e_pos> - <e_u, e_neg>) over the batch (sum reduction, docs/METHODS.md section 1)."""
     u = user_emb[users]
     return -F.logsigmoid((u * (item_emb[pos] - item_emb[neg])).sum(1)).sum()
 

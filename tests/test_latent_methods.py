@@ -1,4 +1,4 @@
-"""DE and PHR (kdfast.methods.latent) against direct re-computations of SPEC sections 2 and 3."""
+"""DE and PHR (kdfast.methods.latent) against direct re-computations of docs/METHODS.md sections 2 and 3."""
 import math
 
 import pytest

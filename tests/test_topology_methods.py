@@ -1,4 +1,4 @@
-"""FTD and HTD (kdfast.methods.topology) against direct N x N re-computations of SPEC section 4,
+"""FTD and HTD (kdfast.methods.topology) against direct N x N re-computations of docs/METHODS.md section 4,
 including the authors' quirks (no gradient through prototypes, the teacher-cosine filter)."""
 import pytest
 import torch
@@ -46,7 +46,7 @@ def test_ftd_matches_direct_formula(backend):
 
 
 def _htd_direct(m, tu, ti, su, si, users, pos, neg):
-    """SPEC 4 written out with N x N matrices, reusing m's assignment nets, experts and noise."""
+    """docs/METHODS.md section 4 written out with N x N matrices, reusing m's assignment nets, experts and noise."""
     t, s, u, i = _entities(tu, ti, su, si, users, pos, neg)
     k = m.n_groups
     ga = 0.0

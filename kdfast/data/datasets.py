@@ -68,7 +68,7 @@ def from_pairs(users, items, *, name: str, source: str = "", min_user_interactio
     """Build Interactions from parallel arrays of original user and item ids (ints or strings).
 
     Duplicate pairs count once. Users with fewer than min_user_interactions distinct items are dropped,
-    then items with fewer than min_item_interactions users (one pass each, in that order; SPEC section 1
+    then items with fewer than min_item_interactions users (one pass each, in that order; docs/METHODS.md section 1
     filters users only). Remaining ids are remapped to 0..n-1 in the sorted order of the original ids.
     """
     users = np.asarray(users)

@@ -1,4 +1,4 @@
-"""Train / validation / test splits of Interactions (SPEC section 1).
+"""Train / validation / test splits of Interactions (docs/METHODS.md section 1).
 
 leave_one_out: per user one validation and one test item held out at random; each is ranked among
     n_neg (499) items sampled uniformly, without replacement, from the items the user never interacted

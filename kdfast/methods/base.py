@@ -11,7 +11,7 @@ teacher_user [U, d_t], teacher_item [I, d_t]: the frozen teacher's embeddings (B
 products); train: the training interactions as an int64 CSR pair (indptr [U+1], item ids), users -> items;
 student_user [U, d_s], student_item [I, d_s]: the student's embedding tables (weights of its
 nn.Embedding, with gradient); users, pos, neg: int64 [B] - the batch of BPR triples. The returned loss is
-already multiplied by the method's lambda and sum-reduced like the base BPR loss (SPEC section 1).
+already multiplied by the method's lambda and sum-reduced like the base BPR loss (docs/METHODS.md section 1).
 """
 from __future__ import annotations
 

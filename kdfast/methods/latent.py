@@ -1,5 +1,5 @@
 """Latent-knowledge distillation: DE (Distillation Experts, CIKM'20) and PHR (Personalized Hint
-Regression, KBS'22), SPEC sections 2 and 3.
+Regression, KBS'22), docs/METHODS.md sections 2 and 3.
 
 Both regress the frozen teacher's representation h_t of every unique batch entity from the student's
 h_s through trainable maps that exist only during training: the trainer optimises them with the student
@@ -163,7 +163,7 @@ def entity_weighted(loss_of, users, pos, neg, item_weight: float):
 
 # ---------------------------------------------------------------- DE
 class DE(KDMethod):
-    """Distillation Experts (SPEC 2): per side M experts map h_s -> h_t, chosen by a selection network on
+    """Distillation Experts (docs/METHODS.md section 2): per side M experts map h_s -> h_t, chosen by a selection network on
     the TEACHER representation through a Gumbel-softmax with an annealed temperature.
 
         alpha_e = softmax(W h_t_e + b);  z_e = softmax((log(alpha_e + 1e-10) + g) / tau)
@@ -227,7 +227,7 @@ class DE(KDMethod):
 
 # ---------------------------------------------------------------- PHR
 class PersonalizationNet(nn.Module):
-    """PHR's default personalization network: d_t -> d_t + d_s d_t -> relu -> d_s d_t (SPEC 3)."""
+    """PHR's default personalization network: d_t -> d_t + d_s d_t -> relu -> d_s d_t (docs/METHODS.md section 3)."""
 
     def __init__(self, d_t: int, d_s: int, generator=None):
         super().__init__()
@@ -239,7 +239,7 @@ class PersonalizationNet(nn.Module):
 
 
 class PHR(KDMethod):
-    """Personalized Hint Regression (SPEC 3): each entity gets its own map W_e = reshape(PNet(h_t_e),
+    """Personalized Hint Regression (docs/METHODS.md section 3): each entity gets its own map W_e = reshape(PNet(h_t_e),
     [d_t, d_s]); hhat_e = W_e h_s_e; l(e) = ||h_t_e - hhat_e||^2; DE's entity weighting; lambda 0.01.
 
     Args (build options): lambda_phr (0.01); pnet: any nn.Module mapping [B, d_t] -> [B, d_t * d_s]

@@ -1,4 +1,4 @@
-"""Ranking distillation: RRD (CIKM'20) and IR-RRD (Information Sciences'21); SPEC sections 5 and 6.
+"""Ranking distillation: RRD (CIKM'20) and IR-RRD (Information Sciences'21); docs/METHODS.md sections 5 and 6.
 
 RRD: from the frozen teacher's top-N list per user (training items excluded, computed once), every
 epoch sample K "interesting" positions (p(r) ~ exp(-r/T), without replacement, kept in teacher order)
@@ -87,7 +87,7 @@ def _positive_number(v, name):
 class RRD(KDMethod):
     """Relaxed Ranking Distillation (user side).
 
-    Options (SPEC 5 defaults): N=500 (teacher list length), K=40 interesting ranks, L=40 uninteresting
+    Options (docs/METHODS.md section 5 defaults): N=500 (teacher list length), K=40 interesting ranks, L=40 uninteresting
     items, T=10.0, lam=0.001, sampling=True (False: the no-sampling variant with the whole unobserved
     catalog as tail; K then means the first K teacher items), backend="auto" (for the teacher top-N and
     the full-catalog loss).
@@ -147,7 +147,7 @@ class RRD(KDMethod):
 
 
 class IRRRD(RRD):
-    """IR-RRD: RRD plus the item-side ranking regulariser (SPEC 6).
+    """IR-RRD: RRD plus the item-side ranking regulariser (docs/METHODS.md section 6).
 
     Extra options: K_I=20 interesting users, L_I=20 uninteresting users per item, N_I (length of each
     item's teacher list of users; default N = 500), lam_ir=0.0005,

@@ -1,4 +1,4 @@
-"""Topology Distillation (KDD'21), SPEC section 4: FTD (full topology) and HTD (hierarchical topology).
+"""Topology Distillation (KDD'21), docs/METHODS.md section 4: FTD (full topology) and HTD (hierarchical topology).
 
 Entities of a step: V = unique batch users followed by unique batch items (pos and neg together); t, s
 are the teacher / student rows of V. Relations are cosine similarities; the pair sums run over ordered
@@ -66,7 +66,7 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int):
 
 
 class HTD(KDMethod):
-    """Hierarchical Topology Distillation (SPEC 4).
+    """Hierarchical Topology Distillation (docs/METHODS.md section 4).
 
     Per side (users, items) a group assignment network v(h_t) = softmax(Linear(d_t -> K)); hard group of
     an entity z_e = argmax v (no gradient), item groups offset by K (2K groups in all).

@@ -171,7 +171,7 @@ def full_catalog_listwise_loss(user_emb, item_emb, ranked_idx, *, exclude=None, 
         ranked_idx: [B, K] int64 item ids in teacher order; -1 is padding (anywhere in the row).
         exclude: CSR with B rows (e.g. each user's training items; repeats allowed) or None.
         clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40); None.
-        reduction: "sum" (default, as every lambda in SPEC assumes), "mean" over rows, or "none" ([B]).
+        reduction: "sum" (default, as every lambda in docs/METHODS.md assumes), "mean" over rows, or "none" ([B]).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
     Math, per row with ranked scores s_1..s_K (valid entries only) and tail T_b = items neither excluded

@@ -97,7 +97,7 @@ def _check_common(B, K, has_unranked, log_tail, reduction, device, k_name):
 
 
 def plackett_luce_loss(ranked, unranked=None, *, log_tail=None, reduction="sum", backend="auto"):
-    """Relaxed Plackett-Luce loss of the student scores of teacher-ranked lists (RRD, SPEC section 5).
+    """Relaxed Plackett-Luce loss of the student scores of teacher-ranked lists (RRD, docs/METHODS.md section 5).
 
     Args:
         ranked: [B, K] floating scores of the items the teacher ranks, in teacher order. -inf entries are
