@@ -55,6 +55,13 @@ def positive_int(v, name: str) -> int:
     return v
 
 
+def reduction(v, allowed=("sum", "mean", "none")) -> str:
+    """A loss reduction name among `allowed`."""
+    if not isinstance(v, str) or v not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {v!r}")
+    return v
+
+
 def index_range(idx: torch.Tensor, name: str, upper: int, allow_pad: bool = False) -> None:
     """Every entry of idx is in [0, upper) (or -1 when allow_pad)."""
     if idx.numel() == 0:

@@ -28,17 +28,21 @@ def validate_csr(indptr: torch.Tensor, indices: torch.Tensor, name: str, n_cols:
 
 
 def as_csr(obj, name: str, n_rows: int, n_cols: int, device=None, canonical: bool = False,
-           validate: bool = False):
+           validate: bool = False, optional: bool = False):
     """Check and convert a CSR argument to (indptr, indices) int64 tensors on `device`.
 
     obj: (indptr, indices) tensors/arrays, a torch sparse CSR tensor, or a scipy.sparse matrix.
     n_rows/n_cols: the expected number of rows and the id bound (ids must be in [0, n_cols)).
     canonical: also sort the ids inside each row and drop repeats (kernels that merge against
     sorted lists ask for this; implies validate).
+    optional: None is accepted and means an empty CSR (no ids in any row).
     validate: run validate_csr here (ops under torch.compile validate inside the op body instead).
     Raises ValueError/TypeError naming `name` for a wrong length, a decreasing indptr, ids out of
     range or non-integer ids.
     """
+    if obj is None and optional:
+        return (torch.zeros(n_rows + 1, dtype=torch.int64, device=device),
+                torch.zeros(0, dtype=torch.int64, device=device))
     if isinstance(obj, torch.Tensor) and obj.layout == torch.sparse_csr:
         if obj.dim() != 2 or obj.shape[0] != n_rows:
             raise ValueError(f"{name} must have {n_rows} rows, got shape {tuple(obj.shape)}")

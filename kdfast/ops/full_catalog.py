@@ -17,8 +17,8 @@ import torch
 
 from .. import _backend, _checks
 from ..csr import as_csr, canonicalize, row_ids, validate_csr
+from ..reference.plackett_luce import reduce_rows
 
-_REDUCTIONS = ("sum", "mean", "none")
 
 
 def _merged_exclusions(excl_indptr, excl_indices, skip_idx, n_items):
@@ -114,14 +114,9 @@ def _prepare(user_emb, item_emb, idx, idx_name, exclude, clamp, reduction, backe
         if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0:
             raise ValueError(f"clamp must be a positive number or None, got {clamp!r}")
         clamp = float(clamp)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _checks.reduction(reduction)
     n_rows, n_items = user_emb.shape[0], item_emb.shape[0]
-    if exclude is None:
-        indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=device)
-        indices = torch.zeros(0, dtype=torch.int64, device=device)
-    else:
-        indptr, indices = as_csr(exclude, "exclude", n_rows, n_items, device=device)
+    indptr, indices = as_csr(exclude, "exclude", n_rows, n_items, device=device, optional=True)
     chosen = _backend.resolve(backend, device)
     if chosen == "cpp" and user_emb.dtype in (torch.float16, torch.bfloat16):
         raise TypeError("backend='cpp' takes float32 or float64 embeddings; float16/bfloat16 are GPU dtypes")
@@ -136,12 +131,6 @@ def _gathered_scores(user_emb, item_emb, idx, clamp):
     if clamp != math.inf:
         s = s.clamp(-clamp, clamp)
     return torch.where(valid, s, torch.full_like(s, float("-inf"))), valid
-
-
-def _reduce(per_row, reduction):
-    if reduction == "none":
-        return per_row
-    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
 def full_catalog_log_tail(user_emb, item_emb, skip_idx=None, *, exclude=None, clamp=None, backend="auto"):
@@ -188,7 +177,7 @@ def full_catalog_listwise_loss(user_emb, item_emb, ranked_idx, *, exclude=None, 
     s, _ = _gathered_scores(user_emb, item_emb, ranked_idx, clamp)
     per_row = plackett_luce_loss(s, None, log_tail=lt, reduction="none",
                                  backend="torch" if chosen == "torch" else "auto")
-    return _reduce(per_row, reduction)
+    return reduce_rows(per_row, reduction)
 
 
 def full_catalog_set_loss(user_emb, item_emb, pos_idx, *, exclude=None, tail_skip_idx=None, clamp=None,
@@ -222,4 +211,4 @@ def full_catalog_set_loss(user_emb, item_emb, pos_idx, *, exclude=None, tail_ski
     s_safe = torch.where(valid, s, torch.zeros_like(s))
     per = torch.logaddexp(s_safe, lt[:, None]) - s_safe
     per_row = torch.where(valid, per, torch.zeros_like(per)).sum(1)
-    return _reduce(per_row, reduction)
+    return reduce_rows(per_row, reduction)

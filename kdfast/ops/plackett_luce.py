@@ -15,7 +15,6 @@ import torch
 from .. import _backend, _checks
 from ..reference import plackett_luce as _ref
 
-_REDUCTIONS = ("sum", "mean", "none")
 
 
 def _impl(backend: str):
@@ -77,17 +76,8 @@ def _choose(backend: str, device_type: str) -> str:
     return _backend.resolve(backend, torch.device(device_type))
 
 
-def _reduce(per_row, reduction):
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.mean()
-
-
 def _check_common(B, K, has_unranked, log_tail, reduction, device, k_name):
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _checks.reduction(reduction)
     if K == 0 and not has_unranked:
         raise ValueError(f"{k_name} has K = 0 columns and there is no unranked list: nothing to rank")
     if log_tail is not None:
@@ -137,11 +127,11 @@ def plackett_luce_loss(ranked, unranked=None, *, log_tail=None, reduction="sum",
         return _ref.plackett_luce_loss(ranked, unranked, log_tail, reduction)
     acc = _acc(ranked.dtype)
     if K == 0:
-        return _reduce(ranked.to(acc).sum(1), reduction)
+        return _ref.reduce_rows(ranked.to(acc).sum(1), reduction)
     if log_tail is not None:
         log_tail = log_tail.to(acc)
     per_row, _, _ = _fwd_op(ranked, unranked, log_tail, chosen)
-    return _reduce(per_row, reduction)
+    return _ref.reduce_rows(per_row, reduction)
 
 
 # ---------------------------------------------------------------------------------------- embeddings
@@ -267,4 +257,4 @@ def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked
     need_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (query_emb, item_emb, log_tail))
     per_row = _emb_fwd_op(query_emb, item_emb, ranked_idx, unranked_idx, log_tail, need_grad, chosen)[0]
-    return _reduce(per_row, reduction)
+    return _ref.reduce_rows(per_row, reduction)

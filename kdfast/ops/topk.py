@@ -58,11 +58,7 @@ def topk_scores(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude=No
     n_q, n_k = queries.shape[0], keys.shape[0]
     if n_k >= 2**32:
         raise ValueError(f"keys must have fewer than 2^32 rows (the rank keys hold a 32-bit index), got {n_k}")
-    if exclude is None:
-        indptr = torch.zeros(n_q + 1, dtype=torch.int64, device=device)
-        indices = torch.zeros(0, dtype=torch.int64, device=device)
-    else:
-        indptr, indices = as_csr(exclude, "exclude", n_q, n_k, device=device)
+    indptr, indices = as_csr(exclude, "exclude", n_q, n_k, device=device, optional=True)
     chosen = _backend.resolve(backend, device)
     if chosen == "cpp" and queries.dtype in (torch.float16, torch.bfloat16):
         raise TypeError("backend='cpp' takes float32 or float64 queries/keys; float16/bfloat16 are GPU dtypes")

@@ -76,8 +76,7 @@ def _check_pair(teacher, student):
 
 
 def _check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _checks.reduction(reduction, REDUCTIONS)
 
 
 def _cpp_dtypes(chosen, teacher, student):

@@ -34,7 +34,7 @@ def plackett_luce_loss(ranked, unranked=None, log_tail=None, reduction="sum"):
         parts.append(u)
     big = torch.finfo(dt).max
     if s.shape[1] == 0:
-        return _reduce(s.sum(1), reduction)
+        return reduce_rows(s.sum(1), reduction)
     parts = [p for p in parts if p.shape[1] > 0]
     low = torch.stack([torch.where(torch.isneginf(p), big, p).amin(1) for p in parts], 0).amin(0)
     low = torch.where(low < big, low, torch.zeros_like(low)).detach() - _GAP
@@ -46,10 +46,11 @@ def plackett_luce_loss(ranked, unranked=None, log_tail=None, reduction="sum"):
     if log_tail is not None:
         log_d = torch.logaddexp(log_d, log_tail.to(dt)[:, None])
     per_row = torch.where(valid, log_d - s_f, torch.zeros_like(s_f)).sum(1)
-    return _reduce(per_row, reduction)
+    return reduce_rows(per_row, reduction)
 
 
-def _reduce(per_row, reduction):
+def reduce_rows(per_row, reduction):
+    """Per-row losses reduced as reduction says: "none" (as they are), "sum", or "mean" over rows."""
     if reduction == "none":
         return per_row
     if reduction == "sum":
