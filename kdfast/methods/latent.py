@@ -103,11 +103,6 @@ class ExpertBank(nn.Module):
         return weight[:, None] * out
 
 
-def selected_only(tau: float, select_only_below) -> bool:
-    """Whether to evaluate only the selected expert: the temperature fell below the option's threshold."""
-    return select_only_below is not None and tau < select_only_below
-
-
 def check_teacher(teacher_user, teacher_item):
     _checks.floating(teacher_user, "teacher_user", ndim=2)
     _checks.floating(teacher_item, "teacher_item", ndim=2)
@@ -161,8 +156,45 @@ def entity_weighted(loss_of, users, pos, neg, item_weight: float):
             + item_weight * (loss_of("item", torch.unique(pos)) + loss_of("item", torch.unique(neg))))
 
 
+class TeacherMethod(KDMethod):
+    """Base of the methods built from the frozen teacher's tables and the student dimension (DE, PHR, HTD):
+    keeps the teacher as non-persistent buffers (dropped with the method after training)."""
+
+    def __init__(self, teacher_user, teacher_item, student_dim: int):
+        super().__init__()
+        check_teacher(teacher_user, teacher_item)
+        self.student_dim = _checks.positive_int(student_dim, "student_dim")
+        self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
+        self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
+
+    @classmethod
+    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, **options):
+        return cls(teacher_user, teacher_item, student_dim, generator=generator, **options)
+
+
+class AnnealedMethod(TeacherMethod):
+    """A TeacherMethod with a Gumbel-softmax temperature annealed per epoch (DE, HTD):
+    tau = temperature(epoch, max_epoch, tau0, tau_end), set by start_epoch (tau0 before the first call);
+    select_only_below: once tau < it, expert mixtures evaluate only each row's selected expert."""
+
+    def __init__(self, teacher_user, teacher_item, student_dim: int, tau0: float, tau_end: float,
+                 select_only_below: float | None):
+        super().__init__(teacher_user, teacher_item, student_dim)
+        self.tau0, self.tau_end = check_positive(tau0, "tau0"), check_positive(tau_end, "tau_end")
+        self.tau = self.tau0
+        self.select_only_below = None if select_only_below is None else check_positive(select_only_below,
+                                                                                       "select_only_below")
+
+    def start_epoch(self, epoch, max_epoch, student_user, student_item):
+        self.tau = temperature(epoch, max_epoch, self.tau0, self.tau_end)
+
+    def selected_only(self) -> bool:
+        """Whether to evaluate only the selected expert: tau fell below select_only_below."""
+        return self.select_only_below is not None and self.tau < self.select_only_below
+
+
 # ---------------------------------------------------------------- DE
-class DE(KDMethod):
+class DE(AnnealedMethod):
     """Distillation Experts (docs/METHODS.md section 2): per side M experts map h_s -> h_t, chosen by a selection network on
     the TEACHER representation through a Gumbel-softmax with an annealed temperature.
 
@@ -181,36 +213,20 @@ class DE(KDMethod):
     def __init__(self, teacher_user, teacher_item, student_dim: int, *, n_experts: int = 30,
                  lambda_de: float = 0.01, tau0: float = 1.0, tau_end: float = 1e-10,
                  select_only_below: float | None = None, generator=None):
-        super().__init__()
-        check_teacher(teacher_user, teacher_item)
-        student_dim = _checks.positive_int(student_dim, "student_dim")
+        super().__init__(teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below)
         n_experts = _checks.positive_int(n_experts, "n_experts")
         self.lambda_de = float(lambda_de)
-        self.tau0, self.tau_end = check_positive(tau0, "tau0"), check_positive(tau_end, "tau_end")
-        self.select_only_below = None if select_only_below is None else check_positive(select_only_below,
-                                                                                       "select_only_below")
-        self.tau = self.tau0
         d_t = teacher_user.shape[1]
-        self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
-        self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
-        self.student_dim = student_dim
-        self.experts = nn.ModuleDict({side: ExpertBank(n_experts, student_dim, d_t, generator)
+        self.experts = nn.ModuleDict({side: ExpertBank(n_experts, self.student_dim, d_t, generator)
                                       for side in ("user", "item")})
         self.selectors = nn.ModuleDict({side: make_linear(d_t, n_experts, generator) for side in ("user", "item")})
         self._noise = noise_generator(generator, "cpu")
-
-    @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, **options):
-        return cls(teacher_user, teacher_item, student_dim, generator=generator, **options)
-
-    def start_epoch(self, epoch, max_epoch, student_user, student_item):
-        self.tau = temperature(epoch, max_epoch, self.tau0, self.tau_end)
 
     def reconstruct(self, side: str, h_t: torch.Tensor, h_s: torch.Tensor) -> torch.Tensor:
         """hhat for rows of one side ("user" or "item"): [B, d_t]."""
         alpha = torch.softmax(self.selectors[side](h_t), dim=-1)
         z = gumbel_softmax(alpha, self.tau, self._noise)
-        return self.experts[side].mixture(h_s, z, selected_only(self.tau, self.select_only_below))
+        return self.experts[side].mixture(h_s, z, self.selected_only())
 
     def forward(self, student_user, student_item, users, pos, neg):
         check_student(student_user, student_item, self.teacher_user, self.teacher_item, self.student_dim)
@@ -238,7 +254,7 @@ class PersonalizationNet(nn.Module):
         return self.net(h_t)
 
 
-class PHR(KDMethod):
+class PHR(TeacherMethod):
     """Personalized Hint Regression (docs/METHODS.md section 3): each entity gets its own map W_e = reshape(PNet(h_t_e),
     [d_t, d_s]); hhat_e = W_e h_s_e; l(e) = ||h_t_e - hhat_e||^2; DE's entity weighting; lambda 0.01.
 
@@ -251,20 +267,12 @@ class PHR(KDMethod):
 
     def __init__(self, teacher_user, teacher_item, student_dim: int, *, lambda_phr: float = 0.01,
                  pnet: nn.Module | None = None, generator=None):
-        super().__init__()
-        check_teacher(teacher_user, teacher_item)
-        self.student_dim = _checks.positive_int(student_dim, "student_dim")
+        super().__init__(teacher_user, teacher_item, student_dim)
         self.lambda_phr = float(lambda_phr)
         d_t = teacher_user.shape[1]
-        self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
-        self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
         if pnet is not None and not isinstance(pnet, nn.Module):
             raise TypeError(f"pnet must be a torch.nn.Module, got {type(pnet).__name__}")
         self.pnet = pnet if pnet is not None else PersonalizationNet(d_t, self.student_dim, generator)
-
-    @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, **options):
-        return cls(teacher_user, teacher_item, student_dim, generator=generator, **options)
 
     def forward(self, student_user, student_item, users, pos, neg):
         check_student(student_user, student_item, self.teacher_user, self.teacher_item, self.student_dim)

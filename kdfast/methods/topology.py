@@ -14,8 +14,8 @@ from .. import _checks
 from ..ops.topology import grouped_topology_loss, topology_loss
 from ..reference.topology import normalize_rows
 from .base import KDMethod
-from .latent import (ExpertBank, selected_only, check_batch, check_positive, check_prob, check_student, check_teacher,
-                     gumbel_softmax, make_linear, noise_generator, temperature)
+from .latent import (AnnealedMethod, ExpertBank, check_batch, check_prob, check_student, check_teacher, gumbel_softmax,
+                     make_linear, noise_generator)
 
 GROUP_LEVELS = ("second", "first")
 
@@ -65,7 +65,7 @@ def group_means(x: torch.Tensor, groups: torch.Tensor, n_groups: int):
     return (onehot @ x) / counts.clamp(min=1)[:, None], present
 
 
-class HTD(KDMethod):
+class HTD(AnnealedMethod):
     """Hierarchical Topology Distillation (docs/METHODS.md section 4).
 
     Per side (users, items) a group assignment network v(h_t) = softmax(Linear(d_t -> K)); hard group of
@@ -91,9 +91,7 @@ class HTD(KDMethod):
                  lambda_td: float = 0.001, group_level: str = "second", teacher_cos_filter: bool = True,
                  tau0: float = 1.0, tau_end: float = 1e-10, select_only_below: float | None = None,
                  backend: str = "auto", generator=None):
-        super().__init__()
-        check_teacher(teacher_user, teacher_item)
-        self.student_dim = _checks.positive_int(student_dim, "student_dim")
+        super().__init__(teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below)
         self.n_groups = _checks.positive_int(n_groups, "n_groups")
         self.alpha = check_prob(alpha, "alpha")
         if group_level not in GROUP_LEVELS:
@@ -102,25 +100,12 @@ class HTD(KDMethod):
             raise TypeError(f"teacher_cos_filter must be a bool, got {type(teacher_cos_filter).__name__}")
         self.group_level, self.teacher_cos_filter = group_level, teacher_cos_filter
         self.lambda_td = float(lambda_td)
-        self.tau0, self.tau_end = check_positive(tau0, "tau0"), check_positive(tau_end, "tau_end")
-        self.tau = self.tau0
-        self.select_only_below = None if select_only_below is None else check_positive(select_only_below,
-                                                                                       "select_only_below")
         self.backend = backend
         d_t = teacher_user.shape[1]
-        self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
-        self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
         self.assign = nn.ModuleDict({side: make_linear(d_t, self.n_groups, generator) for side in ("user", "item")})
         self.experts = nn.ModuleDict({side: ExpertBank(self.n_groups, self.student_dim, d_t, generator)
                                       for side in ("user", "item")})
         self._noise = noise_generator(generator, "cpu")
-
-    @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, **options):
-        return cls(teacher_user, teacher_item, student_dim, generator=generator, **options)
-
-    def start_epoch(self, epoch, max_epoch, student_user, student_item):
-        self.tau = temperature(epoch, max_epoch, self.tau0, self.tau_end)
 
     def assignment(self, side: str, h_t: torch.Tensor) -> torch.Tensor:
         """v = softmax(Linear(h_t)) for rows of one side: [B, K]."""
@@ -157,7 +142,7 @@ class HTD(KDMethod):
             group_ids.append(v.detach().argmax(dim=1) + k * self.n_groups)
             if self.alpha < 1:  # alpha = 1: no GA term (and no expert evaluation)
                 z = gumbel_softmax(v, self.tau, self._noise)
-                hhat = self.experts[side].mixture(h_s, z, selected_only(self.tau, self.select_only_below))
+                hhat = self.experts[side].mixture(h_s, z, self.selected_only())
                 ga = ga + ((h_t - hhat) ** 2).sum()
         t = torch.cat([parts["user"][0], parts["item"][0]])
         s = torch.cat([parts["user"][1], parts["item"][1]])
