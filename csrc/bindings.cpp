@@ -12,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
     register_plackett_luce(m);
     register_full_catalog(m);
     register_topology(m);
+    register_sampling(m);
 }

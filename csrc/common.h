@@ -23,3 +23,4 @@ void register_topk(pybind11::module_& m);
 void register_plackett_luce(pybind11::module_& m);
 void register_full_catalog(pybind11::module_& m);
 void register_topology(pybind11::module_& m);
+void register_sampling(pybind11::module_& m);

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -57,15 +58,42 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     int32_t e = static_cast<int32_t>(n) + 126;  // 2^(n-1), then * 2: n = 128 stays representable
-    int32_t bits = e << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
+    float scale = __builtin_bit_cast(float, e << 23);
     float res = p * scale * 2.0f;
     res = x < -87.0f ? 0.0f : res;
     return x > 88.72f ? std::numeric_limits<float>::infinity() : res;
 }
 
 inline double fast_exp(double x) { return std::exp(x); }
+
+// log(x) for a positive normal float, branch-free (vectorizes): frexp-style split x = m 2^k with m in
+// [sqrt(1/2), sqrt(2)), then the Cephes degree-9 polynomial for log(m) (about 1 ulp). Only called on
+// values known to be in [1e-25, 1e25] (the fast path below).
+__attribute__((always_inline)) inline float fast_log(float x) {
+    int32_t bits = __builtin_bit_cast(int32_t, x);
+    int32_t k = ((bits >> 23) & 0xff) - 126;
+    float m = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+    const bool small = m < 0.70710678118654752f;
+    k = small ? k - 1 : k;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const float fk = static_cast<float>(k);
+    y += -2.12194440e-4f * fk;
+    y += -0.5f * z;
+    return m + y + 0.693359375f * fk;
+}
+
+inline double fast_log(double x) { return std::log(x); }
 
 template <typename T>
 inline T neg_inf() {
@@ -80,52 +108,45 @@ inline T logaddexp(T a, T b) {
     return mx + std::log1p(std::exp(mn - mx));
 }
 
-// log( sum_l exp(u_l) + exp(t) ) over the non-padding entries; -inf when there are none.
-// The three loops over long rows, for float compiled twice (AVX2+FMA and baseline x86-64, chosen at
-// load time by the CPU), since the extension is built without -march flags.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KDFAST_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define KDFAST_INLINE __attribute__((always_inline)) inline
+
+// Every per-row routine below is an always-inline template; the row loops call them through
+// functions compiled twice for float (x86-64-v3 = AVX2+FMA, and baseline x86-64), chosen at load time
+// from the CPU's features, since the extension is built without -march flags. (Not "arch=haswell":
+// that clone is picked only on Intel Haswell-family CPUs, never on AMD or later Intel cores.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define KDFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KDFAST_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define KDFAST_CLONES
 #endif
 
-KDFAST_CLONES float row_max(const float* x, int64_t n) {
-    float m = neg_inf<float>();
+template <typename T>
+KDFAST_INLINE T row_max(const T* x, int64_t n) {
+    T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
     for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
     return m;
 }
 
-KDFAST_CLONES float sum_exp(const float* x, int64_t n, float shift) {
-    float z = 0;
+template <typename T>
+KDFAST_INLINE T sum_exp(const T* x, int64_t n, T shift) {
+    T z = 0;
 #pragma omp simd reduction(+ : z)
     for (int64_t i = 0; i < n; ++i) z += fast_exp(x[i] - shift);
     return z;
 }
 
-KDFAST_CLONES void scaled_exp(const float* x, int64_t n, float shift, float g, float* out) {
+template <typename T>
+KDFAST_INLINE void scaled_exp(const T* x, int64_t n, T shift, T g, T* out) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = g * fast_exp(x[i] + shift);
 }
 
-double row_max(const double* x, int64_t n) {
-    double m = neg_inf<double>();
-    for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-    return m;
-}
-
-double sum_exp(const double* x, int64_t n, double shift) {
-    double z = 0;
-    for (int64_t i = 0; i < n; ++i) z += std::exp(x[i] - shift);
-    return z;
-}
-
-void scaled_exp(const double* x, int64_t n, double shift, double g, double* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = g * std::exp(x[i] + shift);
-}
-
+// log( sum_l exp(u_l) + exp(t) ) over the non-padding entries; -inf when there are none.
 template <typename T>
-T log_rest(const T* u, int64_t L, const T* t) {
+KDFAST_INLINE T log_rest(const T* u, int64_t L, const T* t) {
     T m = row_max(u, L);
     if (t != nullptr && *t > m) m = *t;
     if (m == neg_inf<T>()) return m;
@@ -137,7 +158,7 @@ T log_rest(const T* u, int64_t L, const T* t) {
 
 // log D_k for every k (garbage at padding positions), from a running (max, sum) suffix scan.
 template <typename T>
-void suffix_log_d(const T* s, int64_t K, T rest, T* log_d) {
+KDFAST_INLINE void suffix_log_d(const T* s, int64_t K, T rest, T* log_d) {
     T mx = neg_inf<T>(), z = 0;
     for (int64_t k = K - 1; k >= 0; --k) {
         T sk = s[k];
@@ -171,16 +192,17 @@ inline T fast_path_floor() {
 //  exact: running (max, sum) suffix and prefix scans in log space, exact at any scale (|s| ~ 1e4).
 // Scratch e, r: K values each.
 template <typename T>
-void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T* loss, T* inv, T* gs) {
+KDFAST_INLINE void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T* loss, T* inv, T* gs) {
     const T ninf = neg_inf<T>();
+    // c = max(valid s, rest) (NaN ignored here, it flows through the sums); n_valid: non-padding entries
     T c = rest;
-    bool any = false;
+    int64_t n_valid = 0;
+#pragma omp simd reduction(max : c) reduction(+ : n_valid)
     for (int64_t k = 0; k < K; ++k) {
-        if (s[k] == ninf) continue;
-        any = true;
         c = s[k] > c ? s[k] : c;
+        n_valid += s[k] != ninf;
     }
-    if (!any) {
+    if (n_valid == 0) {
         *loss = 0;
         *inv = ninf;
         if (gs != nullptr)
@@ -196,19 +218,29 @@ void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T* loss, T* inv,
             acc += e[k];
             r[k] = acc;
         }
-        for (int64_t k = 0; k < K; ++k)
-            if (s[k] != ninf && !(r[k] >= fast_path_floor<T>())) fast = false;
+        int64_t n_low = 0;
+#pragma omp simd reduction(+ : n_low)
+        for (int64_t k = 0; k < K; ++k) n_low += (s[k] != ninf) & !(r[k] >= fast_path_floor<T>());
+        fast = n_low == 0;
     }
     if (fast) {
-        T total = 0, p = 0;
+        // sum of (c + log r_k - s_k) over the valid entries, then r_k <- 1 / r_k (both vectorize)
+        T total = 0;
+#pragma omp simd reduction(+ : total)
         for (int64_t k = 0; k < K; ++k) {
-            if (s[k] == ninf) {
-                if (gs != nullptr) gs[k] = 0;
-                continue;
+            T term = c + fast_log(r[k]) - s[k];
+            total += s[k] == ninf ? T(0) : term;
+        }
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) r[k] = s[k] == ninf ? T(0) : T(1) / r[k];
+        T p = 0;
+        if (gs != nullptr) {
+            for (int64_t k = 0; k < K; ++k) {
+                p += r[k];
+                gs[k] = s[k] == ninf ? T(0) : g * (e[k] * p - T(1));
             }
-            total += c + std::log(r[k]) - s[k];
-            p += T(1) / r[k];
-            if (gs != nullptr) gs[k] = g * (e[k] * p - T(1));
+        } else {
+            for (int64_t k = 0; k < K; ++k) p += r[k];
         }
         *loss = total;
         *inv = std::log(p) - c;
@@ -235,6 +267,40 @@ void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T* loss, T* inv,
     *inv = am + std::log(az);
 }
 
+// One row of the score form: forward writes loss, log(rest mass), A_K; backward the gradients times g.
+template <typename T>
+KDFAST_INLINE void fwd_row_t(const T* s, const T* u, const T* t, int64_t K, int64_t L, T* e, T* r, T* loss, T* rest,
+                             T* inv) {
+    *rest = log_rest(u, L, t);
+    ranked_row(s, K, *rest, T(1), e, r, loss, inv, static_cast<T*>(nullptr));
+}
+
+template <typename T>
+KDFAST_INLINE void bwd_row_t(T g, const T* s, const T* u, const T* t, T rest, T a_total, int64_t K, int64_t L,
+                             T* e, T* r, T* gs, T* gu, T* gt) {
+    T loss_unused, inv_unused;
+    ranked_row(s, K, rest, g, e, r, &loss_unused, &inv_unused, gs);
+    if (u != nullptr) scaled_exp(u, L, a_total, g, gu);
+    if (t != nullptr) *gt = g * std::exp(*t + a_total);
+}
+
+KDFAST_CLONES void fwd_row(const float* s, const float* u, const float* t, int64_t K, int64_t L, float* e,
+                           float* r, float* loss, float* rest, float* inv) {
+    fwd_row_t(s, u, t, K, L, e, r, loss, rest, inv);
+}
+void fwd_row(const double* s, const double* u, const double* t, int64_t K, int64_t L, double* e, double* r,
+             double* loss, double* rest, double* inv) {
+    fwd_row_t(s, u, t, K, L, e, r, loss, rest, inv);
+}
+KDFAST_CLONES void bwd_row(float g, const float* s, const float* u, const float* t, float rest, float a_total,
+                           int64_t K, int64_t L, float* e, float* r, float* gs, float* gu, float* gt) {
+    bwd_row_t(g, s, u, t, rest, a_total, K, L, e, r, gs, gu, gt);
+}
+void bwd_row(double g, const double* s, const double* u, const double* t, double rest, double a_total,
+             int64_t K, int64_t L, double* e, double* r, double* gs, double* gu, double* gt) {
+    bwd_row_t(g, s, u, t, rest, a_total, K, L, e, r, gs, gu, gt);
+}
+
 template <typename T>
 void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L, T* loss, T* rest,
              T* inv, int n_threads) {
@@ -243,12 +309,9 @@ void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L
     {
         std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
 #pragma omp for schedule(dynamic, 64)
-        for (int64_t b = 0; b < B; ++b) {
-            rest[b] = log_rest(u == nullptr ? nullptr : u + b * L, u == nullptr ? 0 : L,
-                               t == nullptr ? nullptr : t + b);
-            ranked_row(s + b * K, K, rest[b], T(1), e.data(), r.data(), loss + b, inv + b,
-                       static_cast<T*>(nullptr));
-        }
+        for (int64_t b = 0; b < B; ++b)
+            fwd_row(s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b, K,
+                    u == nullptr ? 0 : L, e.data(), r.data(), loss + b, rest + b, inv + b);
     }
 }
 
@@ -260,98 +323,352 @@ void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, co
     {
         std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
 #pragma omp for schedule(dynamic, 64)
-        for (int64_t b = 0; b < B; ++b) {
-            const T g = go[b];
-            const T a_total = inv[b];
-            T loss_unused, inv_unused;
-            ranked_row(s + b * K, K, rest[b], g, e.data(), r.data(), &loss_unused, &inv_unused, gs + b * K);
-            if (u != nullptr) scaled_exp(u + b * L, L, a_total, g, gu + b * L);
-            if (t != nullptr) gt[b] = g * std::exp(t[b] + a_total);
-        }
+        for (int64_t b = 0; b < B; ++b)
+            bwd_row(go[b], s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b,
+                    rest[b], inv[b], K, L, e.data(), r.data(), gs + b * K, u == nullptr ? nullptr : gu + b * L,
+                    t == nullptr ? nullptr : gt + b);
     }
 }
 
-// Random item rows are latency-bound: ask for the row kPrefetch entries ahead (every 64-byte line).
+// ------------------------------------------------------------------------------ embedding form
+// Batch row b uses query row q_b = rows[b] (or b without rows) of query [n_rows, d], and the ids of
+// that row of ranked_idx [n_rows, K] / unranked_idx [n_rows, L] (-1: padding), and log_tail[q_b].
+// The forward gathers the scores of one row into scratch, evaluates the loss and, when gradients are
+// wanted, the row's gradient at grad_output = 1 (the loss is linear in grad_output): the score
+// gradients dr [B, K], du [B, L], dt [B] and the query part gq_b = sum_j ds_bj E[idx_bj] [B, d], taken
+// while the row's item vectors are still in cache. The backward only scales and scatters them.
+
+// Random item rows are latency-bound. When a batch row's item vectors fit in a quarter of L1 (K + L
+// short, d small: the RRD case), all of the next batch row's vectors are requested while this row is
+// computed; otherwise each vector is requested kPrefetch entries ahead within the row.
 constexpr int64_t kPrefetch = 8;
+constexpr int64_t kNextRowBytes = 8 << 10;
 
 template <typename T>
-inline void prefetch_row(const T* e, const int64_t* idx, int64_t j, int64_t M, int64_t d) {
-    if (j + kPrefetch >= M) return;
-    int64_t i = idx[j + kPrefetch];
-    if (i < 0) return;
+KDFAST_INLINE void prefetch_row(const T* e, int64_t i, int64_t d) {
     const char* row = reinterpret_cast<const char*>(e + i * d);
-    for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(row + off);
+    const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    __builtin_prefetch(row + bytes - 1);  // the last line, when the row straddles one more
 }
 
 template <typename T>
-void gather_scores(const T* q, const T* e, const int64_t* idx, int64_t B, int64_t M, int64_t d, T* out,
-                   int n_threads) {
-    py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(n_threads)
-    for (int64_t b = 0; b < B; ++b) {
-        const T* qb = q + b * d;
-        for (int64_t j = 0; j < M; ++j) {
-            prefetch_row(e, idx + b * M, j, M, d);
-            int64_t i = idx[b * M + j];
-            if (i < 0) {
-                out[b * M + j] = neg_inf<T>();
-                continue;
-            }
-            const T* ei = e + i * d;
-            T acc = 0;
+KDFAST_INLINE void prefetch_rows(const T* e, const int64_t* idx, int64_t M, int64_t d, int64_t N) {
+    for (int64_t j = 0; j < M; ++j)
+        if (idx[j] >= 0 && idx[j] < N) prefetch_row(e, idx[j], d);
+}
+
+template <typename T>
+KDFAST_INLINE T dot(const T* a, const T* b, int64_t d) {
+    T acc = 0;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t c = 0; c < d; ++c) acc += qb[c] * ei[c];
-            out[b * M + j] = acc;
+    for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
+    return acc;
+}
+
+// Short float dot products (d ~ 10-128) are the inner loop of the gather: GCC's reduction of an
+// `omp simd` loop goes through memory lane by lane, so use vector types (lowered to AVX in the
+// x86-64-v3 clone, to SSE pairs otherwise) and a shuffle tree for the horizontal sum.
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+template <>
+KDFAST_INLINE float dot<float>(const float* a, const float* b, int64_t d) {
+    v8f acc8 = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+        v8f x, y;
+        std::memcpy(&x, a + c, sizeof(x));
+        std::memcpy(&y, b + c, sizeof(y));
+        acc8 += x * y;
+    }
+    v4f acc = __builtin_shufflevector(acc8, acc8, 0, 1, 2, 3) + __builtin_shufflevector(acc8, acc8, 4, 5, 6, 7);
+    if (c + 4 <= d) {
+        v4f x, y;
+        std::memcpy(&x, a + c, sizeof(x));
+        std::memcpy(&y, b + c, sizeof(y));
+        acc += x * y;
+        c += 4;
+    }
+    acc += __builtin_shufflevector(acc, acc, 2, 3, 0, 1);
+    float total = acc[0] + acc[1];
+    for (; c < d; ++c) total += a[c] * b[c];
+    return total;
+}
+
+template <typename T>
+KDFAST_INLINE void axpy(T* y, T w, const T* x, int64_t d) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) y[c] += w * x[c];
+}
+
+// Scores of M ids into out; returns the position of the first id outside [-1, N), or -1.
+template <typename T>
+KDFAST_INLINE int64_t gather_dots(const T* qb, const T* e, const int64_t* idx, int64_t M, int64_t d, int64_t N,
+                                  bool ahead, T* out) {
+    for (int64_t j = 0; j < M; ++j) {
+        if (ahead && j + kPrefetch < M) {
+            int64_t ip = idx[j + kPrefetch];
+            if (ip >= 0 && ip < N) prefetch_row(e, ip, d);
         }
+        const int64_t i = idx[j];
+        if (i == -1) {
+            out[j] = neg_inf<T>();
+        } else if (i < 0 || i >= N) {
+            return j;
+        } else {
+            out[j] = dot(qb, e + i * d, d);
+        }
+    }
+    return -1;
+}
+
+template <typename T>
+KDFAST_INLINE void gather_axpy(T* gq, const T* e, const int64_t* idx, const T* w, int64_t M, int64_t d) {
+    for (int64_t j = 0; j < M; ++j)
+        if (idx[j] >= 0 && w[j] != T(0)) axpy(gq, w[j], e + idx[j] * d, d);
+}
+
+// One row; returns 0, or 1 / 2 with *bad set to the offending id when ranked / unranked holds an id
+// outside [-1, N). Scratch: sc [K + L], e [K], r [K].
+template <typename T>
+KDFAST_INLINE int emb_row_t(const T* qb, const T* e, const int64_t* ri, const int64_t* ui, const T* tb, int64_t K,
+                            int64_t L, int64_t d, int64_t N, T* sc, T* eb, T* rb, T* loss, T* dr, T* du, T* dt,
+                            T* gq, int64_t* bad) {
+    T* s = sc;
+    T* u = sc + K;
+    const bool ahead = (K + L) * d * static_cast<int64_t>(sizeof(T)) > kNextRowBytes;
+    int64_t j = gather_dots(qb, e, ri, K, d, N, ahead, s);
+    if (j >= 0) {
+        *bad = ri[j];
+        return 1;
+    }
+    if (ui != nullptr && (j = gather_dots(qb, e, ui, L, d, N, ahead, u)) >= 0) {
+        *bad = ui[j];
+        return 2;
+    }
+    const T rest = log_rest(u, ui == nullptr ? 0 : L, tb);
+    T inv;
+    ranked_row(s, K, rest, T(1), eb, rb, loss, &inv, dr);
+    if (dr == nullptr) return 0;
+    for (int64_t c = 0; c < d; ++c) gq[c] = 0;
+    gather_axpy(gq, e, ri, dr, K, d);
+    if (ui != nullptr) {
+        scaled_exp(u, L, inv, T(1), du);
+        gather_axpy(gq, e, ui, du, L, d);
+    }
+    if (tb != nullptr) *dt = std::exp(*tb + inv);
+    return 0;
+}
+
+KDFAST_CLONES int emb_row(const float* qb, const float* e, const int64_t* ri, const int64_t* ui, const float* tb,
+                          int64_t K, int64_t L, int64_t d, int64_t N, float* sc, float* eb, float* rb,
+                          float* loss, float* dr, float* du, float* dt, float* gq, int64_t* bad) {
+    return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, loss, dr, du, dt, gq, bad);
+}
+int emb_row(const double* qb, const double* e, const int64_t* ri, const int64_t* ui, const double* tb, int64_t K,
+            int64_t L, int64_t d, int64_t N, double* sc, double* eb, double* rb, double* loss, double* dr,
+            double* du, double* dt, double* gq, int64_t* bad) {
+    return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, loss, dr, du, dt, gq, bad);
+}
+
+// Returns (code, value): (0, 0) on success; (1 | 2, id) for an id of ranked_idx | unranked_idx outside
+// [-1, N); (3, row) for a rows entry outside [0, n_rows). The first error found stops the work.
+template <typename T>
+std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows, const int64_t* ri,
+                                    const int64_t* ui, const T* t, int64_t B, int64_t K, int64_t L, int64_t d,
+                                    int64_t N, int64_t n_rows, T* loss, T* dr, T* du, T* dt, T* gq,
+                                    int n_threads) {
+    py::gil_scoped_release release;
+    int code = 0;
+    int64_t value = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        std::vector<T> sc(static_cast<size_t>(K + L)), eb(static_cast<size_t>(std::max<int64_t>(K, 1))),
+            rbuf(eb.size());
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t b = 0; b < B; ++b) {
+            int seen;
+#pragma omp atomic read
+            seen = code;
+            if (seen != 0) continue;
+            const int64_t qr = rows == nullptr ? b : rows[b];
+            int64_t bad = 0;
+            int c = 0;
+            if (qr < 0 || qr >= n_rows) {
+                c = 3;
+                bad = qr;
+            } else {
+                const int64_t qn = rows == nullptr ? b + 1 : (b + 1 < B ? rows[b + 1] : -1);
+                if ((K + L) * d * static_cast<int64_t>(sizeof(T)) <= kNextRowBytes && b + 1 < B && qn >= 0 &&
+                    qn < n_rows) {
+                    prefetch_rows(e, ri + qn * K, K, d, N);
+                    if (ui != nullptr) prefetch_rows(e, ui + qn * L, L, d, N);
+                }
+                c = emb_row(q + qr * d, e, ri + qr * K, ui == nullptr ? nullptr : ui + qr * L,
+                            t == nullptr ? nullptr : t + qr, K, L, d, N, sc.data(), eb.data(), rbuf.data(),
+                            loss + b, dr == nullptr ? nullptr : dr + b * K,
+                            (dr == nullptr || ui == nullptr) ? nullptr : du + b * L,
+                            (dr == nullptr || t == nullptr) ? nullptr : dt + b, dr == nullptr ? nullptr : gq + b * d,
+                            &bad);
+            }
+            if (c != 0) {
+#pragma omp critical(kdfast_pl_emb_error)
+                if (code == 0) {
+                    code = c;
+                    value = bad;
+                }
+            }
+        }
+    }
+    return {code, value};
+}
+
+// grad_query[q_b] += go_b gq_b (in b order) and grad_item[i] += go_b ds_bj query[q_b] over the entries
+// (b, j) holding i, in (b, j) order (ranked before unranked in a row), whatever the thread count: the
+// threads first bucket the entries of their block of rows by destination thread (item-id ranges), then
+// each thread sums its own items' entries, taking the buckets in row-block order. Bitwise reproducible,
+// no atomics, no per-item pass over the whole catalog. grad_query and grad_item arrive zeroed.
+template <typename T>
+struct Entry {
+    int64_t item;
+    int64_t qrow;  // query row whose vector is added
+    T w;           // grad_output[b] * ds_bj
+};
+
+// Visits the item-gradient entries of batch rows [lo, hi) in (b, j) order: f(item, query row, weight).
+template <typename T, typename F>
+KDFAST_INLINE void for_each_entry(const T* go, const int64_t* rows, const int64_t* ri, const int64_t* ui,
+                                  const T* dr, const T* du, int64_t K, int64_t L, int64_t lo, int64_t hi, F&& f) {
+    for (int64_t b = lo; b < hi; ++b) {
+        const T g = go[b];
+        if (g == T(0)) continue;
+        const int64_t qr = rows == nullptr ? b : rows[b];
+        for (int64_t j = 0; j < K; ++j) {
+            const int64_t i = ri[qr * K + j];
+            const T w = dr[b * K + j];
+            if (i >= 0 && w != T(0)) f(i, qr, g * w);
+        }
+        if (ui != nullptr)
+            for (int64_t l = 0; l < L; ++l) {
+                const int64_t i = ui[qr * L + l];
+                const T w = du[b * L + l];
+                if (i >= 0 && w != T(0)) f(i, qr, g * w);
+            }
     }
 }
 
 template <typename T>
-void gather_backward(const T* g, const T* q, const T* e, const int64_t* idx, int64_t B, int64_t M,
-                     int64_t N, int64_t d, T* gq, T* ge, int n_threads) {
+KDFAST_INLINE void scatter_direct_t(const T* go, const T* q, const int64_t* rows, const int64_t* ri,
+                                    const int64_t* ui, const T* dr, const T* du, int64_t B, int64_t K, int64_t L,
+                                    int64_t d, int64_t N, T* ge) {
+    for (int64_t b = 0; b < B; ++b) {  // the next row's gradient rows are fetched while this one is added
+        if (b + 1 < B) {
+            const int64_t qn = rows == nullptr ? b + 1 : rows[b + 1];
+            for (int64_t j = 0; j < K; ++j) {
+                const int64_t i = ri[qn * K + j];
+                if (i >= 0 && i < N) prefetch_row(ge, i, d);
+            }
+            if (ui != nullptr)
+                for (int64_t l = 0; l < L; ++l) {
+                    const int64_t i = ui[qn * L + l];
+                    if (i >= 0 && i < N) prefetch_row(ge, i, d);
+                }
+        }
+        for_each_entry(go, rows, ri, ui, dr, du, K, L, b, b + 1,
+                       [&](int64_t i, int64_t qr, T w) { axpy(ge + i * d, w, q + qr * d, d); });
+    }
+}
+
+template <typename T>
+KDFAST_INLINE void scatter_buckets_t(const std::vector<Entry<T>>* const* col, int n_src, const T* q, int64_t d,
+                                     T* ge) {
+    for (int src = 0; src < n_src; ++src)
+        for (const Entry<T>& en : *col[src]) axpy(ge + en.item * d, en.w, q + en.qrow * d, d);
+}
+
+KDFAST_CLONES void scatter_direct(const float* go, const float* q, const int64_t* rows, const int64_t* ri,
+                                  const int64_t* ui, const float* dr, const float* du, int64_t B, int64_t K,
+                                  int64_t L, int64_t d, int64_t N, float* ge) {
+    scatter_direct_t(go, q, rows, ri, ui, dr, du, B, K, L, d, N, ge);
+}
+void scatter_direct(const double* go, const double* q, const int64_t* rows, const int64_t* ri, const int64_t* ui,
+                    const double* dr, const double* du, int64_t B, int64_t K, int64_t L, int64_t d, int64_t N,
+                    double* ge) {
+    scatter_direct_t(go, q, rows, ri, ui, dr, du, B, K, L, d, N, ge);
+}
+KDFAST_CLONES void scatter_buckets(const std::vector<Entry<float>>* const* col, int n_src, const float* q, int64_t d,
+                                   float* ge) {
+    scatter_buckets_t(col, n_src, q, d, ge);
+}
+void scatter_buckets(const std::vector<Entry<double>>* const* col, int n_src, const double* q, int64_t d,
+                     double* ge) {
+    scatter_buckets_t(col, n_src, q, d, ge);
+}
+
+// grad_query[q_b] += go_b gq_b (in b order) and grad_item[i] += go_b ds_bj query[q_b] over the entries
+// (b, j) holding i, in (b, j) order (ranked before unranked in a row), whatever the thread count: one
+// thread adds them directly; several first bucket the entries of their block of rows by destination
+// thread (contiguous item-id ranges), then each thread adds its own items' entries, taking the buckets
+// in row-block order. Bitwise the same for any thread count, no atomics, no pass over the catalog.
+// grad_query, grad_item and grad_t arrive zeroed.
+template <typename T>
+void emb_backward(const T* go, const T* q, const int64_t* rows, const int64_t* ri, const int64_t* ui,
+                  const T* dr, const T* du, const T* dt, const T* gqb, int64_t B, int64_t K, int64_t L, int64_t d,
+                  int64_t N, T* grad_q, T* grad_e, T* grad_t, int n_threads) {
     py::gil_scoped_release release;
-    // grad_q_b += sum_j g_bj E[idx_bj]
-#pragma omp parallel for schedule(dynamic, 64) num_threads(n_threads)
-    for (int64_t b = 0; b < B; ++b) {
-        T* gqb = gq + b * d;
-        for (int64_t j = 0; j < M; ++j) {
-            prefetch_row(e, idx + b * M, j, M, d);
-            int64_t i = idx[b * M + j];
-            T w = g[b * M + j];
-            if (i < 0 || w == T(0)) continue;
-            const T* ei = e + i * d;
-#pragma omp simd
-            for (int64_t c = 0; c < d; ++c) gqb[c] += w * ei[c];
-        }
+    for (int64_t b = 0; b < B; ++b) {  // B x d work: sequential keeps repeated rows in b order
+        const int64_t qr = rows == nullptr ? b : rows[b];
+        axpy(grad_q + qr * d, go[b], gqb + b * d, d);
+        if (grad_t != nullptr) grad_t[qr] += go[b] * dt[b];
     }
-    // grad_E_i += sum over the entries holding i, in (b, j) order: counting sort into a CSR.
-    std::vector<int64_t> ptr(static_cast<size_t>(N) + 1, 0);
-    const int64_t n_entries = B * M;
-    for (int64_t p = 0; p < n_entries; ++p)
-        if (idx[p] >= 0) ++ptr[idx[p] + 1];
-    for (int64_t i = 0; i < N; ++i) ptr[i + 1] += ptr[i];
-    std::vector<int64_t> entries(static_cast<size_t>(ptr[N]));
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, B / 64)));
+    if (nt == 1) {
+        scatter_direct(go, q, rows, ri, ui, dr, du, B, K, L, d, N, grad_e);
+        return;
+    }
+    // thread t owns the items i with (i * mul) >> 32 == t (contiguous ranges of about N / nt ids; a
+    // multiply, not a 64-bit division per entry)
+    const uint64_t mul = ((uint64_t(nt) << 32) + uint64_t(N) - 1) / uint64_t(N);
+    const auto owner = [&](int64_t i) { return std::min<int64_t>(int64_t((uint64_t(i) * mul) >> 32), nt - 1); };
+    // buckets[src * nt + dst]: the entries of row block src whose item belongs to thread dst. Kept per
+    // calling thread across calls (fresh pages would cost more than the adds), up to kKeepBytes.
+    static thread_local std::vector<std::vector<Entry<T>>> buckets;
+    constexpr size_t kKeepBytes = size_t(64) << 20;
+    if (buckets.size() < static_cast<size_t>(nt) * nt) buckets.resize(static_cast<size_t>(nt) * nt);
+    for (auto& v : buckets) v.clear();
+    std::vector<Entry<T>>* const bk = buckets.data();  // the workers see the caller's buckets through this
+#pragma omp parallel num_threads(nt)
     {
-        std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
-        for (int64_t p = 0; p < n_entries; ++p)
-            if (idx[p] >= 0) entries[fill[idx[p]]++] = p;
-    }
-#pragma omp parallel for schedule(dynamic, 256) num_threads(n_threads)
-    for (int64_t i = 0; i < N; ++i) {
-        T* gei = ge + i * d;
-        for (int64_t p = ptr[i]; p < ptr[i + 1]; ++p) {
-            int64_t entry = entries[p];
-            T w = g[entry];
-            const T* qb = q + (entry / M) * d;
-#pragma omp simd
-            for (int64_t c = 0; c < d; ++c) gei[c] += w * qb[c];
+#pragma omp for schedule(static)
+        for (int src = 0; src < nt; ++src) {
+            const int64_t lo = B * src / nt, hi = B * (src + 1) / nt;
+            std::vector<Entry<T>>* mine = bk + static_cast<size_t>(src) * nt;
+            for (int dst = 0; dst < nt; ++dst) mine[dst].reserve(static_cast<size_t>((hi - lo) * (K + L) / nt * 5 / 4 + 16));
+            for_each_entry(go, rows, ri, ui, dr, du, K, L, lo, hi,
+                           [&](int64_t i, int64_t qr, T w) { mine[owner(i)].push_back({i, qr, w}); });
+        }
+        // (implicit barrier) destination dst takes column dst of the bucket matrix, in source order
+#pragma omp for schedule(static)
+        for (int dst = 0; dst < nt; ++dst) {
+            std::vector<const std::vector<Entry<T>>*> col(static_cast<size_t>(nt));
+            for (int src = 0; src < nt; ++src) col[src] = bk + static_cast<size_t>(src) * nt + dst;
+            scatter_buckets(col.data(), nt, q, d, grad_e);
         }
     }
+    size_t kept = 0;
+    for (auto& v : buckets) kept += v.capacity() * sizeof(Entry<T>);
+    if (kept > kKeepBytes) std::vector<std::vector<Entry<T>>>().swap(buckets);
 }
 
 template <typename T>
 const T* opt_ptr(std::uintptr_t p) {
     return p == 0 ? nullptr : as_ptr<const T>(p);
+}
+
+template <typename T>
+T* mut_ptr(std::uintptr_t p) {
+    return p == 0 ? nullptr : as_ptr<T>(p);
 }
 
 }  // namespace
@@ -385,29 +702,44 @@ void register_plackett_luce(py::module_& m) {
         },
         "Plackett-Luce backward: score gradients times the per-row grad_output");
     m.def(
-        "pl_gather_scores",
-        [](std::uintptr_t q, std::uintptr_t e, std::uintptr_t idx, int64_t B, int64_t M, int64_t d,
-           bool is_double, std::uintptr_t out, int n_threads) {
+        "pl_emb_forward",
+        [](std::uintptr_t q, std::uintptr_t e, std::uintptr_t rows, std::uintptr_t ri, std::uintptr_t ui,
+           std::uintptr_t t, int64_t B, int64_t K, int64_t L, int64_t d, int64_t N, int64_t n_rows, bool is_double,
+           std::uintptr_t loss, std::uintptr_t dr, std::uintptr_t du, std::uintptr_t dt, std::uintptr_t gq,
+           int n_threads) {
+            const auto* rp = opt_ptr<int64_t>(rows);
+            const auto* up = opt_ptr<int64_t>(ui);
             if (is_double)
-                gather_scores<double>(as_ptr<const double>(q), as_ptr<const double>(e), as_ptr<const int64_t>(idx),
-                                      B, M, d, as_ptr<double>(out), n_threads);
-            else
-                gather_scores<float>(as_ptr<const float>(q), as_ptr<const float>(e), as_ptr<const int64_t>(idx),
-                                     B, M, d, as_ptr<float>(out), n_threads);
+                return emb_forward<double>(as_ptr<const double>(q), as_ptr<const double>(e), rp,
+                                           as_ptr<const int64_t>(ri), up, opt_ptr<double>(t), B, K, L, d, N, n_rows,
+                                           as_ptr<double>(loss), mut_ptr<double>(dr), mut_ptr<double>(du),
+                                           mut_ptr<double>(dt), mut_ptr<double>(gq), n_threads);
+            return emb_forward<float>(as_ptr<const float>(q), as_ptr<const float>(e), rp, as_ptr<const int64_t>(ri),
+                                      up, opt_ptr<float>(t), B, K, L, d, N, n_rows, as_ptr<float>(loss),
+                                      mut_ptr<float>(dr), mut_ptr<float>(du), mut_ptr<float>(dt),
+                                      mut_ptr<float>(gq), n_threads);
         },
-        "scores[b, j] = <q_b, E[idx[b, j]]>, -inf where idx is -1");
+        "fused gather + Plackett-Luce forward (and the row gradients at grad 1 when dr != 0); returns "
+        "(code, value): 0 ok, 1/2 a ranked/unranked id outside [-1, N), 3 a rows entry outside [0, n_rows)");
     m.def(
-        "pl_gather_backward",
-        [](std::uintptr_t g, std::uintptr_t q, std::uintptr_t e, std::uintptr_t idx, int64_t B, int64_t M,
-           int64_t N, int64_t d, bool is_double, std::uintptr_t gq, std::uintptr_t ge, int n_threads) {
+        "pl_emb_backward",
+        [](std::uintptr_t go, std::uintptr_t q, std::uintptr_t rows, std::uintptr_t ri, std::uintptr_t ui,
+           std::uintptr_t dr, std::uintptr_t du, std::uintptr_t dt, std::uintptr_t gqb, int64_t B, int64_t K,
+           int64_t L, int64_t d, int64_t N, bool is_double, std::uintptr_t grad_q, std::uintptr_t grad_e,
+           std::uintptr_t grad_t, int n_threads) {
+            const auto* rp = opt_ptr<int64_t>(rows);
+            const auto* up = opt_ptr<int64_t>(ui);
             if (is_double)
-                gather_backward<double>(as_ptr<const double>(g), as_ptr<const double>(q), as_ptr<const double>(e),
-                                        as_ptr<const int64_t>(idx), B, M, N, d, as_ptr<double>(gq),
-                                        as_ptr<double>(ge), n_threads);
+                emb_backward<double>(as_ptr<const double>(go), as_ptr<const double>(q), rp, as_ptr<const int64_t>(ri),
+                                     up, as_ptr<const double>(dr), opt_ptr<double>(du), opt_ptr<double>(dt),
+                                     as_ptr<const double>(gqb), B, K, L, d, N, as_ptr<double>(grad_q),
+                                     as_ptr<double>(grad_e), mut_ptr<double>(grad_t), n_threads);
             else
-                gather_backward<float>(as_ptr<const float>(g), as_ptr<const float>(q), as_ptr<const float>(e),
-                                       as_ptr<const int64_t>(idx), B, M, N, d, as_ptr<float>(gq),
-                                       as_ptr<float>(ge), n_threads);
+                emb_backward<float>(as_ptr<const float>(go), as_ptr<const float>(q), rp, as_ptr<const int64_t>(ri),
+                                    up, as_ptr<const float>(dr), opt_ptr<float>(du), opt_ptr<float>(dt),
+                                    as_ptr<const float>(gqb), B, K, L, d, N, as_ptr<float>(grad_q),
+                                    as_ptr<float>(grad_e), mut_ptr<float>(grad_t), n_threads);
         },
-        "accumulates grad_q += g E[idx] per row and grad_E[i] += sum g q_b (deterministic, counting sort)");
+        "scatters the saved row gradients times grad_output into grad_query, grad_item (deterministic, "
+        "any thread count) and grad_log_tail (0 when absent)");
 }

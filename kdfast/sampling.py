@@ -4,6 +4,12 @@ rank_discounted_sample: K positions WITHOUT replacement from ranks 1..N with p(r
 uniform_excluding_sample: L ids per row, uniform over ids not in the row's exclusion lists, without
 replacement within a row, by rejection against sorted per-row lists (no dense rows x ids mask).
 Both are vectorised over rows, draw from a torch.Generator and run on the device of their inputs.
+
+backend: "torch" (the tensor code below, any device) or "cpp" (the C++ kernels of csrc/sampling.cpp, CPU
+only: one seeded random stream per row, the same result for any thread count, 10-20x faster); "auto"
+takes cpp on the CPU when the extension is built (and KDFAST_BACKEND is not "torch"). Both draw their
+randomness from `generator` (cpp: one 62-bit seed per call) and follow the same laws, but the two
+backends give different samples for the same generator state.
 """
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import math
 
 import torch
 
-from . import _checks
+import os
+
+from . import _backend, _checks
 from .csr import as_csr, row_ids
 
 _MAX_ROUNDS = 64
@@ -23,7 +31,27 @@ def _draw_device(generator, device):
     return torch.device(device) if generator is None else torch.device(generator.device)
 
 
-def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, generator=None, device="cpu"):
+def _use_cpp(backend, device) -> bool:
+    if backend not in ("auto", "torch", "cpp"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
+    device = torch.device(device)
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpp' samples CPU tensors, got device {device}")
+        _backend.resolve("cpp", device)  # raises, saying why, when the extension is missing
+        return True
+    return (backend == "auto" and device.type == "cpu" and _backend.ext() is not None
+            and os.environ.get("KDFAST_BACKEND", "").strip() != "torch")
+
+
+def _seed(generator) -> int:
+    """One 62-bit seed for the C++ samplers, drawn from the generator (or the global RNG)."""
+    dev = "cpu" if generator is None else generator.device
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
+
+
+def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, generator=None, device="cpu",
+                           backend="auto"):
     """K distinct 0-based positions per row from 0..n-1 with p(r) ~ exp(-(r+1) / T), sorted ascending.
 
     Args:
@@ -32,9 +60,11 @@ def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, g
         k: how many positions per row (>= 1).
         temperature: T > 0.
         generator: torch.Generator (or None for the global one); numbers are drawn on its device.
+        backend: "auto", "torch" or "cpp" (see the module docstring).
     Returns int64 [n_rows, k], each row strictly increasing.
     Method: Gumbel-top-k: the top-k of log p(r) + Gumbel noise is a sample of k items without
-    replacement from the successive-draw (Plackett-Luce) process with weights p(r), the RRD sampler.
+    replacement from the successive-draw (Plackett-Luce) process with weights p(r), the RRD sampler
+    (cpp: the same law as an exponential race, with exact skips over the positions that cannot enter).
     """
     if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
         raise ValueError(f"n_rows must be an int >= 0, got {n_rows!r}")
@@ -45,6 +75,12 @@ def rank_discounted_sample(n_rows: int, n: int, k: int, temperature: float, *, g
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
             or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if _use_cpp(backend, device):
+        out = torch.empty((n_rows, k), dtype=torch.int64)
+        if n_rows:
+            _backend.ext().rank_discounted_sample(_seed(generator), n_rows, n, k, float(temperature), out.data_ptr(),
+                                                  _backend.num_threads())
+        return out
     logits = -torch.arange(1, n + 1, dtype=torch.float64, device=device) / float(temperature)
     u = torch.rand((n_rows, n), generator=generator, dtype=torch.float64,
                    device=_draw_device(generator, device)).to(device)
@@ -98,7 +134,7 @@ def _rejected(cand, keys, n_ids):
 
 
 def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None, extra=None, generator=None,
-                             device="cpu", excluded_keys=None):
+                             device="cpu", excluded_keys=None, backend="auto"):
     """`size` distinct ids per row, uniform over [0, n_ids) minus the row's excluded ids.
 
     Args:
@@ -135,6 +171,21 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
         r = int(torch.argmin(avail))
         raise ValueError(f"size = {size} is larger than the {int(avail[r])} available ids of row {r} "
                          f"({n_ids} ids, {int(counts[r])} excluded)")
+    if _use_cpp(backend, device):
+        out = torch.empty((n_rows, size), dtype=torch.int64)
+        if n_rows:
+            offsets = torch.zeros(n_rows + 1, dtype=torch.int64)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            keys = keys.contiguous()
+            if keys.dtype != torch.int64 or keys.numel() != int(offsets[-1]):
+                raise ValueError("excluded_keys must be int64 keys and counts as returned by exclusion_keys "
+                                 f"(got {keys.numel()} {keys.dtype} keys for counts summing to {int(offsets[-1])})")
+            code = _backend.ext().uniform_excluding_sample(_seed(generator), n_rows, n_ids, size, keys.data_ptr(),
+                                                           offsets.data_ptr(), out.data_ptr(), _backend.num_threads())
+            if code <= -2:
+                raise ValueError(f"excluded_keys holds keys outside row {-2 - code} (keys must be row * n_ids + id, "
+                                 "sorted, with per-row counts, as returned by exclusion_keys)")
+        return out
     out = torch.randint(0, n_ids, (n_rows, size), generator=generator, device=draw).to(device)
     bad = _rejected(out, keys, n_ids)
     rounds = 0

@@ -50,46 +50,63 @@ def backward(grad, ranked, unranked, log_tail, log_rest, log_inv):
     return gs, gu, gt
 
 
-def _gather_scores(query, item, idx):
-    B, M = idx.shape
-    out = torch.empty((B, M), dtype=query.dtype)
-    _backend.ext().pl_gather_scores(query.data_ptr(), item.data_ptr(), idx.data_ptr(), B, M, query.shape[1],
-                                    query.dtype == torch.float64, out.data_ptr(), _backend.num_threads())
-    return out
+_ID_NAMES = {1: "ranked_idx", 2: "unranked_idx", 3: "rows"}
 
 
-def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad):
-    """(loss [B], saved_ranked [B, K], saved_unranked [B, L] or [0], log_rest, log_inv, aux).
+def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad, rows=None):
+    """(loss [B], dr [B, K], du [B, L], dt [B], unused [0], gq [B, d]).
 
-    For this backend saved_* are the gathered scores and aux is empty; backward reruns the score
-    backward on them and scatters. Ids are int64 in [-1, N) (the op has checked).
+    One fused pass per row: gather the scores, evaluate the loss, and (need_grad) the row's gradient at
+    grad_output = 1: score gradients dr / du, the log_tail gradient dt and the query gradient gq (empty
+    tensors stand for what is absent or not needed). Ids are checked inside the kernel: ValueError
+    naming the argument for an id outside [-1, N) (rows: outside [0, query rows)).
     """
     q, e = _prep(query), _prep(item)
-    r_idx = ranked_idx.to(torch.int64).contiguous()
-    s = _gather_scores(q, e, r_idx)
-    u = None
-    if unranked_idx is not None:
-        u = _gather_scores(q, e, unranked_idx.to(torch.int64).contiguous())
-    t = None if log_tail is None else log_tail.to(q.dtype)
-    loss, rest, inv = forward(s, u, t)
-    return loss, s, (u if u is not None else s.new_empty(0)), rest, inv, s.new_empty(0)
-
-
-def emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ranked, saved_unranked,
-                 log_rest, log_inv, aux):
-    """(grad_query [B, d], grad_item [N, d], grad_tail [B] or [0]); deterministic."""
-    q, e = _prep(query), _prep(item)
-    B, d = q.shape
+    n_rows, d = q.shape
     N = e.shape[0]
-    u = saved_unranked if unranked_idx is not None else None
-    t = None if log_tail is None else log_tail.to(q.dtype)
-    gs, gu, gt = backward(grad, saved_ranked, u, t, log_rest, log_inv)
-    gq = torch.zeros_like(q)
-    ge = torch.zeros_like(e)
-    ext, nt = _backend.ext(), _backend.num_threads()
-    pairs = [(gs, ranked_idx)] + ([(gu, unranked_idx)] if unranked_idx is not None else [])
-    for g, idx in pairs:
-        idx = idx.to(torch.int64).contiguous()
-        ext.pl_gather_backward(g.data_ptr(), q.data_ptr(), e.data_ptr(), idx.data_ptr(), B, idx.shape[1], N, d,
-                               q.dtype == torch.float64, gq.data_ptr(), ge.data_ptr(), nt)
-    return gq, ge, gt
+    r_idx = ranked_idx.to(torch.int64).contiguous()
+    u_idx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
+    rows_c = None if rows is None else rows.to(torch.int64).contiguous()
+    t = None if log_tail is None else log_tail.to(q.dtype).contiguous()
+    B = n_rows if rows_c is None else rows_c.shape[0]
+    K = r_idx.shape[1]
+    L = 0 if u_idx is None else u_idx.shape[1]
+    loss = torch.empty(B, dtype=q.dtype)
+    dr = torch.empty((B, K) if need_grad else 0, dtype=q.dtype)
+    du = torch.empty((B, L) if need_grad and u_idx is not None else 0, dtype=q.dtype)
+    dt = torch.empty(B if need_grad and t is not None else 0, dtype=q.dtype)
+    gq = torch.empty((B, d) if need_grad else 0, dtype=q.dtype)
+    code, value = _backend.ext().pl_emb_forward(
+        q.data_ptr(), e.data_ptr(), _ptr(rows_c), r_idx.data_ptr(), _ptr(u_idx), _ptr(t), B, K, L, d, N, n_rows,
+        q.dtype == torch.float64, loss.data_ptr(), _ptr(dr if need_grad else None),
+        _ptr(du if du.numel() else None), _ptr(dt if dt.numel() else None), _ptr(gq if need_grad else None),
+        _backend.num_threads())
+    if code:
+        name = _ID_NAMES[code]
+        allowed = f"[0, {n_rows})" if code == 3 else f"[0, {N}) or -1 (padding)"
+        raise ValueError(f"{name} holds ids outside {allowed}: found {value}")
+    return loss, dr, du, dt, q.new_empty(0), gq
+
+
+def emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, dr, du, dt, unused, gq, rows=None):
+    """(grad_query [n_rows, d], grad_item [N, d], grad_log_tail [n_rows] or [0]); deterministic for any
+    thread count (each item row sums its entries in (row, position) order)."""
+    q = _prep(query)
+    n_rows, d = q.shape
+    N = item.shape[0]
+    g = grad.to(q.dtype).contiguous()
+    r_idx = ranked_idx.to(torch.int64).contiguous()
+    u_idx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
+    rows_c = None if rows is None else rows.to(torch.int64).contiguous()
+    B = g.shape[0]
+    K = r_idx.shape[1]
+    L = 0 if u_idx is None else u_idx.shape[1]
+    grad_q = torch.zeros_like(q)
+    grad_e = torch.zeros((N, d), dtype=q.dtype)
+    grad_t = torch.zeros(n_rows, dtype=q.dtype) if log_tail is not None else q.new_empty(0)
+    _backend.ext().pl_emb_backward(
+        g.data_ptr(), q.data_ptr(), _ptr(rows_c), r_idx.data_ptr(), _ptr(u_idx), dr.data_ptr(),
+        _ptr(du if u_idx is not None else None), _ptr(dt if log_tail is not None else None), gq.data_ptr(),
+        B, K, L, d, N, q.dtype == torch.float64, grad_q.data_ptr(), grad_e.data_ptr(),
+        _ptr(grad_t if log_tail is not None else None), _backend.num_threads())
+    return grad_q, grad_e, grad_t

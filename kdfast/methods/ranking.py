@@ -45,22 +45,26 @@ def _teacher_top(queries, keys, n, excl, backend):
 class _Side:
     """One side (users -> items, or items -> users) of the ranking knowledge and its samples."""
 
-    def __init__(self, top, excl, n_ids, k, n_unint, temperature):
+    def __init__(self, top, excl, n_ids, k, n_unint, temperature, backend="auto"):
         self.top, self.excl, self.n_ids = top, excl, n_ids
+        # the samplers have torch and cpp backends; a triton request samples with torch
+        self.sampler_backend = backend if backend in ("torch", "cpp") else "auto"
         self.k, self.n_unint, self.temperature = k, n_unint, temperature
         self.interesting = self.uninteresting = None
         self.forbidden = exclusion_keys(top.shape[0], n_ids, excl, top, device=top.device)
 
     def resample(self, generator):
         rows, n = self.top.shape
-        pos = rank_discounted_sample(rows, n, self.k, self.temperature, generator=generator, device=self.top.device)
+        pos = rank_discounted_sample(rows, n, self.k, self.temperature, generator=generator, device=self.top.device,
+                                     backend=self.sampler_backend)
         self.interesting = torch.gather(self.top, 1, pos)
         self.uninteresting = uniform_excluding_sample(rows, self.n_ids, self.n_unint, excluded_keys=self.forbidden,
-                                                      generator=generator, device=self.top.device)
+                                                      generator=generator, device=self.top.device,
+                                                      backend=self.sampler_backend)
 
     def loss(self, q_emb, k_emb, rows):
-        return plackett_luce_loss_from_embeddings(q_emb[rows], k_emb, self.interesting[rows],
-                                                  self.uninteresting[rows], reduction="sum")
+        return plackett_luce_loss_from_embeddings(q_emb, k_emb, self.interesting, self.uninteresting, rows=rows,
+                                                  reduction="sum")
 
 
 def _check_batch(student_user, student_item, users, pos, neg, n_users, n_items):
@@ -120,7 +124,7 @@ class RRD(KDMethod):
     def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, N=500, K=40, L=40,
               T=10.0, lam=1e-3, sampling=True, backend="auto"):
         n_users, n_items, excl, top, N, K, L, T = cls._common(teacher_user, teacher_item, train, N, K, L, T, backend)
-        side = _Side(top, excl, n_items, K, L, T)
+        side = _Side(top, excl, n_items, K, L, T, backend)
         method = cls(side, n_users, n_items, _positive_number(lam, "lam"), bool(sampling), backend, generator)
         method._resample()
         return method
@@ -172,9 +176,9 @@ class IRRRD(RRD):
         excl_t = transpose_csr(excl, n_items, n_users)
         with torch.no_grad():
             top_t = _teacher_top(teacher_item.detach(), teacher_user.detach(), N_I, excl_t, backend)
-        method = cls(_Side(top, excl, n_items, K, L, T), n_users, n_items, _positive_number(lam, "lam"),
+        method = cls(_Side(top, excl, n_items, K, L, T, backend), n_users, n_items, _positive_number(lam, "lam"),
                      bool(sampling), backend, generator)
-        method.item_side = _Side(top_t, excl_t, n_users, K_I, L_I, T)
+        method.item_side = _Side(top_t, excl_t, n_users, K_I, L_I, T, backend)
         method.lam_ir = _positive_number(lam_ir, "lam_ir")
         method.item_source = item_source
         method._resample()

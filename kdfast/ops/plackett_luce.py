@@ -55,6 +55,7 @@ def _(grad, ranked, unranked, log_tail, log_rest, log_inv, backend):
 def _fwd_setup(ctx, inputs, output):
     ranked, unranked, log_tail, backend = inputs
     _, rest, inv = output
+    ctx.set_materialize_grads(False)  # the auxiliary outputs get no gradient: no zero tensors for them
     ctx.save_for_backward(ranked, unranked, log_tail, rest, inv)
     ctx.backend = backend
 
@@ -137,9 +138,11 @@ def plackett_luce_loss(ranked, unranked=None, *, log_tail=None, reduction="sum",
 # ---------------------------------------------------------------------------------------- embeddings
 @torch.library.custom_op("kdfast::plackett_luce_emb_fwd", mutates_args=())
 def _emb_fwd_op(query: torch.Tensor, item: torch.Tensor, ranked_idx: torch.Tensor,
-                unranked_idx: Optional[torch.Tensor], log_tail: Optional[torch.Tensor], need_grad: bool,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                       torch.Tensor]:
+                unranked_idx: Optional[torch.Tensor], log_tail: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+                need_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor]:
+    if backend == "cpp":  # checks the ids (and rows) inside the kernel, for free
+        return _impl(backend).emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad, rows)
     N = item.shape[0]
     _checks.index_range(ranked_idx, "ranked_idx", N, allow_pad=True)
     if unranked_idx is not None:
@@ -148,8 +151,10 @@ def _emb_fwd_op(query: torch.Tensor, item: torch.Tensor, ranked_idx: torch.Tenso
 
 
 @_emb_fwd_op.register_fake
-def _(query, item, ranked_idx, unranked_idx, log_tail, need_grad, backend):
+def _(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad, backend):
     B, D = query.shape
+    if rows is not None:
+        B = rows.shape[0]
     K = ranked_idx.shape[1]
     L = 0 if unranked_idx is None else unranked_idx.shape[1]
     acc = _acc(query.dtype)
@@ -157,8 +162,11 @@ def _(query, item, ranked_idx, unranked_idx, log_tail, need_grad, backend):
     def new(*shape):
         return query.new_empty(shape, dtype=acc)
 
-    if backend == "cpp":  # saves the gathered scores
-        return new(B), new(B, K), (new(B, L) if unranked_idx is not None else new(0)), new(B), new(B), new(0)
+    if backend == "cpp":  # the row gradients at grad_output = 1: dr, du, dt, -, gq
+        if not need_grad:
+            return new(B), new(0), new(0), new(0), new(0), new(0)
+        return (new(B), new(B, K), (new(B, L) if unranked_idx is not None else new(0)),
+                (new(B) if log_tail is not None else new(0)), new(0), new(B, D))
     if need_grad:  # triton: ranked coefficients, unranked scores, unranked part of grad_query
         return new(B), new(B, K), new(B, L), new(B), new(B), new(B, D)
     return new(B), new(0), new(0), new(B), new(B), new(0)
@@ -166,42 +174,46 @@ def _(query, item, ranked_idx, unranked_idx, log_tail, need_grad, backend):
 
 @torch.library.custom_op("kdfast::plackett_luce_emb_bwd", mutates_args=())
 def _emb_bwd_op(grad: torch.Tensor, query: torch.Tensor, item: torch.Tensor, ranked_idx: torch.Tensor,
-                unranked_idx: Optional[torch.Tensor], log_tail: Optional[torch.Tensor],
+                unranked_idx: Optional[torch.Tensor], log_tail: Optional[torch.Tensor], rows: Optional[torch.Tensor],
                 saved_ranked: torch.Tensor, saved_unranked: torch.Tensor, log_rest: torch.Tensor,
                 log_inv: torch.Tensor, aux: torch.Tensor,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        return _impl(backend).emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ranked,
+                                           saved_unranked, log_rest, log_inv, aux, rows)
     return _impl(backend).emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ranked,
                                        saved_unranked, log_rest, log_inv, aux)
 
 
 @_emb_bwd_op.register_fake
-def _(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ranked, saved_unranked, log_rest, log_inv,
-      aux, backend):
+def _(grad, query, item, ranked_idx, unranked_idx, log_tail, rows, saved_ranked, saved_unranked, log_rest,
+      log_inv, aux, backend):
     return (torch.empty_like(query), torch.empty_like(item),
             torch.empty_like(log_tail) if log_tail is not None else query.new_empty(0))
 
 
 def _emb_setup(ctx, inputs, output):
-    query, item, ranked_idx, unranked_idx, log_tail, need_grad, backend = inputs
+    query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad, backend = inputs
     _, saved_r, saved_u, rest, inv, aux = output
-    ctx.save_for_backward(query, item, ranked_idx, unranked_idx, log_tail, saved_r, saved_u, rest, inv, aux)
+    ctx.set_materialize_grads(False)  # the auxiliary outputs get no gradient: no zero tensors for them
+    ctx.save_for_backward(query, item, ranked_idx, unranked_idx, log_tail, rows, saved_r, saved_u, rest, inv, aux)
     ctx.backend = backend
 
 
 def _emb_backward(ctx, g_loss, *unused):
-    query, item, ranked_idx, unranked_idx, log_tail, saved_r, saved_u, rest, inv, aux = ctx.saved_tensors
+    query, item, ranked_idx, unranked_idx, log_tail, rows, saved_r, saved_u, rest, inv, aux = ctx.saved_tensors
     if g_loss is None:
-        g_loss = torch.zeros_like(rest)
-    gq, ge, gt = _emb_bwd_op(g_loss, query, item, ranked_idx, unranked_idx, log_tail, saved_r, saved_u, rest,
-                             inv, aux, ctx.backend)
-    return gq, ge, None, None, (gt if log_tail is not None else None), None, None
+        g_loss = query.new_zeros(query.shape[0] if rows is None else rows.shape[0], dtype=_acc(query.dtype))
+    gq, ge, gt = _emb_bwd_op(g_loss, query, item, ranked_idx, unranked_idx, log_tail, rows, saved_r, saved_u,
+                             rest, inv, aux, ctx.backend)
+    return gq, ge, None, None, (gt if log_tail is not None else None), None, None, None
 
 
 _emb_fwd_op.register_autograd(_emb_backward, setup_context=_emb_setup)
 
 
 def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked_idx=None, *, log_tail=None,
-                                       reduction="sum", backend="auto"):
+                                       rows=None, reduction="sum", backend="auto"):
     """plackett_luce_loss on dot-product scores gathered from embeddings, in one kernel.
 
     s_bk = <query_emb[b], item_emb[ranked_idx[b, k]]>, u_bl = <query_emb[b], item_emb[unranked_idx[b, l]]>;
@@ -213,13 +225,19 @@ def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked
         item_emb: [N, d], same dtype and device.
         ranked_idx: [B, K] integer ids in [0, N) or -1, teacher order.
         unranked_idx: optional [B, L] integer ids in [0, N) or -1.
+        rows: optional int64 [R] ids in [0, B): evaluate only these rows, exactly as if query_emb,
+            ranked_idx, unranked_idx and log_tail had each been indexed with [rows] first (the result
+            has R rows; repeated rows count again), but without the gathered copies: a training step
+            passes the whole user table and the whole per-epoch sample tables with the batch's users
+            as rows. Gradients still reach the full query_emb (and log_tail).
         log_tail, reduction, backend: as in plackett_luce_loss.
 
     Gradients reach query_emb and the touched rows of item_emb (repeated ids accumulate). Determinism:
-    the cpp backend sums each item row in a fixed order (counting sort), bitwise reproducible; the
-    triton backend accumulates item gradients with float32 atomic adds by default, whose order (and so
-    the last bits) can vary run to run, and under torch.use_deterministic_algorithms(True) sums them
-    with a chunked sort-based index_add_ instead (reproducible, slower).
+    the cpp backend sums each item row in a fixed order (batch row, then position; the same for any
+    thread count), bitwise reproducible; the triton backend accumulates item gradients with float32
+    atomic adds by default, whose order (and so the last bits) can vary run to run, and under
+    torch.use_deterministic_algorithms(True) sums them with a chunked sort-based index_add_ instead
+    (reproducible, slower).
     """
     _checks.floating(query_emb, "query_emb", ndim=2)
     _checks.floating(item_emb, "item_emb", ndim=2)
@@ -237,13 +255,23 @@ def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked
             raise ValueError(f"unranked_idx must have B = {B} rows like query_emb, got shape {tuple(unranked_idx.shape)}")
     K = ranked_idx.shape[1]
     _check_common(B, K, unranked_idx is not None, log_tail, reduction, query_emb.device, "ranked_idx")
+    if rows is not None:
+        _checks.integer(rows, "rows", ndim=1)
     device = _checks.same_device(query_emb=query_emb, item_emb=item_emb, ranked_idx=ranked_idx,
-                                 unranked_idx=unranked_idx, log_tail=log_tail)
+                                 unranked_idx=unranked_idx, log_tail=log_tail, rows=rows)
     chosen = _choose(backend, device.type)
     if chosen == "cpp" and query_emb.dtype in (torch.float16, torch.bfloat16):
         raise TypeError("backend='cpp' takes float32 or float64 embeddings; float16/bfloat16 are GPU dtypes")
     ranked_idx = ranked_idx.to(torch.int64)
     unranked_idx = None if unranked_idx is None else unranked_idx.to(torch.int64)
+    if rows is not None:
+        rows = rows.to(torch.int64)
+        if chosen != "cpp":  # the other backends take the gathered rows (the cpp kernel gathers itself)
+            _checks.index_range(rows, "rows", B)
+            query_emb, ranked_idx = query_emb[rows], ranked_idx[rows]
+            unranked_idx = None if unranked_idx is None else unranked_idx[rows]
+            log_tail = None if log_tail is None else log_tail[rows]
+            rows = None
     if chosen == "torch":
         N = item_emb.shape[0]
         _checks.index_range(ranked_idx, "ranked_idx", N, allow_pad=True)
@@ -256,5 +284,5 @@ def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked
         log_tail = log_tail.to(acc)
     need_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (query_emb, item_emb, log_tail))
-    per_row = _emb_fwd_op(query_emb, item_emb, ranked_idx, unranked_idx, log_tail, need_grad, chosen)[0]
+    per_row = _emb_fwd_op(query_emb, item_emb, ranked_idx, unranked_idx, log_tail, rows, need_grad, chosen)[0]
     return _ref.reduce_rows(per_row, reduction)

@@ -49,10 +49,13 @@ def _(teacher, student, grad_teacher, grad_student, backend):
 
 def _ftd_setup(ctx, inputs, output):
     ctx.grad_teacher, ctx.grad_student = inputs[2], inputs[3]
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no [N, d] zero tensors for them
     ctx.save_for_backward(output[1], output[2])
 
 
 def _ftd_backward(ctx, g_loss, g_gt, g_gs):
+    if g_loss is None:
+        return None, None, None, None, None
     gt, gs = ctx.saved_tensors
     out_t = (gt * g_loss.to(gt.dtype)) if ctx.grad_teacher else None
     out_s = (gs * g_loss.to(gs.dtype)) if ctx.grad_student else None
@@ -144,10 +147,13 @@ def _(teacher, student, groups, n_groups, teacher_cos_filter, grad_student, back
 
 def _grouped_setup(ctx, inputs, output):
     ctx.grad_student = inputs[5]
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2])
 
 
 def _grouped_backward(ctx, g_loss, g_count, g_gs):
+    if g_loss is None:
+        return None, None, None, None, None, None, None
     (gs,) = ctx.saved_tensors
     out_s = (gs * g_loss.to(gs.dtype)) if ctx.grad_student else None
     return None, out_s, None, None, None, None, None

@@ -141,7 +141,72 @@ def test_compile_fullgraph_and_opcheck(backend):
     torch.testing.assert_close(lc, le)
     for x, y in zip(gc, ge):
         torch.testing.assert_close(x, y)
-    torch.library.opcheck(pl_op._emb_fwd_op, (q.requires_grad_(), e, ri, ui, t, True, backend))
+    torch.library.opcheck(pl_op._emb_fwd_op, (q.requires_grad_(), e, ri, ui, t, None, True, backend))
+    rows = torch.tensor([3, 0, 3], device=q.device)
+    torch.library.opcheck(pl_op._emb_fwd_op, (q, e, ri, ui, t, rows, True, backend))
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
+@pytest.mark.parametrize("tail", [True, False])
+def test_rows_equal_gathering_first(backend, device_for, tail):
+    """rows=r is query_emb[r], ranked_idx[r], unranked_idx[r], log_tail[r] (repeats included), with
+    gradients reaching the full tables."""
+    dev = device_for(backend)
+    q, e, ri, ui, t = make(6, 5, 7, 4, 6, tail=tail, dtype=torch.float32, seed=31, device=dev)
+    rows = torch.tensor([4, 0, 4, 2, 5], device=dev)
+    go = torch.linspace(0.5, 2.0, rows.numel(), dtype=torch.float64, device=dev)
+
+    def with_rows(q_, e_, ri_, ui_, t_, r):
+        return kdfast.plackett_luce_loss_from_embeddings(q_, e_, ri_, ui_, log_tail=t_, rows=rows, reduction=r,
+                                                         backend=backend)
+
+    def gathered(q_, e_, ri_, ui_, t_, r):
+        return ref64(q_[rows], e_, ri_[rows], ui_[rows], None if t_ is None else t_[rows], r)
+
+    loss, grads = run(with_rows, q, e, ri, ui, t, "none", go)
+    loss_r, grads_r = run(gathered, q, e, ri, ui, t, "none", go)
+    close(loss, loss_r, 2e-5, 2e-5)
+    for g, gr, x in zip(grads, grads_r, (q, e, t)):
+        if x is not None:
+            assert g.shape == x.shape
+            close(g, gr, 2e-5, 2e-5)
+    assert (grads[0][[1, 3]] == 0).all()  # rows 1 and 3 are not used
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
+def test_rows_bad_input(backend):
+    q, e, ri, ui, t = make(3, 4, 5, 3, 4, dtype=torch.float32)
+
+    def f(rows):
+        return kdfast.plackett_luce_loss_from_embeddings(q, e, ri, ui, rows=rows, backend=backend)
+
+    with pytest.raises(ValueError, match="rows"):
+        f(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="rows"):
+        f(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="rows"):
+        f(torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="rows"):
+        f(torch.tensor([[0]]))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpp"))
+def test_cpp_same_bits_for_any_thread_count(backend):
+    """The item gradient sums every item row in (row, position) order whatever the thread count."""
+    q, e, ri, ui, t = make(200, 20, 50, 12, 30, dtype=torch.float32, seed=32)
+    rows = torch.randint(0, 200, (150,), generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out.append(run(lambda q_, e_, ri_, ui_, t_, r: kdfast.plackett_luce_loss_from_embeddings(
+                q_, e_, ri_, ui_, log_tail=t_, rows=rows, reduction=r, backend=backend), q, e, ri, ui, t, "sum", 1.0))
+    finally:
+        torch.set_num_threads(before)
+    for other in out[1:]:
+        assert torch.equal(out[0][0], other[0])
+        assert all(torch.equal(x, y) for x, y in zip(out[0][1], other[1]))
 
 
 @settings(max_examples=20, deadline=None)
