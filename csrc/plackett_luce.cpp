@@ -32,6 +32,8 @@
 // Lets GCC if-convert the float compares/selects of fast_exp and vectorize the loops over it (this
 // file raises no floating-point exceptions on purpose; NaN and inf semantics are unchanged).
 #pragma GCC optimize("no-trapping-math")
+// The 32-byte vector types below only live inside always-inline helpers (no ABI crosses a call).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace py = pybind11;
 using kdfast::as_ptr;
@@ -176,6 +178,59 @@ KDFAST_INLINE void suffix_log_d(const T* s, int64_t K, T rest, T* log_d) {
     }
 }
 
+// In-place running sums: suffix (x_k <- base + sum_{j>=k} x_j) and prefix (x_k <- sum_{j<=k} x_j). The
+// float versions add within 8-lane blocks by shifted copies (log-step) and carry between blocks, so a
+// row of K costs ~K/8 dependent steps instead of K; the summation order is fixed (deterministic).
+template <typename T>
+KDFAST_INLINE void suffix_sums(T* x, int64_t n, T base) {
+    T acc = base;
+    for (int64_t k = n - 1; k >= 0; --k) x[k] = acc += x[k];
+}
+
+template <typename T>
+KDFAST_INLINE void prefix_sums(T* x, int64_t n) {
+    T acc = 0;
+    for (int64_t k = 0; k < n; ++k) x[k] = acc += x[k];
+}
+
+typedef float v8s __attribute__((vector_size(32)));
+
+template <>
+KDFAST_INLINE void suffix_sums<float>(float* x, int64_t n, float base) {
+    const v8s zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    float acc = base;
+    int64_t k = n;
+    for (; k >= 8; k -= 8) {
+        v8s v;
+        std::memcpy(&v, x + k - 8, sizeof(v));
+        v += __builtin_shufflevector(v, zero, 1, 2, 3, 4, 5, 6, 7, 8);
+        v += __builtin_shufflevector(v, zero, 2, 3, 4, 5, 6, 7, 8, 8);
+        v += __builtin_shufflevector(v, zero, 4, 5, 6, 7, 8, 8, 8, 8);
+        v += acc;
+        std::memcpy(x + k - 8, &v, sizeof(v));
+        acc = v[0];
+    }
+    for (--k; k >= 0; --k) x[k] = acc += x[k];
+}
+
+template <>
+KDFAST_INLINE void prefix_sums<float>(float* x, int64_t n) {
+    const v8s zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    float acc = 0;
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        v8s v;
+        std::memcpy(&v, x + k, sizeof(v));
+        v += __builtin_shufflevector(zero, v, 0, 8, 9, 10, 11, 12, 13, 14);
+        v += __builtin_shufflevector(zero, v, 0, 0, 8, 9, 10, 11, 12, 13);
+        v += __builtin_shufflevector(zero, v, 0, 0, 0, 0, 8, 9, 10, 11);
+        v += acc;
+        std::memcpy(x + k, &v, sizeof(v));
+        acc = v[7];
+    }
+    for (; k < n; ++k) x[k] = acc += x[k];
+}
+
 // Smallest shifted suffix sum the fast path accepts: terms flushed to 0 by exp (< ~1e-38 in float,
 // ~1e-308 in double; at most K of them) then change the sums by a relative 1e-12 or less.
 template <typename T>
@@ -212,12 +267,8 @@ KDFAST_INLINE void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T*
     bool fast = std::isfinite(c);
     if (fast) {
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) e[k] = fast_exp(s[k] - c);
-        T acc = std::exp(rest - c);
-        for (int64_t k = K - 1; k >= 0; --k) {
-            acc += e[k];
-            r[k] = acc;
-        }
+        for (int64_t k = 0; k < K; ++k) r[k] = e[k] = fast_exp(s[k] - c);
+        suffix_sums(r, K, std::exp(rest - c));
         int64_t n_low = 0;
 #pragma omp simd reduction(+ : n_low)
         for (int64_t k = 0; k < K; ++k) n_low += (s[k] != ninf) & !(r[k] >= fast_path_floor<T>());
@@ -233,17 +284,13 @@ KDFAST_INLINE void ranked_row(const T* s, int64_t K, T rest, T g, T* e, T* r, T*
         }
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) r[k] = s[k] == ninf ? T(0) : T(1) / r[k];
-        T p = 0;
+        prefix_sums(r, K);  // r_k <- P_k = sum_{j<=k} 1 / r_j
         if (gs != nullptr) {
-            for (int64_t k = 0; k < K; ++k) {
-                p += r[k];
-                gs[k] = s[k] == ninf ? T(0) : g * (e[k] * p - T(1));
-            }
-        } else {
-            for (int64_t k = 0; k < K; ++k) p += r[k];
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) gs[k] = s[k] == ninf ? T(0) : g * (e[k] * r[k] - T(1));
         }
         *loss = total;
-        *inv = std::log(p) - c;
+        *inv = std::log(r[K - 1]) - c;
         return;
     }
     suffix_log_d(s, K, rest, r);
@@ -352,10 +399,16 @@ KDFAST_INLINE void prefetch_row(const T* e, int64_t i, int64_t d) {
     __builtin_prefetch(row + bytes - 1);  // the last line, when the row straddles one more
 }
 
+// The next row's vectors, into L2 (not L1: this row's vectors are still being used there).
 template <typename T>
 KDFAST_INLINE void prefetch_rows(const T* e, const int64_t* idx, int64_t M, int64_t d, int64_t N) {
+    const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
     for (int64_t j = 0; j < M; ++j)
-        if (idx[j] >= 0 && idx[j] < N) prefetch_row(e, idx[j], d);
+        if (idx[j] >= 0 && idx[j] < N) {
+            const char* row = reinterpret_cast<const char*>(e + idx[j] * d);
+            for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+            __builtin_prefetch(row + bytes - 1, 0, 2);
+        }
 }
 
 template <typename T>
@@ -423,18 +476,108 @@ KDFAST_INLINE int64_t gather_dots(const T* qb, const T* e, const int64_t* idx, i
     return -1;
 }
 
-template <typename T>
-KDFAST_INLINE void gather_axpy(T* gq, const T* e, const int64_t* idx, const T* w, int64_t M, int64_t d) {
+// gq += sum_j w_j E[idx_j]. Adding every vector into gq in turn makes each add wait for the previous
+// one's store; four partial sums (entry j into sum j % 4, then ((s0 + s1) + (s2 + s3))) keep four
+// independent chains in flight. Fixed order: deterministic. Scratch acc: 4 * d values.
+// float: eight items at a time, eight vector accumulators (the query chunk loaded once for all eight),
+// then one shuffle tree turns the eight accumulators into the eight dot products.
+KDFAST_INLINE v8f hsum8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {
+    // pairwise sums of adjacent lanes, twice, leave per-128-bit-lane partial sums of each input
+    v8f t0 = __builtin_shufflevector(a0, a1, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(a0, a1, 1, 3, 9, 11, 5, 7, 13, 15);
+    v8f t1 = __builtin_shufflevector(a2, a3, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(a2, a3, 1, 3, 9, 11, 5, 7, 13, 15);
+    v8f t2 = __builtin_shufflevector(a4, a5, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(a4, a5, 1, 3, 9, 11, 5, 7, 13, 15);
+    v8f t3 = __builtin_shufflevector(a6, a7, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(a6, a7, 1, 3, 9, 11, 5, 7, 13, 15);
+    // t0 = [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67]
+    v8f u0 = __builtin_shufflevector(t0, t1, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(t0, t1, 1, 3, 9, 11, 5, 7, 13, 15);
+    v8f u1 = __builtin_shufflevector(t2, t3, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(t2, t3, 1, 3, 9, 11, 5, 7, 13, 15);
+    // u0 = [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | a0 4-7, a1 4-7, a2 4-7, a3 4-7]
+    return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+KDFAST_INLINE v8f load8(const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+KDFAST_INLINE v8f load4z(const float* p) {  // four floats, upper lanes zero
+    v4f v;
+    std::memcpy(&v, p, sizeof(v));
+    const v4f z = {0, 0, 0, 0};
+    return __builtin_shufflevector(v, z, 0, 1, 2, 3, 4, 4, 4, 4);
+}
+
+template <>
+KDFAST_INLINE int64_t gather_dots<float>(const float* qb, const float* e, const int64_t* idx, int64_t M, int64_t d,
+                                         int64_t N, bool ahead, float* out) {
     for (int64_t j = 0; j < M; ++j)
-        if (idx[j] >= 0 && w[j] != T(0)) axpy(gq, w[j], e + idx[j] * d, d);
+        if (idx[j] < -1 || idx[j] >= N) return j;
+    const float ninf = neg_inf<float>();
+    int64_t j = 0;
+    if (N > 0) {
+        for (; j + 8 <= M; j += 8) {
+            if (ahead)
+                for (int64_t k = 8; k < 16 && j + k < M; ++k)
+                    if (idx[j + k] >= 0) prefetch_row(e, idx[j + k], d);
+            const float* p[8];
+            for (int k = 0; k < 8; ++k) p[k] = e + (idx[j + k] < 0 ? 0 : idx[j + k]) * d;
+            v8f a0 = {0, 0, 0, 0, 0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            int64_t c = 0;
+            for (; c + 8 <= d; c += 8) {
+                const v8f x = load8(qb + c);
+                a0 += x * load8(p[0] + c);
+                a1 += x * load8(p[1] + c);
+                a2 += x * load8(p[2] + c);
+                a3 += x * load8(p[3] + c);
+                a4 += x * load8(p[4] + c);
+                a5 += x * load8(p[5] + c);
+                a6 += x * load8(p[6] + c);
+                a7 += x * load8(p[7] + c);
+            }
+            if (c + 4 <= d) {
+                const v8f x = load4z(qb + c);
+                a0 += x * load4z(p[0] + c);
+                a1 += x * load4z(p[1] + c);
+                a2 += x * load4z(p[2] + c);
+                a3 += x * load4z(p[3] + c);
+                a4 += x * load4z(p[4] + c);
+                a5 += x * load4z(p[5] + c);
+                a6 += x * load4z(p[6] + c);
+                a7 += x * load4z(p[7] + c);
+                c += 4;
+            }
+            v8f sums = hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+            for (; c < d; ++c)
+                for (int k = 0; k < 8; ++k) sums[k] += qb[c] * p[k][c];
+            for (int k = 0; k < 8; ++k) out[j + k] = idx[j + k] < 0 ? ninf : sums[k];
+        }
+    }
+    for (; j < M; ++j) out[j] = idx[j] < 0 ? ninf : dot(qb, e + idx[j] * d, d);
+    return -1;
+}
+
+template <typename T>
+KDFAST_INLINE void gather_axpy(T* gq, const T* e, const int64_t* idx, const T* w, int64_t M, int64_t d, T* acc) {
+    for (int64_t c = 0; c < 4 * d; ++c) acc[c] = 0;
+    for (int64_t j = 0; j < M; ++j)
+        if (idx[j] >= 0 && w[j] != T(0)) axpy(acc + (j & 3) * d, w[j], e + idx[j] * d, d);
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) gq[c] += (acc[c] + acc[d + c]) + (acc[2 * d + c] + acc[3 * d + c]);
 }
 
 // One row; returns 0, or 1 / 2 with *bad set to the offending id when ranked / unranked holds an id
 // outside [-1, N). Scratch: sc [K + L], e [K], r [K].
 template <typename T>
 KDFAST_INLINE int emb_row_t(const T* qb, const T* e, const int64_t* ri, const int64_t* ui, const T* tb, int64_t K,
-                            int64_t L, int64_t d, int64_t N, T* sc, T* eb, T* rb, T* loss, T* dr, T* du, T* dt,
-                            T* gq, int64_t* bad) {
+                            int64_t L, int64_t d, int64_t N, T* sc, T* eb, T* rb, T* acc, T* loss, T* dr, T* du,
+                            T* dt, T* gq, int64_t* bad) {
     T* s = sc;
     T* u = sc + K;
     const bool ahead = (K + L) * d * static_cast<int64_t>(sizeof(T)) > kNextRowBytes;
@@ -452,24 +595,24 @@ KDFAST_INLINE int emb_row_t(const T* qb, const T* e, const int64_t* ri, const in
     ranked_row(s, K, rest, T(1), eb, rb, loss, &inv, dr);
     if (dr == nullptr) return 0;
     for (int64_t c = 0; c < d; ++c) gq[c] = 0;
-    gather_axpy(gq, e, ri, dr, K, d);
+    gather_axpy(gq, e, ri, dr, K, d, acc);
     if (ui != nullptr) {
         scaled_exp(u, L, inv, T(1), du);
-        gather_axpy(gq, e, ui, du, L, d);
+        gather_axpy(gq, e, ui, du, L, d, acc);
     }
     if (tb != nullptr) *dt = std::exp(*tb + inv);
     return 0;
 }
 
 KDFAST_CLONES int emb_row(const float* qb, const float* e, const int64_t* ri, const int64_t* ui, const float* tb,
-                          int64_t K, int64_t L, int64_t d, int64_t N, float* sc, float* eb, float* rb,
+                          int64_t K, int64_t L, int64_t d, int64_t N, float* sc, float* eb, float* rb, float* acc,
                           float* loss, float* dr, float* du, float* dt, float* gq, int64_t* bad) {
-    return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, loss, dr, du, dt, gq, bad);
+    return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, acc, loss, dr, du, dt, gq, bad);
 }
 int emb_row(const double* qb, const double* e, const int64_t* ri, const int64_t* ui, const double* tb, int64_t K,
-            int64_t L, int64_t d, int64_t N, double* sc, double* eb, double* rb, double* loss, double* dr,
-            double* du, double* dt, double* gq, int64_t* bad) {
-    return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, loss, dr, du, dt, gq, bad);
+            int64_t L, int64_t d, int64_t N, double* sc, double* eb, double* rb, double* acc, double* loss,
+            double* dr, double* du, double* dt, double* gq, int64_t* bad) {
+    return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, acc, loss, dr, du, dt, gq, bad);
 }
 
 // Returns (code, value): (0, 0) on success; (1 | 2, id) for an id of ranked_idx | unranked_idx outside
@@ -485,7 +628,7 @@ std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows,
 #pragma omp parallel num_threads(n_threads)
     {
         std::vector<T> sc(static_cast<size_t>(K + L)), eb(static_cast<size_t>(std::max<int64_t>(K, 1))),
-            rbuf(eb.size());
+            rbuf(eb.size()), acc(static_cast<size_t>(4 * d));
 #pragma omp for schedule(dynamic, 16)
         for (int64_t b = 0; b < B; ++b) {
             int seen;
@@ -506,7 +649,7 @@ std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows,
                     if (ui != nullptr) prefetch_rows(e, ui + qn * L, L, d, N);
                 }
                 c = emb_row(q + qr * d, e, ri + qr * K, ui == nullptr ? nullptr : ui + qr * L,
-                            t == nullptr ? nullptr : t + qr, K, L, d, N, sc.data(), eb.data(), rbuf.data(),
+                            t == nullptr ? nullptr : t + qr, K, L, d, N, sc.data(), eb.data(), rbuf.data(), acc.data(),
                             loss + b, dr == nullptr ? nullptr : dr + b * K,
                             (dr == nullptr || ui == nullptr) ? nullptr : du + b * L,
                             (dr == nullptr || t == nullptr) ? nullptr : dt + b, dr == nullptr ? nullptr : gq + b * d,

@@ -77,9 +77,12 @@ def _check_batch(student_user, student_item, users, pos, neg, n_users, n_items):
         _checks.integer(t, name, ndim=1)
     if not users.shape[0] == pos.shape[0] == neg.shape[0]:
         raise ValueError(f"users, pos and neg must have the same length, got {users.shape[0]}, {pos.shape[0]}, {neg.shape[0]}")
-    _checks.index_range(users, "users", n_users)
-    _checks.index_range(pos, "pos", n_items)
-    _checks.index_range(neg, "neg", n_items)
+    _checks.index_range(users, "users", n_users)  # pos is checked where it is used; neg is not used
+
+
+def _unique_ids(ids, n):
+    """The sorted distinct ids of an int64 vector with values in [0, n) (a bincount, not a sort)."""
+    return torch.nonzero(torch.bincount(ids, minlength=n)).flatten()
 
 
 def _positive_number(v, name):
@@ -146,7 +149,7 @@ class RRD(KDMethod):
 
     def forward(self, student_user, student_item, users, pos, neg):
         _check_batch(student_user, student_item, users, pos, neg, self.n_users, self.n_items)
-        ub = torch.unique(users)
+        ub = _unique_ids(users, self.n_users)
         return self.lam * self._user_loss(student_user, student_item, ub)
 
 
@@ -191,11 +194,13 @@ class IRRRD(RRD):
 
     def forward(self, student_user, student_item, users, pos, neg):
         _check_batch(student_user, student_item, users, pos, neg, self.n_users, self.n_items)
-        ub = torch.unique(users)
+        ub = _unique_ids(users, self.n_users)
         loss = self.lam * self._user_loss(student_user, student_item, ub)
         if self.item_source == "pos" or not self.sampling:
-            items = torch.unique(pos)
+            _checks.index_range(pos, "pos", self.n_items)
+            items = _unique_ids(pos, self.n_items)
         else:
             side = self.user_side
-            items = torch.unique(torch.cat([side.interesting[ub].flatten(), side.uninteresting[ub].flatten()]))
+            ids = torch.cat([side.interesting[ub].flatten(), side.uninteresting[ub].flatten()])
+            items = _unique_ids(ids, self.n_items)
         return loss + self.lam_ir * self.item_side.loss(student_item, student_user, items)
