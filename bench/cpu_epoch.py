@@ -54,7 +54,10 @@ def one_run(name, split, teacher, args, seed):
     model = BPRMF(split.n_users, split.n_items, args.student_dim, generator=torch.Generator().manual_seed(seed))
     method, setup = None, 0.0
     if name != "none":
-        cls, opts = method_class(name)
+        base, _, backend = name.partition("@")  # "rrd@torch": the method on the reference backend
+        cls, opts = method_class(base)
+        if backend:
+            opts["backend"] = backend
         t0 = time.perf_counter()
         method = cls.build(teacher[0], teacher[1], split.train, args.student_dim,
                            generator=torch.Generator().manual_seed(seed + 1), **opts)
@@ -62,6 +65,17 @@ def one_run(name, split, teacher, args, seed):
     trainer = Trainer(model, split, method=method, epochs=args.epochs, eval_every=args.epochs, patience=10**6,
                       seed=seed, progress=False, log=None)
     return trainer.fit()["seconds_per_epoch"], setup
+
+
+def _shown_args(argv):
+    """The command line, with the teacher file named by its base name (no machine paths in results)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    for i, a in enumerate(args):
+        if i and args[i - 1] == "--teacher":
+            args[i] = os.path.basename(a)
+        elif a.startswith("--teacher="):
+            args[i] = "--teacher=" + os.path.basename(a.split("=", 1)[1])
+    return args
 
 
 def main(argv=None):
@@ -73,7 +87,8 @@ def main(argv=None):
     ap.add_argument("--teacher-dim", type=int, default=200)
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--student-dim", type=int, default=20)
-    ap.add_argument("--methods", default="none,rrd,ir-rrd")
+    ap.add_argument("--methods", default="none,rrd,ir-rrd",
+                    help="comma-separated; NAME@BACKEND builds the method with backend=BACKEND (e.g. rrd@torch)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads-list", default="1,2")
@@ -104,12 +119,13 @@ def main(argv=None):
     header = (f"# CPU benchmark: seconds per training epoch, per KD method\n\n"
               f"Data: {data.name} ({split.n_users} users, {split.n_items} "
               f"items, {split.n_train} training interactions), protocol {args.protocol}; student BPR-MF dim "
-              f"{args.student_dim}, batch 1024; teacher: {teacher[2]}. Method defaults (docs/METHODS.md).\n"
+              f"{args.student_dim}, batch 1024; teacher: {teacher[2]}. Method defaults (docs/METHODS.md); "
+              f"NAME@torch: the method on the reference backend (tensor samplers, eager Plackett-Luce).\n"
               f"CPU: {cpu_model()}; torch {torch.__version__}; kdfast backends: "
               f"{', '.join(k for k, v in kdfast.backends().items() if v[0])}; date {time.strftime('%Y-%m-%d')}; "
               f"{args.rounds} rounds x {args.epochs} epochs per method, methods taking turns; median of the "
               f"rounds' mean epoch time; load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs.\n\n"
-              f"Command: `python bench/cpu_epoch.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+              f"Command: `python bench/cpu_epoch.py {' '.join(_shown_args(argv))}`\n\n")
     table = markdown_table(rows, ["threads", "method", "s/epoch", "x no-KD", "set-up s", "runs (s/epoch)"])
     print(header + table)
     if args.out:
