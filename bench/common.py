@@ -84,3 +84,21 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def load_note():
+    """'load average (1 min) at the end: X on N CPUs', for result headers (other jobs slow every
+    implementation alike, but the reader should know)."""
+    import os
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs"
+
+
+def write_result(path, text):
+    """Print a result and, with a path, write it there (creating the folder)."""
+    import os
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
-from bench.common import markdown_table  # noqa: E402
+from bench.common import load_note, markdown_table, write_result  # noqa: E402
 
 COMPILED = []  # one dict per compiled variant
 
@@ -215,8 +215,7 @@ def main(argv=None):
               f"({len(errors)} failed) in {total:.0f} s. Driven by the smoke checks of "
               f"{', '.join('bench/' + n + '.py' for n in names)}"
               f"{'' if args.only else ' and the timing shapes (K, L, d and block plans of the GPU timings)'}; registers and spills (stack/local bytes) "
-              f"from cuobjdump; compile seconds with an empty cache, load average "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.\n\nCommand: `python bench/compile_triton.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+              f"from cuobjdump; compile seconds with an empty cache, {load_note()}.\n\nCommand: `python bench/compile_triton.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
     table = markdown_table(COMPILED, ["kernel", "dtypes", "variant", "compile s", "regs", "stack B", "local B",
                                       "shared B", "error"])
     notes = "".join(f"\n- {p}" for p in problems)
@@ -225,10 +224,7 @@ def main(argv=None):
         shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
     text = header + table + (("\nWhere a check could not go on (its later kernels were not reached):" + notes + "\n")
                              if problems else "")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_result(args.out, text)
     return 1 if errors else 0
 
 

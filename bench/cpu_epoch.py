@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kdfast  # noqa: E402
-from bench.common import cpu_model, markdown_table  # noqa: E402
+from bench.common import cpu_model, load_note, markdown_table, write_result  # noqa: E402
 from kdfast.data import datasets, splits  # noqa: E402
 from kdfast.methods.base import method_class  # noqa: E402
 from kdfast.models import BPRMF, load_teacher  # noqa: E402
@@ -115,7 +115,6 @@ def main(argv=None):
             rows.append({"threads": n, "method": m, "s/epoch": sec, "x no-KD": sec / base,
                          "set-up s": statistics.median(setups[m]) if m != "none" else float("nan"),
                          "runs (s/epoch)": ", ".join(f"{x:.3f}" for x in per[m])})
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (f"# CPU benchmark: seconds per training epoch, per KD method\n\n"
               f"Data: {data.name} ({split.n_users} users, {split.n_items} "
               f"items, {split.n_train} training interactions), protocol {args.protocol}; student BPR-MF dim "
@@ -124,13 +123,10 @@ def main(argv=None):
               f"CPU: {cpu_model()}; torch {torch.__version__}; kdfast backends: "
               f"{', '.join(k for k, v in kdfast.backends().items() if v[0])}; date {time.strftime('%Y-%m-%d')}; "
               f"{args.rounds} rounds x {args.epochs} epochs per method, methods taking turns; median of the "
-              f"rounds' mean epoch time; load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs.\n\n"
+              f"rounds' mean epoch time; {load_note()}.\n\n"
               f"Command: `python bench/cpu_epoch.py {' '.join(_shown_args(argv))}`\n\n")
     table = markdown_table(rows, ["threads", "method", "s/epoch", "x no-KD", "set-up s", "runs (s/epoch)"])
-    print(header + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(header + table + "\n")
+    write_result(args.out, header + table)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kdfast  # noqa: E402
-from bench.common import cpu_model, markdown_table  # noqa: E402
+from bench.common import cpu_model, load_note, markdown_table, write_result  # noqa: E402
 from kdfast.reference import plackett_luce as ref  # noqa: E402
 
 
@@ -133,20 +133,16 @@ def main(argv=None):
             r["speed-up vs eager"] = eager / r["ms"] if r["ms"] == r["ms"] else float("nan")
             r["threads"] = n
         rows += part
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (f"# CPU benchmark: relaxed Plackett-Luce loss (forward + backward)\n\n"
               f"CPU: {cpu_model()}; threads: {','.join(map(str, thread_counts))}; torch {torch.__version__}; "
               f"date {time.strftime('%Y-%m-%d')}. Median wall time of {args.reps} rounds, the implementations "
-              f"taking turns within each round; load average (1 min) at the end: {load:.1f} on {os.cpu_count()} "
-              f"logical CPUs (other jobs slow every implementation alike).\n\n"
+              f"taking turns within each round; {load_note()} "
+              f"(other jobs slow every implementation alike).\n\n"
               f"Command: `python bench/cpu_plackett_luce.py "
               + (f"--threads-list {args.threads_list}" if args.threads_list else f"--threads {args.threads}")
               + "`\n\n")
     table = markdown_table(rows, ["op", "shape", "threads", "impl", "ms", "speed-up vs eager", "note"])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(header + table)
-    print(header + table)
+    write_result(args.out, header + table)
 
 
 if __name__ == "__main__":

@@ -413,10 +413,7 @@ KDFAST_INLINE void prefetch_rows(const T* e, const int64_t* idx, int64_t M, int6
 
 template <typename T>
 KDFAST_INLINE T dot(const T* a, const T* b, int64_t d) {
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
-    return acc;
+    return kdfast::simd_dot(a, b, d);
 }
 
 // Short float dot products (d ~ 10-128) are the inner loop of the gather: GCC's reduction of an
@@ -481,22 +478,17 @@ KDFAST_INLINE int64_t gather_dots(const T* qb, const T* e, const int64_t* idx, i
 // independent chains in flight. Fixed order: deterministic. Scratch acc: 4 * d values.
 // float: eight items at a time, eight vector accumulators (the query chunk loaded once for all eight),
 // then one shuffle tree turns the eight accumulators into the eight dot products.
+// Sums of adjacent lane pairs of a and b, per 128-bit half: [a01 a23 b01 b23 | a45 a67 b45 b67].
+KDFAST_INLINE v8f pair_sums(v8f a, v8f b) {
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
 KDFAST_INLINE v8f hsum8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {
-    // pairwise sums of adjacent lanes, twice, leave per-128-bit-lane partial sums of each input
-    v8f t0 = __builtin_shufflevector(a0, a1, 0, 2, 8, 10, 4, 6, 12, 14) +
-             __builtin_shufflevector(a0, a1, 1, 3, 9, 11, 5, 7, 13, 15);
-    v8f t1 = __builtin_shufflevector(a2, a3, 0, 2, 8, 10, 4, 6, 12, 14) +
-             __builtin_shufflevector(a2, a3, 1, 3, 9, 11, 5, 7, 13, 15);
-    v8f t2 = __builtin_shufflevector(a4, a5, 0, 2, 8, 10, 4, 6, 12, 14) +
-             __builtin_shufflevector(a4, a5, 1, 3, 9, 11, 5, 7, 13, 15);
-    v8f t3 = __builtin_shufflevector(a6, a7, 0, 2, 8, 10, 4, 6, 12, 14) +
-             __builtin_shufflevector(a6, a7, 1, 3, 9, 11, 5, 7, 13, 15);
-    // t0 = [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67]
-    v8f u0 = __builtin_shufflevector(t0, t1, 0, 2, 8, 10, 4, 6, 12, 14) +
-             __builtin_shufflevector(t0, t1, 1, 3, 9, 11, 5, 7, 13, 15);
-    v8f u1 = __builtin_shufflevector(t2, t3, 0, 2, 8, 10, 4, 6, 12, 14) +
-             __builtin_shufflevector(t2, t3, 1, 3, 9, 11, 5, 7, 13, 15);
-    // u0 = [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | a0 4-7, a1 4-7, a2 4-7, a3 4-7]
+    // two rounds of pair sums leave u0 = [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of lanes 4-7], u1
+    // likewise for a4..a7; adding the halves gives the eight totals
+    const v8f u0 = pair_sums(pair_sums(a0, a1), pair_sums(a2, a3));
+    const v8f u1 = pair_sums(pair_sums(a4, a5), pair_sums(a6, a7));
     return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
            __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
@@ -528,32 +520,19 @@ KDFAST_INLINE int64_t gather_dots<float>(const float* qb, const float* e, const 
                     if (idx[j + k] >= 0) prefetch_row(e, idx[j + k], d);
             const float* p[8];
             for (int k = 0; k < 8; ++k) p[k] = e + (idx[j + k] < 0 ? 0 : idx[j + k]) * d;
-            v8f a0 = {0, 0, 0, 0, 0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            v8f a[8];
+            for (int k = 0; k < 8; ++k) a[k] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
             int64_t c = 0;
             for (; c + 8 <= d; c += 8) {
                 const v8f x = load8(qb + c);
-                a0 += x * load8(p[0] + c);
-                a1 += x * load8(p[1] + c);
-                a2 += x * load8(p[2] + c);
-                a3 += x * load8(p[3] + c);
-                a4 += x * load8(p[4] + c);
-                a5 += x * load8(p[5] + c);
-                a6 += x * load8(p[6] + c);
-                a7 += x * load8(p[7] + c);
+                for (int k = 0; k < 8; ++k) a[k] += x * load8(p[k] + c);
             }
             if (c + 4 <= d) {
                 const v8f x = load4z(qb + c);
-                a0 += x * load4z(p[0] + c);
-                a1 += x * load4z(p[1] + c);
-                a2 += x * load4z(p[2] + c);
-                a3 += x * load4z(p[3] + c);
-                a4 += x * load4z(p[4] + c);
-                a5 += x * load4z(p[5] + c);
-                a6 += x * load4z(p[6] + c);
-                a7 += x * load4z(p[7] + c);
+                for (int k = 0; k < 8; ++k) a[k] += x * load4z(p[k] + c);
                 c += 4;
             }
-            v8f sums = hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+            v8f sums = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
             for (; c < d; ++c)
                 for (int k = 0; k < 8; ++k) sums[k] += qb[c] * p[k][c];
             for (int k = 0; k < 8; ++k) out[j + k] = idx[j + k] < 0 ? ninf : sums[k];

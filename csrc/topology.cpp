@@ -50,13 +50,7 @@ inline Acc inv_norm(const T* x, int64_t d) {
     return ss > 0 ? Acc(1) / std::sqrt(ss) : Acc(0);
 }
 
-template <typename Acc>
-inline Acc dot(const Acc* x, const Acc* y, int64_t d) {
-    Acc r = 0;
-#pragma omp simd reduction(+ : r)
-    for (int64_t k = 0; k < d; ++k) r += x[k] * y[k];
-    return r;
-}
+using kdfast::simd_dot;
 
 inline int64_t row_of(const int64_t* perm, int64_t i) { return perm ? perm[i] : i; }
 
@@ -147,14 +141,14 @@ void grad_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t 
             const Acc* zr = &z[size_t(r) * D];
             Acc* ar = &acc[size_t(r) * w];
             if (c0 == 0 && gt) {
-                const Acc pd = dot(zr, ar, dt);
+                const Acc pd = simd_dot(zr, ar, dt);
                 for (int64_t c = 0; c < dt; ++c)
                     gt[row * dt + c] = T(inv[2 * r] * scale * (ar[c] - zr[c] * pd));
             }
             if (gs) {
                 const Acc* zs = zr + dt;
                 const Acc* as = ar + (dt - c0);
-                const Acc pd = dot(zs, as, ds);
+                const Acc pd = simd_dot(zs, as, ds);
                 for (int64_t c = 0; c < ds; ++c)
                     gs[row * ds + c] = T(inv[2 * r + 1] * scale * (as[c] - zs[c] * pd));
             }
@@ -321,7 +315,7 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
                 for (int64_t a = a0; a < a1; ++a) {
                     const Acc* ba = &bn[size_t(a) * ds];
                     const Acc* ga = &gb[size_t(a - a0) * ds];
-                    const Acc pd = dot(ba, ga, ds);
+                    const Acc pd = simd_dot(ba, ga, ds);
                     T* out = gs + perm[a] * ds;
                     for (int64_t k = 0; k < ds; ++k) out[k] = T(invs[a] * Acc(4) * (ga[k] - ba[k] * pd));
                 }
