@@ -123,20 +123,26 @@ def _resources(kernel):
     return found
 
 
-def _timing_configs():
-    """The kernel variants of the GPU timings (bench/gpu_*.py at full size): the constexprs depend on K, L,
-    d and the block plan, not on the row counts, so small row counts with the timing shapes' K, L, d (and
-    the top-K check shape, whose plan the timings share) compile the same kernels."""
-    import kdfast
+def _timing_topk(which=None):
+    """The top-K kernel variants of the GPU timings, compiled at the check shape (n_q, n_k, d and the
+    split chunk keep the same divisibility as the timing shapes, so the same kernels serve both)."""
     from bench import gpu_topk
     from kdfast.triton import topk as tri
 
     g = torch.Generator().manual_seed(0)
     n_q, n_k, d, k = gpu_topk.CHECK
-    for variant, prec, kw in gpu_topk.GPU_CFGS:
+    for i, (variant, prec, kw) in enumerate(gpu_topk.GPU_CFGS):
+        if which is not None and i != which:
+            continue
         dt = gpu_topk.PRECS[prec][0]
         q, kk = torch.randn(n_q, d, generator=g).to(dt), torch.randn(n_k, d, generator=g).to(dt)
         tri.topk_scores(q, kk, k, *gpu_topk._no_excl(n_q, "cpu"), variant=variant, **kw)
+
+
+def _timing_ops():
+    """The other ops' kernel variants of the GPU timings: their constexprs depend on K, L, d and the tile
+    plan, not on the row counts, so small row counts with the timing shapes' K, L, d compile them."""
+    import kdfast
 
     def fwd_bwd(fn, *leaves):
         for x in leaves:
@@ -171,14 +177,39 @@ def _timing_configs():
         fwd_bwd(lambda: kdfast.grouped_topology_loss(t, s, groups, 30, teacher_cos_filter=filt, backend="triton"), s)
 
 
+CHECK_ITEMS = ["gpu_topk", "gpu_plackett_luce", "gpu_full_catalog", "gpu_topology"]
+
+
+def work_items():
+    """Every unit of work, each runnable alone (--only ITEM), e.g. by parallel processes."""
+    from bench import gpu_topk
+    return CHECK_ITEMS + ["timing_ops"] + [f"timing_topk:{i}" for i in range(len(gpu_topk.GPU_CFGS))]
+
+
+def _run_item(item):
+    import importlib
+    if item in CHECK_ITEMS:  # the GPU checks at their smoke shapes (outputs are garbage: nothing runs)
+        importlib.import_module(f"bench.{item}").checks("cpu", True)
+    elif item == "timing_ops":
+        _timing_ops()
+    elif item.startswith("timing_topk"):
+        _timing_topk(int(item.split(":")[1]) if ":" in item else None)
+    else:
+        raise SystemExit(f"unknown item {item!r}; known: {', '.join(work_items())}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    ap.add_argument("--only", default="", help="comma-separated bench.gpu_* modules (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated work items (default: all; see work_items())")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--list", action="store_true", help="print the work items and exit")
     ap.add_argument("--keep-cache", action="store_true",
                     help="use Triton's usual disk cache (default: a fresh one, so that compile times are real)")
     args = ap.parse_args(argv)
+    if args.list:
+        print(" ".join(work_items()))
+        return 0
 
     import kdfast
     from kdfast import _backend
@@ -190,31 +221,21 @@ def main(argv=None):
                                                       else real_resolve(backend, device, **kw))
     kdfast._backend.resolve = _backend.resolve
 
-    import importlib
-    names = [n for n in (args.only.split(",") if args.only else
-                         ["gpu_topk", "gpu_plackett_luce", "gpu_full_catalog", "gpu_topology"]) if n]
+    items = [n for n in args.only.split(",") if n] if args.only else work_items()
     problems = []
     t_all = time.perf_counter()
-    for name in names:
-        mod = importlib.import_module(f"bench.{name}")
+    for item in items:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                mod.checks("cpu", True)
+                _run_item(item)
         except Exception as exc:  # noqa: BLE001 - the checks run on garbage outputs; only compiles matter
-            problems.append(f"{name}: the checks stopped at {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-    if not args.only:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                _timing_configs()
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"timing shapes: stopped at {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            problems.append(f"{item}: stopped at {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     total = time.perf_counter() - t_all
     errors = [e for e in COMPILED if e["error"]]
     header = (f"# Triton kernels compiled for sm_{args.arch} without a GPU\n\n"
               f"triton {triton.__version__}, torch {torch.__version__}; {len(COMPILED)} kernel variants "
-              f"({len(errors)} failed) in {total:.0f} s. Driven by the smoke checks of "
-              f"{', '.join('bench/' + n + '.py' for n in names)}"
-              f"{'' if args.only else ' and the timing shapes (K, L, d and block plans of the GPU timings)'}; registers and spills (stack/local bytes) "
+              f"({len(errors)} failed) in {total:.0f} s, for: {', '.join(items)} (gpu_*: the smoke checks of "
+              f"bench/gpu_*.py; timing_*: the K, L, d and tile plans of the GPU timings); registers and spills (stack/local bytes) "
               f"from cuobjdump; compile seconds with an empty cache, {load_note()}.\n\nCommand: `python bench/compile_triton.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
     table = markdown_table(COMPILED, ["kernel", "dtypes", "variant", "compile s", "regs", "stack B", "local B",
                                       "shared B", "error"])
