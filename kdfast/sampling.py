@@ -6,7 +6,8 @@ replacement within a row, by rejection against sorted per-row lists (no dense ro
 Both are vectorised over rows, draw from a torch.Generator and run on the device of their inputs.
 
 backend: "torch" (the tensor code below, any device) or "cpp" (the C++ kernels of csrc/sampling.cpp, CPU
-only: one seeded random stream per row, the same result for any thread count, 10-20x faster); "auto"
+only: one seeded random stream per row, the same result for any thread count; resampling an RRD epoch
+on CiteULike-t takes 18 ms instead of 0.14 s, one thread); "auto"
 takes cpp on the CPU when the extension is built (and KDFAST_BACKEND is not "torch"). Both draw their
 randomness from `generator` (cpp: one 62-bit seed per call) and follow the same laws, but the two
 backends give different samples for the same generator state.
@@ -14,10 +15,9 @@ backends give different samples for the same generator state.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
-
-import os
 
 from . import _backend, _checks
 from .csr import as_csr, row_ids
