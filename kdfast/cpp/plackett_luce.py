@@ -53,6 +53,14 @@ def backward(grad, ranked, unranked, log_tail, log_rest, log_inv):
 _ID_NAMES = {1: "ranked_idx", 2: "unranked_idx", 3: "rows"}
 
 
+def _ids(ranked_idx, unranked_idx, rows):
+    """The id tensors as contiguous int64 (unranked_idx, rows may be None), and K, L."""
+    r_idx = ranked_idx.to(torch.int64).contiguous()
+    u_idx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
+    rows_c = None if rows is None else rows.to(torch.int64).contiguous()
+    return r_idx, u_idx, rows_c, r_idx.shape[1], (0 if u_idx is None else u_idx.shape[1])
+
+
 def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad, rows=None):
     """(loss [B], dr [B, K], du [B, L], dt [B], unused [0], gq [B, d]).
 
@@ -64,13 +72,9 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad, rows
     q, e = _prep(query), _prep(item)
     n_rows, d = q.shape
     N = e.shape[0]
-    r_idx = ranked_idx.to(torch.int64).contiguous()
-    u_idx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
-    rows_c = None if rows is None else rows.to(torch.int64).contiguous()
+    r_idx, u_idx, rows_c, K, L = _ids(ranked_idx, unranked_idx, rows)
     t = None if log_tail is None else log_tail.to(q.dtype).contiguous()
     B = n_rows if rows_c is None else rows_c.shape[0]
-    K = r_idx.shape[1]
-    L = 0 if u_idx is None else u_idx.shape[1]
     loss = torch.empty(B, dtype=q.dtype)
     dr = torch.empty((B, K) if need_grad else 0, dtype=q.dtype)
     du = torch.empty((B, L) if need_grad and u_idx is not None else 0, dtype=q.dtype)
@@ -95,12 +99,8 @@ def emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, dr, du, 
     n_rows, d = q.shape
     N = item.shape[0]
     g = grad.to(q.dtype).contiguous()
-    r_idx = ranked_idx.to(torch.int64).contiguous()
-    u_idx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
-    rows_c = None if rows is None else rows.to(torch.int64).contiguous()
+    r_idx, u_idx, rows_c, K, L = _ids(ranked_idx, unranked_idx, rows)
     B = g.shape[0]
-    K = r_idx.shape[1]
-    L = 0 if u_idx is None else u_idx.shape[1]
     grad_q = torch.zeros_like(q)
     grad_e = torch.zeros((N, d), dtype=q.dtype)
     grad_t = torch.zeros(n_rows, dtype=q.dtype) if log_tail is not None else q.new_empty(0)

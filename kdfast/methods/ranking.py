@@ -96,8 +96,8 @@ class RRD(KDMethod):
 
     Options (docs/METHODS.md section 5 defaults): N=500 (teacher list length), K=40 interesting ranks, L=40 uninteresting
     items, T=10.0, lam=0.001, sampling=True (False: the no-sampling variant with the whole unobserved
-    catalog as tail; K then means the first K teacher items), backend="auto" (for the teacher top-N and
-    the full-catalog loss).
+    catalog as tail; K then means the first K teacher items), backend="auto" (for the teacher top-N,
+    the samplers - torch or cpp; a triton request samples with "auto" - and the full-catalog loss).
     forward returns lam * sum over the batch's unique users of L_RRD(u).
     """
 
