@@ -14,11 +14,11 @@
 // numbers per row (loss, rest, A_K); the backward reads s, u and those two numbers once and writes the
 // gradients. The only scratch is log D (K values) per thread. Rows are independent: deterministic.
 //
-// Embedding form: pl_gather_scores computes s_bj = <q_b, E[idx_bj]> (idx -1 -> -inf);
-// pl_gather_backward turns score gradients g_bj into grad_q_b += sum_j g_bj E[idx_bj] (per row) and
-// grad_E_i += sum_{(b,j): idx_bj = i} g_bj q_b, the latter through a counting sort of the ids (a CSR
-// item -> entries in (b, j) order), so every item row is summed by one thread in a fixed order:
-// deterministic, no atomics, no [B, M, d] buffer.
+// Embedding form (pl_emb_forward / pl_emb_backward): s_bj = <q_b, E[idx_bj]> (idx -1 -> -inf), gathered
+// row by row into scratch; the forward also takes the row's gradient at grad_output = 1 (score gradients
+// and grad_q_b = sum_j ds_bj E[idx_bj]), the backward scales them and adds grad_E_i += sum over the
+// entries (b, j) holding i of g_b ds_bj q_b, every item row in (b, j) order whatever the thread count:
+// deterministic, no atomics, no [B, M, d] buffer. Details at emb_forward and emb_backward below.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
