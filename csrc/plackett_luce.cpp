@@ -391,24 +391,20 @@ void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, co
 constexpr int64_t kPrefetch = 8;
 constexpr int64_t kNextRowBytes = 8 << 10;
 
-template <typename T>
+// Locality 3 (the default) fetches into L1; 2 into L2.
+template <int Locality = 3, typename T>
 KDFAST_INLINE void prefetch_row(const T* e, int64_t i, int64_t d) {
     const char* row = reinterpret_cast<const char*>(e + i * d);
     const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
-    __builtin_prefetch(row + bytes - 1);  // the last line, when the row straddles one more
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, Locality);
+    __builtin_prefetch(row + bytes - 1, 0, Locality);  // the last line, when the row straddles one more
 }
 
-// The next row's vectors, into L2 (not L1: this row's vectors are still being used there).
-template <typename T>
+// The rows of the valid ids among idx[0..M).
+template <int Locality, typename T>
 KDFAST_INLINE void prefetch_rows(const T* e, const int64_t* idx, int64_t M, int64_t d, int64_t N) {
-    const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
     for (int64_t j = 0; j < M; ++j)
-        if (idx[j] >= 0 && idx[j] < N) {
-            const char* row = reinterpret_cast<const char*>(e + idx[j] * d);
-            for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
-            __builtin_prefetch(row + bytes - 1, 0, 2);
-        }
+        if (idx[j] >= 0 && idx[j] < N) prefetch_row<Locality>(e, idx[j], d);
 }
 
 template <typename T>
@@ -422,26 +418,31 @@ KDFAST_INLINE T dot(const T* a, const T* b, int64_t d) {
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
+KDFAST_INLINE v8f load8(const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+KDFAST_INLINE v8f load4z(const float* p) {  // four floats, upper lanes zero
+    v4f v;
+    std::memcpy(&v, p, sizeof(v));
+    const v4f z = {0, 0, 0, 0};
+    return __builtin_shufflevector(v, z, 0, 1, 2, 3, 4, 4, 4, 4);
+}
+
 template <>
 KDFAST_INLINE float dot<float>(const float* a, const float* b, int64_t d) {
-    v8f acc8 = {0, 0, 0, 0, 0, 0, 0, 0};
+    v8f acc = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t c = 0;
-    for (; c + 8 <= d; c += 8) {
-        v8f x, y;
-        std::memcpy(&x, a + c, sizeof(x));
-        std::memcpy(&y, b + c, sizeof(y));
-        acc8 += x * y;
-    }
-    v4f acc = __builtin_shufflevector(acc8, acc8, 0, 1, 2, 3) + __builtin_shufflevector(acc8, acc8, 4, 5, 6, 7);
+    for (; c + 8 <= d; c += 8) acc += load8(a + c) * load8(b + c);
     if (c + 4 <= d) {
-        v4f x, y;
-        std::memcpy(&x, a + c, sizeof(x));
-        std::memcpy(&y, b + c, sizeof(y));
-        acc += x * y;
+        acc += load4z(a + c) * load4z(b + c);
         c += 4;
     }
-    acc += __builtin_shufflevector(acc, acc, 2, 3, 0, 1);
-    float total = acc[0] + acc[1];
+    v4f half = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) + __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+    half += __builtin_shufflevector(half, half, 2, 3, 0, 1);
+    float total = half[0] + half[1];
     for (; c < d; ++c) total += a[c] * b[c];
     return total;
 }
@@ -473,11 +474,6 @@ KDFAST_INLINE int64_t gather_dots(const T* qb, const T* e, const int64_t* idx, i
     return -1;
 }
 
-// gq += sum_j w_j E[idx_j]. Adding every vector into gq in turn makes each add wait for the previous
-// one's store; four partial sums (entry j into sum j % 4, then ((s0 + s1) + (s2 + s3))) keep four
-// independent chains in flight. Fixed order: deterministic. Scratch acc: 4 * d values.
-// float: eight items at a time, eight vector accumulators (the query chunk loaded once for all eight),
-// then one shuffle tree turns the eight accumulators into the eight dot products.
 // Sums of adjacent lane pairs of a and b, per 128-bit half: [a01 a23 b01 b23 | a45 a67 b45 b67].
 KDFAST_INLINE v8f pair_sums(v8f a, v8f b) {
     return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
@@ -493,19 +489,8 @@ KDFAST_INLINE v8f hsum8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, 
            __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-KDFAST_INLINE v8f load8(const float* p) {
-    v8f v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-KDFAST_INLINE v8f load4z(const float* p) {  // four floats, upper lanes zero
-    v4f v;
-    std::memcpy(&v, p, sizeof(v));
-    const v4f z = {0, 0, 0, 0};
-    return __builtin_shufflevector(v, z, 0, 1, 2, 3, 4, 4, 4, 4);
-}
-
+// float: eight items at a time, eight vector accumulators (the query chunk loaded once for all eight),
+// then one shuffle tree turns the eight accumulators into the eight dot products.
 template <>
 KDFAST_INLINE int64_t gather_dots<float>(const float* qb, const float* e, const int64_t* idx, int64_t M, int64_t d,
                                          int64_t N, bool ahead, float* out) {
@@ -515,9 +500,7 @@ KDFAST_INLINE int64_t gather_dots<float>(const float* qb, const float* e, const 
     int64_t j = 0;
     if (N > 0) {
         for (; j + 8 <= M; j += 8) {
-            if (ahead)
-                for (int64_t k = 8; k < 16 && j + k < M; ++k)
-                    if (idx[j + k] >= 0) prefetch_row(e, idx[j + k], d);
+            if (ahead && j + 8 < M) prefetch_rows<3>(e, idx + j + 8, std::min<int64_t>(8, M - j - 8), d, N);
             const float* p[8];
             for (int k = 0; k < 8; ++k) p[k] = e + (idx[j + k] < 0 ? 0 : idx[j + k]) * d;
             v8f a[8];
@@ -542,6 +525,9 @@ KDFAST_INLINE int64_t gather_dots<float>(const float* qb, const float* e, const 
     return -1;
 }
 
+// gq += sum_j w_j E[idx_j]. Adding every vector into gq in turn makes each add wait for the previous
+// one's store; four partial sums (entry j into sum j % 4, then ((s0 + s1) + (s2 + s3))) keep four
+// independent chains in flight. Fixed order: deterministic. Scratch acc: 4 * d values.
 template <typename T>
 KDFAST_INLINE void gather_axpy(T* gq, const T* e, const int64_t* idx, const T* w, int64_t M, int64_t d, T* acc) {
     for (int64_t c = 0; c < 4 * d; ++c) acc[c] = 0;
@@ -624,8 +610,9 @@ std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows,
                 const int64_t qn = rows == nullptr ? b + 1 : (b + 1 < B ? rows[b + 1] : -1);
                 if ((K + L) * d * static_cast<int64_t>(sizeof(T)) <= kNextRowBytes && b + 1 < B && qn >= 0 &&
                     qn < n_rows) {
-                    prefetch_rows(e, ri + qn * K, K, d, N);
-                    if (ui != nullptr) prefetch_rows(e, ui + qn * L, L, d, N);
+                    // into L2, not L1: this row's vectors are still being used there
+                    prefetch_rows<2>(e, ri + qn * K, K, d, N);
+                    if (ui != nullptr) prefetch_rows<2>(e, ui + qn * L, L, d, N);
                 }
                 c = emb_row(q + qr * d, e, ri + qr * K, ui == nullptr ? nullptr : ui + qr * L,
                             t == nullptr ? nullptr : t + qr, K, L, d, N, sc.data(), eb.data(), rbuf.data(), acc.data(),
@@ -646,11 +633,7 @@ std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows,
     return {code, value};
 }
 
-// grad_query[q_b] += go_b gq_b (in b order) and grad_item[i] += go_b ds_bj query[q_b] over the entries
-// (b, j) holding i, in (b, j) order (ranked before unranked in a row), whatever the thread count: the
-// threads first bucket the entries of their block of rows by destination thread (item-id ranges), then
-// each thread sums its own items' entries, taking the buckets in row-block order. Bitwise reproducible,
-// no atomics, no per-item pass over the whole catalog. grad_query and grad_item arrive zeroed.
+// One item-gradient entry, as the multi-threaded scatter buckets them (see emb_backward).
 template <typename T>
 struct Entry {
     int64_t item;
@@ -687,15 +670,8 @@ KDFAST_INLINE void scatter_direct_t(const T* go, const T* q, const int64_t* rows
     for (int64_t b = 0; b < B; ++b) {  // the next row's gradient rows are fetched while this one is added
         if (b + 1 < B) {
             const int64_t qn = rows == nullptr ? b + 1 : rows[b + 1];
-            for (int64_t j = 0; j < K; ++j) {
-                const int64_t i = ri[qn * K + j];
-                if (i >= 0 && i < N) prefetch_row(ge, i, d);
-            }
-            if (ui != nullptr)
-                for (int64_t l = 0; l < L; ++l) {
-                    const int64_t i = ui[qn * L + l];
-                    if (i >= 0 && i < N) prefetch_row(ge, i, d);
-                }
+            prefetch_rows<3>(ge, ri + qn * K, K, d, N);
+            if (ui != nullptr) prefetch_rows<3>(ge, ui + qn * L, L, d, N);
         }
         for_each_entry(go, rows, ri, ui, dr, du, K, L, b, b + 1,
                        [&](int64_t i, int64_t qr, T w) { axpy(ge + i * d, w, q + qr * d, d); });

@@ -39,6 +39,8 @@ struct Rng {
     }
     // uniform in (0, 1), 53 random bits
     double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
+    // log E with E ~ Exp(1)
+    double log_exponential() { return std::log(-std::log(uniform())); }
     // uniform integer in [0, n), exact (Lemire's multiply-and-reject)
     uint64_t below(uint64_t n) {
         unsigned __int128 m = static_cast<unsigned __int128>(next()) * n;
@@ -66,7 +68,7 @@ void rank_discounted(uint64_t seed, int64_t n_rows, int64_t n, int64_t k, double
 #pragma omp for schedule(dynamic, 64)
         for (int64_t row = 0; row < n_rows; ++row) {
             Rng rng(seed, static_cast<uint64_t>(row));
-            for (int64_t r = 0; r < k; ++r) heap[r] = {std::log(-std::log(rng.uniform())) + offset[r], r};
+            for (int64_t r = 0; r < k; ++r) heap[r] = {rng.log_exponential() + offset[r], r};
             std::make_heap(heap.begin(), heap.end());  // max-heap by key: the worst kept position on top
             // Positions r >= k: position r displaces the worst kept one (key tau) iff E_r < c_r =
             // exp(tau - (r+1)/T). While tau is fixed, c_r = c_r0 q^(r - r0) with q = exp(-1/T), so the
@@ -75,7 +77,7 @@ void rank_discounted(uint64_t seed, int64_t n_rows, int64_t n, int64_t k, double
             for (int64_t r = k; r < n;) {
                 const double tau = heap.front().first;
                 const double log_c0 = tau - offset[r];
-                const double log_x = std::log(-std::log(rng.uniform())) + log_one_minus_q - log_c0;
+                const double log_x = rng.log_exponential() + log_one_minus_q - log_c0;
                 if (log_x >= 0) break;  // no later position gets in
                 const double steps = -temperature * std::log1p(-std::exp(log_x));
                 if (!(steps < static_cast<double>(n - r))) break;
