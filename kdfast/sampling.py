@@ -6,8 +6,8 @@ replacement within a row, by rejection against sorted per-row lists (no dense ro
 Both are vectorised over rows, draw from a torch.Generator and run on the device of their inputs.
 
 backend: "torch" (the tensor code below, any device) or "cpp" (the C++ kernels of csrc/sampling.cpp, CPU
-only: one seeded random stream per row, the same result for any thread count; resampling an RRD epoch
-on CiteULike-t takes 18 ms instead of 0.14 s, one thread); "auto"
+only: one seeded random stream per row, the same result for any thread count);
+"auto"
 takes cpp on the CPU when the extension is built (and KDFAST_BACKEND is not "torch"). Both draw their
 randomness from `generator` (cpp: one 62-bit seed per call) and follow the same laws, but the two
 backends give different samples for the same generator state.
