@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from bench.common import peak_extra_mb, rel_err, time_ms
+from bench.common import add_row, peak_extra_mb, rel_err, time_ms
 
 OP = "full_catalog"
 
@@ -91,8 +91,9 @@ def timings(device, smoke):
         with torch.no_grad():
             kdfast.full_catalog_listwise_loss(u, v, idx, exclude=ex, backend="triton")
 
-    rows.append({"op": OP, "shape": shape, "impl": "kdfast triton fp32 (ieee) fwd", "ms": time_ms(forward_only, device, **reps),
-                 "peak_MB": peak_extra_mb(forward_only, device), "note": ""})
+    yield add_row(rows, {"op": OP, "shape": shape, "impl": "kdfast triton fp32 (ieee) fwd",
+                         "ms": time_ms(forward_only, device, **reps), "peak_MB": peak_extra_mb(forward_only, device),
+                         "note": ""})
     for name, backend, tf32 in [("kdfast triton fp32 (ieee)", "triton", False),
                                 ("kdfast triton (tf32 allowed)", "triton", True),
                                 ("kdfast torch chunked", "torch", False)]:
@@ -100,8 +101,8 @@ def timings(device, smoke):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             ms = time_ms(step(backend), device, **reps)
-            rows.append({"op": OP, "shape": shape, "impl": name + " fwd+bwd", "ms": ms,
-                         "peak_MB": peak_extra_mb(step(backend), device), "note": ""})
+            yield add_row(rows, {"op": OP, "shape": shape, "impl": name + " fwd+bwd", "ms": ms,
+                                 "peak_MB": peak_extra_mb(step(backend), device), "note": ""})
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
     ip, ix = _merged_exclusions(ex[0], ex[1], idx, I)
@@ -118,16 +119,15 @@ def timings(device, smoke):
     try:
         impls.append(("torch.compile(dense reference)", torch.compile(_dense_listwise)))
     except Exception as exc:  # noqa: BLE001
-        rows.append({"op": OP, "shape": shape, "impl": "torch.compile(dense reference)", "ms": float("nan"),
-                     "note": f"compile failed: {type(exc).__name__}"})
+        yield add_row(rows, {"op": OP, "shape": shape, "impl": "torch.compile(dense reference)", "ms": float("nan"),
+                             "note": f"compile failed: {type(exc).__name__}"})
     for name, fn in impls:
         try:
             ms = time_ms(dense(fn), device, warmup=1, reps=3, max_seconds=10)
-            rows.append({"op": OP, "shape": shape, "impl": name + " fwd+bwd", "ms": ms,
-                         "peak_MB": peak_extra_mb(dense(fn), device), "note": "dense mask prebuilt"})
+            yield add_row(rows, {"op": OP, "shape": shape, "impl": name + " fwd+bwd", "ms": ms,
+                                 "peak_MB": peak_extra_mb(dense(fn), device), "note": "dense mask prebuilt"})
         except Exception as exc:  # noqa: BLE001 - OOM or compile failure is a result
-            rows.append({"op": OP, "shape": shape, "impl": name, "ms": float("nan"),
-                         "note": f"failed: {type(exc).__name__}: {str(exc)[:80]}"})
+            yield add_row(rows, {"op": OP, "shape": shape, "impl": name, "ms": float("nan"),
+                                 "note": f"failed: {type(exc).__name__}: {str(exc)[:80]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows

@@ -13,7 +13,7 @@ import os
 import torch
 
 import kdfast
-from bench.common import peak_extra_mb, rel_err, sync, time_ms
+from bench.common import add_row, peak_extra_mb, rel_err, sync, time_ms
 from kdfast.reference import plackett_luce as ref
 
 OP = "plackett_luce"
@@ -157,19 +157,19 @@ def timings(device, smoke):
                 comp(s, u, t).backward()
                 impls.append(("torch.compile(reference)", lambda: comp(s, u, t), 20))
             except Exception as exc:  # noqa: BLE001
-                rows.append({"op": OP, "shape": shape, "impl": "torch.compile(reference)", "ms": float("nan"),
-                             "note": f"compile failed: {type(exc).__name__}: {str(exc)[:80]}"})
+                yield add_row(rows, {"op": OP, "shape": shape, "impl": "torch.compile(reference)", "ms": float("nan"),
+                                     "note": f"compile failed: {type(exc).__name__}: {str(exc)[:80]}"})
         for name, fn, reps in impls:
             ms, mb = _time_fwd_bwd(fn, [s, u, t], device, reps)
             note = f"fwd+bwd {str(dtype)[6:]}"
             if bw:
                 floor_ms = floor_bytes / bw / 1e6
                 note += f"; floor {floor_ms:.4f} ms ({floor_ms / ms:.0%} of roofline, copy BW {bw:.0f} GB/s)"
-            rows.append({"op": OP, "shape": shape, "impl": name, "ms": ms, "peak_MB": mb, "note": note})
+            yield add_row(rows, {"op": OP, "shape": shape, "impl": name, "ms": ms, "peak_MB": mb, "note": note})
         with torch.no_grad():
             ms = time_ms(lambda: kdfast.plackett_luce_loss(s, u, log_tail=t, backend="triton"), device, reps=50)
-            rows.append({"op": OP, "shape": shape, "impl": "kdfast triton (forward only)", "ms": ms,
-                         "note": str(dtype)[6:]})
+            yield add_row(rows, {"op": OP, "shape": shape, "impl": "kdfast triton (forward only)", "ms": ms,
+                                 "note": str(dtype)[6:]})
             from kdfast.triton import plackett_luce as tri
             go = torch.ones(B, device=device)
 
@@ -180,7 +180,7 @@ def timings(device, smoke):
         note = f"the two kernels without the op/autograd layers, {str(dtype)[6:]}"
         if bw:
             note += f"; {floor_bytes / bw / 1e6 / ms:.0%} of roofline"
-        rows.append({"op": OP, "shape": shape, "impl": "kdfast triton kernels only", "ms": ms, "note": note})
+        yield add_row(rows, {"op": OP, "shape": shape, "impl": "kdfast triton kernels only", "ms": ms, "note": note})
         del s, u, t
     B, K, L, N, d = (32, 8, 16, 1000, 16) if smoke else (16384, 40, 400, 2**20, 64)
     shape = f"B={B} K={K} L={L} N={N} d={d}"
@@ -197,14 +197,13 @@ def timings(device, smoke):
         comp_e(q, e, ri, ui, t).backward()
         impls.append(("torch.compile(reference)", lambda: comp_e(q, e, ri, ui, t), 5))
     except Exception as exc:  # noqa: BLE001
-        rows.append({"op": OP + "_emb", "shape": shape, "impl": "torch.compile(reference)", "ms": float("nan"),
-                     "note": f"compile failed: {type(exc).__name__}: {str(exc)[:80]}"})
+        yield add_row(rows, {"op": OP + "_emb", "shape": shape, "impl": "torch.compile(reference)", "ms": float("nan"),
+                             "note": f"compile failed: {type(exc).__name__}: {str(exc)[:80]}"})
     gathered = B * (K + L) * d * 4
     for name, fn, reps in impls:
         ms, mb = _time_fwd_bwd(fn, [q, e], device, reps)
         note = "fwd+bwd float32; grad_item dense [N, d] included in memory"
         if bw:
             note += f"; gathered rows {gathered / 1e9:.2f} GB per pass, {gathered / ms / 1e6:.0f} GB/s per pass"
-        rows.append({"op": OP + "_emb", "shape": shape, "impl": name, "ms": ms, "peak_MB": mb, "note": note})
+        yield add_row(rows, {"op": OP + "_emb", "shape": shape, "impl": name, "ms": ms, "peak_MB": mb, "note": note})
     sync(device)
-    return rows

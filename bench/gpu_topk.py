@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from bench.common import peak_extra_mb, time_ms
+from bench.common import add_row, peak_extra_mb, time_ms
 from kdfast.reference.topk import topk_scores as ref_topk
 from kdfast.triton import topk as tri
 
@@ -190,11 +190,11 @@ def timings(device, smoke):
         q, kk = q32.to(dt), k32.to(dt)
         shape = f"n_q={n_q},n_k={n_k},d={d},k={k}"
         floor_ms = 2 * n_q * n_k * d / _mm_rate(device, dt, allow_tf32, smoke) * 1e3
-        rows.append({"op": OP, "shape": shape, "impl": f"matmul floor {prec}", "ms": floor_ms,
-                     "note": "2*n_q*n_k*d / rate of an 8192^3 torch.mm"})
+        yield add_row(rows, {"op": OP, "shape": shape, "impl": f"matmul floor {prec}", "ms": floor_ms,
+                             "note": "2*n_q*n_k*d / rate of an 8192^3 torch.mm"})
         with tf32(allow_tf32):
             ref_ms = time_ms(lambda: ref_topk(q, kk, k, *_no_excl(n_q, device)), device, warmup=1, reps=1)
-            rows.append({"op": OP, "shape": shape, "impl": f"eager reference {prec}", "ms": ref_ms})
+            yield add_row(rows, {"op": OP, "shape": shape, "impl": f"eager reference {prec}", "ms": ref_ms})
             print("[row]", rows[-1], rows[-2], flush=True)
             for variant, p2, kw in cfgs:
                 if p2 != prec:
@@ -212,12 +212,12 @@ def timings(device, smoke):
                     note = (f"regs={getattr(ck, 'n_regs', '?')} spills={getattr(ck, 'n_spills', '?')} "
                             f"BM={cfg['BM']} BN={cfg['BN']} splits={cfg['splits']} warps={cfg['num_warps']}; "
                             f"{ref_ms / (ms * scale):.1f}x eager, floor/ms={floor_ms / (ms * scale):.2f}")
-                    rows.append({"op": OP, "shape": sh, "impl": f"triton {variant} {prec}", "ms": ms,
-                                 "peak_MB": peak_extra_mb(fn, device), "note": note})
+                    yield add_row(rows, {"op": OP, "shape": sh, "impl": f"triton {variant} {prec}", "ms": ms,
+                                         "peak_MB": peak_extra_mb(fn, device), "note": note})
                     print("[row]", rows[-1], flush=True)
                 except Exception as exc:  # noqa: BLE001
-                    rows.append({"op": OP, "shape": sh, "impl": f"triton {variant} {prec}", "ms": float("nan"),
-                                 "note": _note(exc)})
+                    yield add_row(rows, {"op": OP, "shape": sh, "impl": f"triton {variant} {prec}", "ms": float("nan"),
+                                         "note": _note(exc)})
     # torch.compile of the reference, fewer queries (it traces the Python tile loop); failing is reported
     n_c = min(n_q, 1024)
     qc = q32[:n_c]
@@ -227,13 +227,12 @@ def timings(device, smoke):
         c_ms = time_ms(lambda: comp(qc, k32, k, *_no_excl(n_c, device)), device, warmup=1, reps=2, max_seconds=5)
         e_ms = time_ms(lambda: ref_topk(qc, k32, k, *_no_excl(n_c, device)), device, warmup=1, reps=2)
         t_ms = time_ms(lambda: tri.topk_scores(qc, k32, k, *_no_excl(n_c, device)), device, warmup=1, reps=3)
-        rows.append({"op": OP, "shape": shape_c, "impl": "torch.compile reference ieee", "ms": c_ms,
-                     "note": f"eager {e_ms:.4g} ms, triton buffer {t_ms:.4g} ms"})
+        yield add_row(rows, {"op": OP, "shape": shape_c, "impl": "torch.compile reference ieee", "ms": c_ms,
+                             "note": f"eager {e_ms:.4g} ms, triton buffer {t_ms:.4g} ms"})
     except Exception as exc:  # noqa: BLE001
-        rows.append({"op": OP, "shape": shape_c, "impl": "torch.compile reference ieee", "ms": float("nan"),
-                     "note": "failed: " + _note(exc)})
+        yield add_row(rows, {"op": OP, "shape": shape_c, "impl": "torch.compile reference ieee", "ms": float("nan"),
+                             "note": "failed: " + _note(exc)})
     print("[row]", rows[-1], flush=True)
-    return rows
 
 
 def _warm(spec):

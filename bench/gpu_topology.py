@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import kdfast
-from bench.common import peak_extra_mb, rel_err, time_ms
+from bench.common import add_row, peak_extra_mb, rel_err, time_ms
 from kdfast.reference import topology as ref
 
 OP = "topology"
@@ -100,16 +100,8 @@ def _compiled(fn, probe):
         return None, f"compile failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
-class _Rows(list):
-    """Rows printed as they come, so that a run cut short still reports the finished timings."""
-
-    def append(self, row):
-        print(f"[{OP} partial] {row}", flush=True)
-        super().append(row)
-
-
 def timings(device, smoke):
-    rows = _Rows()
+    rows = []
     n, dt, ds, k = (64, 20, 5, 3) if smoke else (16384, 200, 20, 30)
     t, s, groups = _inputs(n, dt, ds, torch.float32, device, seed=1, k=k)
     s.requires_grad_()
@@ -120,13 +112,15 @@ def timings(device, smoke):
     if comp is not None:
         impls.append(("torch.compile(direct)", lambda: comp(t, s), 10))
     else:
-        rows.append({"op": "ftd", "shape": shape, "impl": "torch.compile(direct)", "ms": float("nan"), "note": why})
+        yield add_row(rows, {"op": "ftd", "shape": shape, "impl": "torch.compile(direct)", "ms": float("nan"),
+                             "note": why})
     for name, fn, reps in impls:
         ms, mb = _time(fn, [s], device, reps)
-        rows.append({"op": "ftd", "shape": shape, "impl": name, "ms": ms, "peak_MB": mb, "note": "fwd+bwd (student grad)"})
+        yield add_row(rows, {"op": "ftd", "shape": shape, "impl": name, "ms": ms, "peak_MB": mb,
+                             "note": "fwd+bwd (student grad)"})
     with torch.no_grad():
         ms = time_ms(lambda: kdfast.topology_loss(t, s, backend="triton"), device, reps=50)
-    rows.append({"op": "ftd", "shape": shape, "impl": "kdfast triton (forward only)", "ms": ms})
+    yield add_row(rows, {"op": "ftd", "shape": shape, "impl": "kdfast triton (forward only)", "ms": ms})
 
     shape = f"N={n} K={k} dt={dt} ds={ds} filter"
 
@@ -139,14 +133,13 @@ def timings(device, smoke):
     if comp is not None:
         impls.append(("torch.compile(masked)", lambda: comp(t, s), 10))
     else:
-        rows.append({"op": "htd-entity", "shape": shape, "impl": "torch.compile(masked)", "ms": float("nan"),
-                     "note": why})
+        yield add_row(rows, {"op": "htd-entity", "shape": shape, "impl": "torch.compile(masked)", "ms": float("nan"),
+                             "note": why})
     for name, fn, reps in impls:
         ms, mb = _time(fn, [s], device, reps)
-        rows.append({"op": "htd-entity", "shape": shape, "impl": name, "ms": ms, "peak_MB": mb,
-                     "note": "fwd+bwd (student grad)"})
+        yield add_row(rows, {"op": "htd-entity", "shape": shape, "impl": name, "ms": ms, "peak_MB": mb,
+                             "note": "fwd+bwd (student grad)"})
     ms, mb = _time(lambda: kdfast.grouped_topology_loss(t, s, groups, k, teacher_cos_filter=False,
                                                         backend="triton"), [s], device, 30)
-    rows.append({"op": "htd-entity", "shape": shape.replace("filter", "no filter"), "impl": "kdfast triton",
-                 "ms": ms, "peak_MB": mb, "note": "fwd+bwd (student grad)"})
-    return list(rows)
+    yield add_row(rows, {"op": "htd-entity", "shape": shape.replace("filter", "no filter"), "impl": "kdfast triton",
+                         "ms": ms, "peak_MB": mb, "note": "fwd+bwd (student grad)"})
