@@ -14,6 +14,11 @@ import triton.language as tl
 
 _TILE = 64      # Gram / gradient column tile
 _ROWS = 32      # rows per step
+# The gradient kernels' (Z W) tiles: k steps of _KT columns, _GRAD_WARPS warps. With 64-column k steps and
+# 4 warps, ptxas gave them 255 registers and spilled 256-688 bytes (sm_90, bench/compile_triton.py); with
+# 16-column steps and 8 warps none spills at the check and timing shapes.
+_KT = 16
+_GRAD_WARPS = 8
 
 
 @triton.jit
@@ -47,15 +52,17 @@ def _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cols, dt, ds):
 
 
 @triton.jit
-def _gram_partial_kernel(t_ptr, s_ptr, it_ptr, is_ptr, part_ptr, n, dt, ds, rows_per_split,
+def _gram_partial_kernel(t_ptr, s_ptr, it_ptr, is_ptr, pair_i_ptr, pair_j_ptr, part_ptr, n, dt, ds, rows_per_split,
                          D_PAD: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr):
-    # FTD pass 1: part[split, I, J] = sum_{a in split} Z[a, I]^T Z[a, J] for one (I, J) column tile.
-    # Grid (n_splits, D_PAD/TILE, D_PAD/TILE). Reads the split's rows of t, s (each row read once per
-    # column tile pair); keeps a TILE x TILE fp32 accumulator in registers; writes one tile of the
-    # [n_splits, D_PAD, D_PAD] partial buffer. The splits are summed afterwards in a fixed order (no atomics).
+    # FTD pass 1: part[split, I, J] = sum_{a in split} Z[a, I]^T Z[a, J] for one (I, J) column tile pair
+    # with I <= J (the Gram is symmetric: the host mirrors the upper tiles). Grid (n_splits, n_pairs).
+    # Reads the split's rows of t, s (each row read once per column tile pair); keeps a TILE x TILE fp32
+    # accumulator in registers; writes one tile of the [n_splits, D_PAD, D_PAD] partial buffer. The
+    # splits are summed afterwards in a fixed order (no atomics).
     split = tl.program_id(0)
-    ci = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    cj = tl.program_id(2) * TILE + tl.arange(0, TILE)
+    pair = tl.program_id(1)
+    ci = tl.load(pair_i_ptr + pair) * TILE + tl.arange(0, TILE)
+    cj = tl.load(pair_j_ptr + pair) * TILE + tl.arange(0, TILE)
     r_begin = split * rows_per_split
     acc = tl.zeros((TILE, TILE), dtype=tl.float32)
     r_end = tl.minimum(r_begin + rows_per_split, n)
@@ -73,11 +80,14 @@ def _gram_partial_kernel(t_ptr, s_ptr, it_ptr, is_ptr, part_ptr, n, dt, ds, rows
 
 @triton.jit
 def _ftd_grad_kernel(t_ptr, s_ptr, it_ptr, is_ptr, w_ptr, gt_ptr, gs_ptr, n, dt, ds, D_PAD: tl.constexpr, scale,
-                     WRITE_T: tl.constexpr, WRITE_S: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr):
+                     WRITE_T: tl.constexpr, WRITE_S: tl.constexpr, J_LO: tl.constexpr, J_HI: tl.constexpr,
+                     TILE: tl.constexpr, ROWS: tl.constexpr, KT: tl.constexpr):
     # FTD pass 2: dZ = scale * Z W (W = sgn * Q, D_PAD x D_PAD, zero padded), then per part
-    # dx_a = inv_a (dZ_a - Z_a <Z_a, dZ_a>). One program per block of ROWS rows. Two sweeps over the
-    # column tiles: the first accumulates the per-part row dots <Z_a, dZ_a>, the second recomputes each
-    # dZ tile and stores the projected gradient (registers: ROWS x TILE accumulators; W read from L2).
+    # dx_a = inv_a (dZ_a - Z_a <Z_a, dZ_a>). One program per block of ROWS rows; only the column tiles
+    # [J_LO, J_HI) that hold a wanted gradient (the student's alone when the teacher is frozen).
+    # Registers: ROWS x TILE accumulators; W read from L2. One column tile: one sweep. Several: two
+    # sweeps, the first accumulating the per-part row dots <Z_a, dZ_a>, the second recomputing each dZ
+    # tile and storing the projected gradient.
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < n
@@ -86,27 +96,21 @@ def _ftd_grad_kernel(t_ptr, s_ptr, it_ptr, is_ptr, w_ptr, gt_ptr, gs_ptr, n, dt,
     is_ = tl.load(is_ptr + rows, mask=rmask, other=0.0)
     dot_t = tl.zeros((ROWS,), dtype=tl.float32)
     dot_s = tl.zeros((ROWS,), dtype=tl.float32)
-    for j0 in range(0, D_PAD, TILE):
+    if J_HI - J_LO > TILE:
+        for j0 in range(J_LO, J_HI, TILE):
+            cj = j0 + tl.arange(0, TILE)
+            acc = _dz_tile(t_ptr, s_ptr, it_ptr, is_ptr, w_ptr, rows, rmask, cj, dt, ds, D_PAD, TILE, ROWS, KT)
+            prod = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds) * acc
+            dot_t += tl.sum(tl.where((cj < dt)[None, :], prod, 0.0), axis=1)
+            dot_s += tl.sum(tl.where((cj >= dt)[None, :], prod, 0.0), axis=1)
+    for j0 in range(J_LO, J_HI, TILE):
         cj = j0 + tl.arange(0, TILE)
-        acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
-        for k0 in range(0, D_PAD, TILE):
-            ck = k0 + tl.arange(0, TILE)
-            zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
-            w = tl.load(w_ptr + ck[:, None] * D_PAD + cj[None, :])
-            acc += tl.dot(zk, w, input_precision="ieee")
+        acc = _dz_tile(t_ptr, s_ptr, it_ptr, is_ptr, w_ptr, rows, rmask, cj, dt, ds, D_PAD, TILE, ROWS, KT)
         zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
-        prod = zj * acc
-        dot_t += tl.sum(tl.where((cj < dt)[None, :], prod, 0.0), axis=1)
-        dot_s += tl.sum(tl.where((cj >= dt)[None, :], prod, 0.0), axis=1)
-    for j0 in range(0, D_PAD, TILE):
-        cj = j0 + tl.arange(0, TILE)
-        acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
-        for k0 in range(0, D_PAD, TILE):
-            ck = k0 + tl.arange(0, TILE)
-            zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
-            w = tl.load(w_ptr + ck[:, None] * D_PAD + cj[None, :])
-            acc += tl.dot(zk, w, input_precision="ieee")
-        zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
+        if J_HI - J_LO == TILE:  # the only tile: the row dots from it, no second sweep
+            prod = zj * acc
+            dot_t = tl.sum(tl.where((cj < dt)[None, :], prod, 0.0), axis=1)
+            dot_s = tl.sum(tl.where((cj >= dt)[None, :], prod, 0.0), axis=1)
         in_t = cj < dt
         in_s = (cj >= dt) & (cj < dt + ds)
         g = tl.where(in_t[None, :], it[:, None] * (acc - zj * dot_t[:, None]),
@@ -117,6 +121,18 @@ def _ftd_grad_kernel(t_ptr, s_ptr, it_ptr, is_ptr, w_ptr, gt_ptr, gs_ptr, n, dt,
         if WRITE_S:
             tl.store(gs_ptr + r64[:, None] * ds + (cj - dt)[None, :], g.to(gs_ptr.dtype.element_ty),
                      mask=rmask[:, None] & in_s[None, :])
+
+
+@triton.jit
+def _dz_tile(t_ptr, s_ptr, it_ptr, is_ptr, w_ptr, rows, rmask, cj, dt, ds, D_PAD: tl.constexpr,
+             TILE: tl.constexpr, ROWS: tl.constexpr, KT: tl.constexpr):
+    # (Z W)[rows, cj]: a [ROWS, TILE] fp32 tile, the k dimension in KT steps.
+    acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
+    for k0 in range(0, D_PAD, KT):
+        ck = k0 + tl.arange(0, KT)
+        zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
+        acc += tl.dot(zk, tl.load(w_ptr + ck[:, None] * D_PAD + cj[None, :]), input_precision="ieee")
+    return acc
 
 
 def _inv_norms(x):
@@ -140,20 +156,39 @@ def topology_loss_grads(teacher, student, grad_teacher: bool, grad_student: bool
     d_pad = triton.cdiv(dt + ds, _TILE) * _TILE
     n_tiles = d_pad // _TILE
     # ~4 programs per SM on big inputs, at least 8 blocks of rows per split
-    n_splits = max(1, min(triton.cdiv(n, 8 * _ROWS), max(1, 512 // (n_tiles * n_tiles))))
+    pair_i, pair_j, lower = _tile_pairs(n_tiles, t.device)
+    n_pairs = pair_i.numel()
+    # ~4 programs per SM on big inputs, at least 8 blocks of rows per split
+    n_splits = max(1, min(triton.cdiv(n, 8 * _ROWS), max(1, 512 // n_pairs)))
     rows_per_split = triton.cdiv(triton.cdiv(n, n_splits), _ROWS) * _ROWS
     n_splits = triton.cdiv(n, rows_per_split)
-    part = torch.empty((n_splits, d_pad, d_pad), dtype=torch.float32, device=t.device)
-    _gram_partial_kernel[(n_splits, n_tiles, n_tiles)](t, s, it, is_, part, n, dt, ds, rows_per_split, d_pad,
-                                                       TILE=_TILE, ROWS=_ROWS)
+    # only the tiles I <= J are written: the others must read as zero in the sum below
+    part = torch.zeros((n_splits, d_pad, d_pad), dtype=torch.float32, device=t.device)
+    _gram_partial_kernel[(n_splits, n_pairs)](t, s, it, is_, pair_i, pair_j, part, n, dt, ds, rows_per_split, d_pad,
+                                              TILE=_TILE, ROWS=_ROWS)
     q = part.sum(0)
+    q = q + torch.where(lower, q.t(), 0.0)  # mirror the upper tiles into the lower ones
     w = q * _sign(dt, d_pad, t.device)
     loss = (w.double() * q.double()).sum().float()
     if grad_teacher or grad_student:
+        # the column tiles that hold a wanted gradient: teacher columns [0, dt), student [dt, dt + ds)
+        j_lo = 0 if grad_teacher else (dt // _TILE) * _TILE
+        j_hi = d_pad if grad_student else triton.cdiv(dt, _TILE) * _TILE
         _ftd_grad_kernel[(triton.cdiv(n, _ROWS),)](t, s, it, is_, w.contiguous(), gt, gs, n, dt, ds, d_pad, 4.0,
-                                                   WRITE_T=grad_teacher, WRITE_S=grad_student, TILE=_TILE,
-                                                   ROWS=_ROWS)
+                                                   WRITE_T=grad_teacher, WRITE_S=grad_student, J_LO=j_lo,
+                                                   J_HI=j_hi, TILE=_TILE, ROWS=_ROWS, KT=_KT,
+                                                   num_warps=_GRAD_WARPS)
     return loss, gt, gs
+
+
+@functools.lru_cache(maxsize=16)
+def _tile_pairs(n_tiles: int, device: torch.device):
+    """The column tile pairs (I, J) with I <= J as two int32 vectors, and the [d_pad, d_pad] mask of the
+    strictly lower tiles (I > J), which the Gram kernel leaves to the mirror."""
+    ii, jj = torch.triu_indices(n_tiles, n_tiles)
+    tile = torch.arange(n_tiles * _TILE) // _TILE
+    lower = tile[:, None] > tile[None, :]
+    return (ii.to(torch.int32).to(device), jj.to(torch.int32).to(device), lower.to(device))
 
 
 @triton.jit
@@ -248,10 +283,11 @@ def _group_gram_kernel(t_ptr, s_ptr, it_ptr, is_ptr, perm_ptr, begin_ptr, end_pt
 @triton.jit
 def _group_grad_kernel(t_ptr, s_ptr, it_ptr, is_ptr, perm_ptr, tile_start_ptr, tile_gend_ptr, tile_group_ptr,
                        w_ptr, gs_ptr, dt, ds, D_PAD: tl.constexpr, J0: tl.constexpr, TILE: tl.constexpr,
-                       ROWS: tl.constexpr):
+                       ROWS: tl.constexpr, KT: tl.constexpr):
     # Pass 2: for the ROWS group-sorted rows of one tile, dB = 4 Z W_g[:, student columns] with
     # W_g = sgn * Q_g of the tile's group, then dS_a = inv_a (dB_a - B_a <B_a, dB_a>), stored at perm[a].
-    # Two sweeps over the student column tiles (row dots first, then the stores), W_g read from L2.
+    # The student column tiles [J0, D_PAD), W_g read from L2: one tile, one sweep; several, two sweeps
+    # (row dots first, then the stores).
     pid = tl.program_id(0)
     a0 = tl.load(tile_start_ptr + pid)
     g_end = tl.load(tile_gend_ptr + pid)
@@ -263,23 +299,18 @@ def _group_grad_kernel(t_ptr, s_ptr, it_ptr, is_ptr, perm_ptr, tile_start_ptr, t
     is_ = tl.load(is_ptr + rows, mask=rmask, other=0.0)
     w_base = w_ptr + grp.to(tl.int64) * D_PAD * D_PAD
     dot_s = tl.zeros((ROWS,), dtype=tl.float32)
+    if D_PAD - J0 > TILE:
+        for j0 in range(J0, D_PAD, TILE):
+            cj = j0 + tl.arange(0, TILE)
+            acc = _dz_tile(t_ptr, s_ptr, it_ptr, is_ptr, w_base, rows, rmask, cj, dt, ds, D_PAD, TILE, ROWS, KT)
+            zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
+            dot_s += tl.sum(tl.where((cj >= dt)[None, :], zj * acc, 0.0), axis=1)
     for j0 in range(J0, D_PAD, TILE):
         cj = j0 + tl.arange(0, TILE)
-        acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
-        for k0 in range(0, D_PAD, TILE):
-            ck = k0 + tl.arange(0, TILE)
-            zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
-            acc += tl.dot(zk, tl.load(w_base + ck[:, None] * D_PAD + cj[None, :]), input_precision="ieee")
+        acc = _dz_tile(t_ptr, s_ptr, it_ptr, is_ptr, w_base, rows, rmask, cj, dt, ds, D_PAD, TILE, ROWS, KT)
         zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
-        dot_s += tl.sum(tl.where((cj >= dt)[None, :], zj * acc, 0.0), axis=1)
-    for j0 in range(J0, D_PAD, TILE):
-        cj = j0 + tl.arange(0, TILE)
-        acc = tl.zeros((ROWS, TILE), dtype=tl.float32)
-        for k0 in range(0, D_PAD, TILE):
-            ck = k0 + tl.arange(0, TILE)
-            zk = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, ck, dt, ds)
-            acc += tl.dot(zk, tl.load(w_base + ck[:, None] * D_PAD + cj[None, :]), input_precision="ieee")
-        zj = _load_z(t_ptr, s_ptr, it_ptr, is_ptr, rows, rmask, cj, dt, ds)
+        if D_PAD - J0 == TILE:  # the only tile: the row dots from it, no second sweep
+            dot_s = tl.sum(tl.where((cj >= dt)[None, :], zj * acc, 0.0), axis=1)
         in_s = (cj >= dt) & (cj < dt + ds)
         g = 4.0 * is_[:, None] * (acc - zj * dot_s[:, None])
         tl.store(gs_ptr + r64[:, None] * ds + (cj - dt)[None, :], g.to(gs_ptr.dtype.element_ty),
@@ -312,7 +343,7 @@ def _group_gram(t, s, it, is_, perm, begins, ends, counts, tiles, n_groups, grad
         tile_start, tile_gend, tile_group = tiles
         _group_grad_kernel[(tile_start.shape[0],)](t, s, it, is_, perm, tile_start, tile_gend, tile_group, w, gs,
                                                    dt, ds, D_PAD=d_pad, J0=(dt // _TILE) * _TILE, TILE=_TILE,
-                                                   ROWS=_BLOCK)
+                                                   ROWS=_BLOCK, KT=_KT, num_warps=_GRAD_WARPS)
     return loss, (counts * counts).sum()
 
 

@@ -67,6 +67,28 @@ def test_ftd_matches_direct_formula(backend, dtype, n, dt, ds):
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("teacher_grad", [True, False])
+@pytest.mark.parametrize("n,dt,ds", [(40, 70, 5), (40, 60, 10), (33, 130, 20)])
+def test_ftd_several_column_tiles(backend, teacher_grad, n, dt, ds):
+    """dt + ds beyond one 64-column tile of the Triton kernels: the Gram's mirrored tiles, the student
+    columns in one tile of their own (70, 5), straddling two (60, 10), and three tiles (130, 20); with a
+    frozen teacher only the student's column tiles are computed."""
+    dev = _dev(backend)
+    t, s = _inputs(n, dt, ds, torch.float32, dev, seed=n + dt, zero_rows=(2,))
+    want, want_gt, want_gs = _ref_ftd(t, s, 0.37)
+    tt, ss = t.clone().requires_grad_(teacher_grad), s.clone().requires_grad_()
+    got = kdfast.topology_loss(tt, ss, backend=backend)
+    (got * 0.37).backward()
+    tol = _tol(torch.float32, backend)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(ss.grad, want_gs, **tol)
+    if teacher_grad:
+        torch.testing.assert_close(tt.grad, want_gt, **tol)
+    else:
+        assert tt.grad is None
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_ftd_zero_rows_have_zero_gradient_and_zero_cosine(backend):
     dev = _dev(backend)
     t, s = _inputs(9, 5, 4, torch.float32, dev, seed=3)
