@@ -675,21 +675,15 @@ KDFAST_INLINE int64_t own_entries(const T* go, const int64_t* ri, const int64_t*
     const T g = go[b];
     int64_t n = 0;
     if (g == T(0)) return 0;
-    for (int64_t j = 0; j < K; ++j) {
-        const int64_t i = ri[qr * K + j];
-        const T w = dr[b * K + j];
-        ids[n] = i;
-        ws[n] = g * w;
-        n += (i >= lo) & (i < hi) & (w != T(0));
-    }
-    if (ui != nullptr)
-        for (int64_t l = 0; l < L; ++l) {
-            const int64_t i = ui[qr * L + l];
-            const T w = du[b * L + l];
-            ids[n] = i;
-            ws[n] = g * w;
-            n += (i >= lo) & (i < hi) & (w != T(0));
+    const auto append = [&](const int64_t* idx, const T* w, int64_t M) {
+        for (int64_t j = 0; j < M; ++j) {
+            ids[n] = idx[j];
+            ws[n] = g * w[j];
+            n += (idx[j] >= lo) & (idx[j] < hi) & (w[j] != T(0));
         }
+    };
+    append(ri + qr * K, dr + b * K, K);
+    if (ui != nullptr) append(ui + qr * L, du + b * L, L);
     return n;
 }
 
