@@ -673,18 +673,19 @@ KDFAST_INLINE int64_t own_entries(const T* go, const int64_t* ri, const int64_t*
                                   int64_t b, int64_t qr, int64_t K, int64_t L, int64_t lo, int64_t hi,
                                   int64_t* ids, T* ws) {
     const T g = go[b];
-    int64_t n = 0;
     if (g == T(0)) return 0;
-    const auto append = [&](const int64_t* idx, const T* w, int64_t M) {
+    // the count goes in and out by value: a captured reference could alias ids[], and would be
+    // reloaded and stored on every entry
+    const auto append = [&](const int64_t* idx, const T* w, int64_t M, int64_t n) {
         for (int64_t j = 0; j < M; ++j) {
             ids[n] = idx[j];
             ws[n] = g * w[j];
             n += (idx[j] >= lo) & (idx[j] < hi) & (w[j] != T(0));
         }
+        return n;
     };
-    append(ri + qr * K, dr + b * K, K);
-    if (ui != nullptr) append(ui + qr * L, du + b * L, L);
-    return n;
+    const int64_t n = append(ri + qr * K, dr + b * K, K, 0);
+    return ui == nullptr ? n : append(ui + qr * L, du + b * L, L, n);
 }
 
 // The entries whose item lies in [lo, hi), added in (b, j) order; the next row's gradient rows are
