@@ -491,39 +491,46 @@ KDFAST_INLINE v8f hsum8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, 
            __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// float: eight items at a time, eight vector accumulators (the query chunk loaded once for all eight),
-// then one shuffle tree turns the eight accumulators into the eight dot products.
+// The dot products of qb with the eight rows p[0..8): eight vector accumulators (the query chunk loaded
+// once for all eight), then one shuffle tree turns them into the eight sums.
+KDFAST_INLINE v8f dots8(const float* qb, const float* const* p, int64_t d) {
+    v8f a[8];
+    for (int k = 0; k < 8; ++k) a[k] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+        const v8f x = load8(qb + c);
+        for (int k = 0; k < 8; ++k) a[k] += x * load8(p[k] + c);
+    }
+    if (c + 4 <= d) {
+        const v8f x = load4z(qb + c);
+        for (int k = 0; k < 8; ++k) a[k] += x * load4z(p[k] + c);
+        c += 4;
+    }
+    v8f sums = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+    for (; c < d; ++c)
+        for (int k = 0; k < 8; ++k) sums[k] += qb[c] * p[k][c];
+    return sums;
+}
+
+// float: eight items at a time; the last M % 8 ids as one more group of eight, padded with row 0.
 template <>
 KDFAST_INLINE int64_t gather_dots<float>(const float* qb, const float* e, const int64_t* idx, int64_t M, int64_t d,
                                          int64_t N, bool ahead, float* out) {
     for (int64_t j = 0; j < M; ++j)
         if (idx[j] < -1 || idx[j] >= N) return j;
     const float ninf = neg_inf<float>();
-    int64_t j = 0;
-    if (N > 0) {
-        for (; j + 8 <= M; j += 8) {
-            if (ahead && j + 8 < M) prefetch_rows<3>(e, idx + j + 8, std::min<int64_t>(8, M - j - 8), d, 0, N);
-            const float* p[8];
-            for (int k = 0; k < 8; ++k) p[k] = e + (idx[j + k] < 0 ? 0 : idx[j + k]) * d;
-            v8f a[8];
-            for (int k = 0; k < 8; ++k) a[k] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t c = 0;
-            for (; c + 8 <= d; c += 8) {
-                const v8f x = load8(qb + c);
-                for (int k = 0; k < 8; ++k) a[k] += x * load8(p[k] + c);
-            }
-            if (c + 4 <= d) {
-                const v8f x = load4z(qb + c);
-                for (int k = 0; k < 8; ++k) a[k] += x * load4z(p[k] + c);
-                c += 4;
-            }
-            v8f sums = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
-            for (; c < d; ++c)
-                for (int k = 0; k < 8; ++k) sums[k] += qb[c] * p[k][c];
-            for (int k = 0; k < 8; ++k) out[j + k] = idx[j + k] < 0 ? ninf : sums[k];
-        }
+    if (N == 0) {  // every id is padding
+        for (int64_t j = 0; j < M; ++j) out[j] = ninf;
+        return -1;
     }
-    for (; j < M; ++j) out[j] = idx[j] < 0 ? ninf : dot(qb, e + idx[j] * d, d);
+    for (int64_t j = 0; j < M; j += 8) {
+        if (ahead && j + 8 < M) prefetch_rows<3>(e, idx + j + 8, std::min<int64_t>(8, M - j - 8), d, 0, N);
+        const int64_t r = std::min<int64_t>(8, M - j);
+        const float* p[8];
+        for (int k = 0; k < 8; ++k) p[k] = e + (k < r && idx[j + k] >= 0 ? idx[j + k] : 0) * d;
+        const v8f sums = dots8(qb, p, d);
+        for (int k = 0; k < r; ++k) out[j + k] = idx[j + k] < 0 ? ninf : sums[k];
+    }
     return -1;
 }
 
