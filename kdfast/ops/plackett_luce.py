@@ -86,19 +86,24 @@ def _fwd_backward(ctx, g_loss, g_rest, g_inv):
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
-class _FwdEager(torch.autograd.Function):
-    """_fwd_op's implementation, setup and gradient without the dispatcher (eager calls)."""
+def _eager_function(name, impl, setup, grads, bwd_impl):
+    """A torch.autograd.Function running a custom op's implementation, context setup and gradient without
+    the dispatcher (for eager calls). Output 0 is the loss; the others are saved auxiliaries."""
 
-    @staticmethod
     def forward(ctx, *inputs):  # (not a setup_context method: apply() would inspect the signature per call)
-        output = _fwd_impl(*inputs)
-        _fwd_setup(ctx, inputs, output)
+        output = impl(*inputs)
+        setup(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
         return output
 
-    @staticmethod
     def backward(ctx, g_loss, *unused):
-        return _fwd_grads(ctx, g_loss, _bwd_impl)
+        return grads(ctx, g_loss, bwd_impl)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
+
+
+_FwdEager = _eager_function("_FwdEager", _fwd_impl, _fwd_setup, _fwd_grads, _bwd_impl)
 
 
 def _call(op, eager, *args):
@@ -261,19 +266,7 @@ def _emb_backward(ctx, g_loss, *unused):
 _emb_fwd_op.register_autograd(_emb_backward, setup_context=_emb_setup)
 
 
-class _EmbEager(torch.autograd.Function):
-    """_emb_fwd_op's implementation, setup and gradient without the dispatcher (eager calls)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):  # (not a setup_context method: apply() would inspect the signature per call)
-        output = _emb_fwd_impl(*inputs)
-        _emb_setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, g_loss, *unused):
-        return _emb_grads(ctx, g_loss, _emb_bwd_impl)
+_EmbEager = _eager_function("_EmbEager", _emb_fwd_impl, _emb_setup, _emb_grads, _emb_bwd_impl)
 
 
 def plackett_luce_loss_from_embeddings(query_emb, item_emb, ranked_idx, unranked_idx=None, *, log_tail=None,
