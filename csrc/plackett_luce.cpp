@@ -195,15 +195,15 @@ KDFAST_INLINE void prefix_sums(T* x, int64_t n) {
     for (int64_t k = 0; k < n; ++k) x[k] = acc += x[k];
 }
 
-typedef float v8s __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
 
 template <>
 KDFAST_INLINE void suffix_sums<float>(float* x, int64_t n, float base) {
-    const v8s zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    const v8f zero = {0, 0, 0, 0, 0, 0, 0, 0};
     float acc = base;
     int64_t k = n;
     for (; k >= 8; k -= 8) {
-        v8s v;
+        v8f v;
         std::memcpy(&v, x + k - 8, sizeof(v));
         v += __builtin_shufflevector(v, zero, 1, 2, 3, 4, 5, 6, 7, 8);
         v += __builtin_shufflevector(v, zero, 2, 3, 4, 5, 6, 7, 8, 8);
@@ -217,11 +217,11 @@ KDFAST_INLINE void suffix_sums<float>(float* x, int64_t n, float base) {
 
 template <>
 KDFAST_INLINE void prefix_sums<float>(float* x, int64_t n) {
-    const v8s zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    const v8f zero = {0, 0, 0, 0, 0, 0, 0, 0};
     float acc = 0;
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) {
-        v8s v;
+        v8f v;
         std::memcpy(&v, x + k, sizeof(v));
         v += __builtin_shufflevector(zero, v, 0, 8, 9, 10, 11, 12, 13, 14);
         v += __builtin_shufflevector(zero, v, 0, 0, 8, 9, 10, 11, 12, 13);
@@ -409,15 +409,10 @@ KDFAST_INLINE void prefetch_rows(const T* e, const int64_t* idx, int64_t M, int6
         if (idx[j] >= lo && idx[j] < hi) prefetch_row<Locality>(e, idx[j], d);
 }
 
-template <typename T>
-KDFAST_INLINE T dot(const T* a, const T* b, int64_t d) {
-    return kdfast::simd_dot(a, b, d);
-}
-
 // Short float dot products (d ~ 10-128) are the inner loop of the gather: GCC's reduction of an
-// `omp simd` loop goes through memory lane by lane, so use vector types (lowered to AVX in the
-// x86-64-v3 clone, to SSE pairs otherwise) and a shuffle tree for the horizontal sum.
-typedef float v8f __attribute__((vector_size(32)));
+// `omp simd` loop goes through memory lane by lane, so the float gather (dots8 below) uses vector types
+// (lowered to AVX in the x86-64-v3 clone, to SSE pairs otherwise) and a shuffle tree for the horizontal
+// sums; double keeps kdfast::simd_dot.
 typedef float v4f __attribute__((vector_size(16)));
 
 KDFAST_INLINE v8f load8(const float* p) {
@@ -431,22 +426,6 @@ KDFAST_INLINE v8f load4z(const float* p) {  // four floats, upper lanes zero
     std::memcpy(&v, p, sizeof(v));
     const v4f z = {0, 0, 0, 0};
     return __builtin_shufflevector(v, z, 0, 1, 2, 3, 4, 4, 4, 4);
-}
-
-template <>
-KDFAST_INLINE float dot<float>(const float* a, const float* b, int64_t d) {
-    v8f acc = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t c = 0;
-    for (; c + 8 <= d; c += 8) acc += load8(a + c) * load8(b + c);
-    if (c + 4 <= d) {
-        acc += load4z(a + c) * load4z(b + c);
-        c += 4;
-    }
-    v4f half = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) + __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
-    half += __builtin_shufflevector(half, half, 2, 3, 0, 1);
-    float total = half[0] + half[1];
-    for (; c < d; ++c) total += a[c] * b[c];
-    return total;
 }
 
 template <typename T>
@@ -470,7 +449,7 @@ KDFAST_INLINE int64_t gather_dots(const T* qb, const T* e, const int64_t* idx, i
         } else if (i < 0 || i >= N) {
             return j;
         } else {
-            out[j] = dot(qb, e + i * d, d);
+            out[j] = kdfast::simd_dot(qb, e + i * d, d);
         }
     }
     return -1;
