@@ -29,6 +29,7 @@ _EXPORTS = {
     "PHR": "kdfast.methods.latent",
     "FTD": "kdfast.methods.topology",
     "HTD": "kdfast.methods.topology",
+    "HetComp": "kdfast.methods.hetcomp",
     # models, data, evaluation, training
     "BPRMF": "kdfast.models",
     "LightGCN": "kdfast.models",

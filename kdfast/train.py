@@ -8,7 +8,8 @@ Per epoch (docs/METHODS.md section 1):
      embeddings are detached, computed without gradient);
   3. for each batch of `batch_size` training pairs:
         L = -sum_(u,i,j) log sigmoid(<e_u, e_i> - <e_u, e_j>)  +  method(student_user, student_item, u, i, j)
-     (sum-reduced; the method's loss is already lambda-weighted), one Adam step on the model's and the
+     (sum-reduced; the method's loss is already lambda-weighted; a method whose uses_base_loss is False,
+     such as HetComp by default, replaces the BPR term), one Adam step on the model's and the
      method's parameters (lr 1e-3, weight decay 1e-3 as Adam's L2 term);
   4. every `eval_every` epochs: validation metrics; the best state (by `monitor`) is kept and training
      stops after `patience` evaluations without improvement. The test metrics are those of the best
@@ -65,12 +66,15 @@ class Trainer:
     eval_every: validate every E epochs (and after the last); patience: evaluations without improvement
     before stopping (20); monitor: the validation metric to maximise (default NDCG@10 for loo, Recall@50
     for full); seed: RNG seed; progress: tqdm bars; log: a function taking one line per evaluation
-    (None: silent); name: label in the log; backend: kdfast.topk_scores backend for full ranking.
+    (None: silent); name: label in the log; backend: kdfast.topk_scores backend for full ranking;
+    on_epoch_end: None or a function (epoch, model) called after each epoch's training steps, before its
+    validation (epoch is 1-based), e.g. to keep checkpoints along the training trajectory (HetComp).
     """
 
     def __init__(self, model, split, *, method=None, epochs: int = 1000, batch_size: int = 1024, lr: float = 1e-3,
                  weight_decay: float = 1e-3, eval_every: int = 1, patience: int = 20, monitor: str | None = None,
-                 seed: int = 0, progress: bool = True, log=print, name: str = "model", backend: str = "auto"):
+                 seed: int = 0, progress: bool = True, log=print, name: str = "model", backend: str = "auto",
+                 on_epoch_end=None):
         for arg, v in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
@@ -84,6 +88,9 @@ class Trainer:
             raise ValueError(f"monitor {self.monitor!r} is not a {split.protocol} metric; choose from "
                              f"{', '.join(metrics.metric_names(split.protocol))}")
         self.progress, self.log, self.name, self.backend = progress, log, name, backend
+        if on_epoch_end is not None and not callable(on_epoch_end):
+            raise TypeError(f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}")
+        self.on_epoch_end = on_epoch_end
 
     def _params(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -143,9 +150,12 @@ class Trainer:
             for b in bar:
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 ue, ie = self.model.embeddings()
-                loss = bpr_loss(ue, ie, users[sl], pos[sl], neg[sl])
-                if self.method is not None:
-                    loss = loss + self.method(ue, ie, users[sl], pos[sl], neg[sl])
+                if self.method is None:
+                    loss = bpr_loss(ue, ie, users[sl], pos[sl], neg[sl])
+                elif self.method.uses_base_loss:
+                    loss = bpr_loss(ue, ie, users[sl], pos[sl], neg[sl]) + self.method(ue, ie, users[sl], pos[sl], neg[sl])
+                else:
+                    loss = self.method(ue, ie, users[sl], pos[sl], neg[sl])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -155,6 +165,8 @@ class Trainer:
                 raise FloatingPointError(f"{self.name}: the loss is {total} at epoch {epoch}")
             train_seconds += time.perf_counter() - t0
             epochs_run = epoch
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, self.model)
             if epoch % self.eval_every and epoch != self.epochs:
                 continue
             valid = self.evaluate("valid")

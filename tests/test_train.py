@@ -151,3 +151,20 @@ def test_trainer_bad_arguments(small):
             Trainer(model, small, **kw)
     with pytest.raises(ValueError, match="monitor"):
         Trainer(model, small, monitor="Recall@50")
+
+
+def test_on_epoch_end_sees_every_epoch_before_validation(small):
+    split = small
+    model = BPRMF(split.n_users, split.n_items, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def hook(epoch, m):
+        assert m is model
+        calls.append((epoch, m.user.weight.detach().clone()))
+
+    res = Trainer(model, split, epochs=3, eval_every=2, progress=False, log=None, on_epoch_end=hook).fit()
+    assert [e for e, _ in calls] == [1, 2, 3]
+    assert not torch.equal(calls[0][1], calls[1][1])  # the tables it sees move between epochs
+    assert res["epochs_run"] == 3
+    with pytest.raises(TypeError, match="on_epoch_end"):
+        Trainer(model, split, on_epoch_end=3)

@@ -28,6 +28,7 @@ METHODS = {
     "rrd": ("kdfast.methods.ranking:RRD", {}),
     "rrd-full": ("kdfast.methods.ranking:RRD", {"sampling": False}),
     "ir-rrd": ("kdfast.methods.ranking:IRRRD", {}),
+    "hetcomp": ("kdfast.methods.hetcomp:HetComp", {}),
 }
 
 
@@ -35,6 +36,9 @@ class KDMethod(torch.nn.Module):
     """Base class: subclasses implement build, forward and (if they need it) start_epoch."""
 
     name = "kd"
+    #: False: the trainer minimises the method's loss alone, without the BPR base loss (HetComp's authors
+    #: train the student with the KD loss only)
+    uses_base_loss = True
 
     @classmethod
     def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, **options):
