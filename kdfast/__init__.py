@@ -30,6 +30,10 @@ _EXPORTS = {
     "FTD": "kdfast.methods.topology",
     "HTD": "kdfast.methods.topology",
     "HetComp": "kdfast.methods.hetcomp",
+    "RD": "kdfast.methods.rd",
+    "CD": "kdfast.methods.cd",
+    "DCD": "kdfast.methods.dcd",
+    "UnKD": "kdfast.methods.unkd",
     # models, data, evaluation, training
     "BPRMF": "kdfast.models",
     "LightGCN": "kdfast.models",

@@ -29,6 +29,11 @@ METHODS = {
     "rrd-full": ("kdfast.methods.ranking:RRD", {"sampling": False}),
     "ir-rrd": ("kdfast.methods.ranking:IRRRD", {}),
     "hetcomp": ("kdfast.methods.hetcomp:HetComp", {}),
+    # peers the papers compare with (docs/METHODS.md section 8)
+    "rd": ("kdfast.methods.rd:RD", {}),
+    "cd": ("kdfast.methods.cd:CD", {}),
+    "dcd": ("kdfast.methods.dcd:DCD", {}),
+    "unkd": ("kdfast.methods.unkd:UnKD", {}),
 }
 
 

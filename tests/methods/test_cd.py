@@ -1,0 +1,178 @@
+"""CD (Collaborative Distillation, ICDM'19): rank-aware samples from the teacher's top-N, soft labels, the
+loss value, errors, and that the KD loss alone moves a student towards the teacher's ranking."""
+import math
+
+import pytest
+import torch
+
+import kdfast
+from kdfast.methods.base import method_class
+from kdfast.methods.cd import CD
+
+
+@pytest.fixture(autouse=True)
+def _torch_topk(monkeypatch):
+    # the teacher top-N goes through kdfast.topk_scores; keep it on the reference in this worktree
+    monkeypatch.setenv("KDFAST_BACKEND", "torch")
+
+
+def _setup(U=24, I=90, dt=12, per_user=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tu, ti = torch.randn(U, dt, generator=g), torch.randn(I, dt, generator=g)
+    train = torch.cat([torch.randperm(I, generator=g)[:per_user] for _ in range(U)])
+    indptr = torch.arange(0, per_user * U + 1, per_user)
+    return tu, ti, (indptr, train), g
+
+
+def _observed(train, u):
+    indptr, idx = train
+    return set(idx[indptr[u]:indptr[u + 1]].tolist())
+
+
+def _student(U, I, d, g):
+    return (torch.nn.Parameter(torch.randn(U, d, generator=g) * 0.1),
+            torch.nn.Parameter(torch.randn(I, d, generator=g) * 0.1))
+
+
+SMALL = dict(N=30, K=6, T=5.0)
+
+
+def test_registry_and_export():
+    assert method_class("cd")[0] is CD and kdfast.CD is CD
+
+
+def test_forward_finite_with_gradient():
+    tu, ti, train, g = _setup()
+    m = CD.build(tu, ti, train, 6, generator=g, **SMALL)
+    su, si = _student(24, 90, 6, g)
+    m.start_epoch(0, 5, su.detach(), si.detach())
+    users = torch.randint(0, 24, (32,), generator=g)
+    loss = m(su, si, users, users % 90, users % 90)
+    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
+    loss.backward()
+    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0 and si.grad.abs().sum() > 0
+    ub = set(users.tolist())
+    assert all((su.grad[u].abs().sum() > 0) == (u in ub) for u in range(24))
+
+
+def test_teacher_list_samples_and_soft_labels():
+    tu, ti, train, g = _setup()
+    m = CD.build(tu, ti, train, 6, generator=g, T_label=3.0, **SMALL)
+    m.start_epoch(0, 5, None, None)
+    scores = tu @ ti.T
+    for u in range(24):
+        obs = _observed(train, u)
+        masked = scores[u].clone()
+        masked[list(obs)] = -math.inf
+        assert m.top[u].tolist() == torch.topk(masked, 30).indices.tolist()  # teacher order, no training item
+        pos = m.positions[u]
+        assert bool((pos[1:] > pos[:-1]).all()) and 0 <= int(pos[0]) and int(pos[-1]) < 30  # distinct, sorted
+        assert m.items[u].tolist() == m.top[u, pos].tolist()
+        assert not (obs & set(m.items[u].tolist()))
+        torch.testing.assert_close(m.labels[u], torch.sigmoid(scores[u, m.items[u]] / 3.0), rtol=1e-5, atol=1e-6)
+
+
+def test_sample_distribution_matches_rank_discount():
+    """With K=1 the sampled position follows p(r) ~ exp(-r/T) over r = 1..N: chi-square, fixed seed."""
+    tu, ti, train, g = _setup(U=200, I=40, per_user=3)
+    N, T = 12, 4.0
+    m = CD.build(tu, ti, train, 4, generator=g, N=N, K=1, T=T)
+    counts = torch.zeros(N)
+    for e in range(10):
+        m.start_epoch(e, 10, None, None)
+        counts += torch.bincount(m.positions[:, 0], minlength=N).float()
+    p = torch.exp(-torch.arange(1, N + 1, dtype=torch.float64) / T)
+    expected = 2000 * p / p.sum()
+    chi2 = ((counts.double() - expected) ** 2 / expected).sum().item()
+    assert chi2 < 40.0  # 11 degrees of freedom: the 0.9999 quantile is about 36
+
+
+def test_samples_change_every_epoch():
+    tu, ti, train, g = _setup()
+    m = CD.build(tu, ti, train, 6, generator=g, **SMALL)
+    m.start_epoch(0, 5, None, None)
+    first = m.positions.clone()
+    m.start_epoch(1, 5, None, None)
+    assert not torch.equal(first, m.positions)
+
+
+def test_loss_against_loop_reference():
+    tu, ti, train, g = _setup()
+    lam, tl = 0.3, 2.0
+    m = CD.build(tu, ti, train, 5, generator=g, lam=lam, T_label=tl, **SMALL)
+    su = torch.randn(24, 5, generator=g, dtype=torch.float64) * 2
+    si = torch.randn(90, 5, generator=g, dtype=torch.float64) * 2
+    users = torch.tensor([3, 7, 3, 11, 20, 7])
+    got = m(su, si, users, users, users)
+    want = 0.0
+    for u in sorted(set(users.tolist())):
+        for i in m.items[u].tolist():
+            q = 1 / (1 + math.exp(-float(tu[u] @ ti[i]) / tl))
+            p = 1 / (1 + math.exp(-float(su[u] @ si[i])))
+            want += -(q * math.log(p) + (1 - q) * math.log(1 - p))
+    assert got.item() == pytest.approx(lam * want, rel=1e-5)
+
+
+def test_n_capped_at_unobserved_items():
+    tu, ti, train, g = _setup(I=30, per_user=5)
+    m = CD.build(tu, ti, train, 6, generator=g, K=4)  # default N=3000 > the 25 unobserved items
+    assert m.N == 25 and m.top.shape == (24, 25) and bool((m.top >= 0).all())
+    assert m.T == 2.5  # default T = N / 10 with the capped N
+    for u in range(24):
+        assert set(m.top[u].tolist()) == set(range(30)) - _observed(train, u)
+
+
+def test_deterministic_with_the_same_seed():
+    tu, ti, train, _ = _setup()
+    out = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(3)
+        m = CD.build(tu, ti, train, 6, generator=g, **SMALL)
+        m.start_epoch(0, 3, None, None)
+        su, si = _student(24, 90, 6, torch.Generator().manual_seed(1))
+        out.append((m.items.clone(), m(su, si, torch.arange(24), torch.arange(24), torch.arange(24)).item()))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+
+
+def test_kd_alone_moves_student_towards_teacher_ranking():
+    torch.manual_seed(0)
+    tu, ti, train, g = _setup(U=30, I=120, dt=8, seed=1)
+    m = CD.build(tu, ti, train, 8, generator=g, N=100, K=20, T=20.0, lam=1.0)
+    su, si = _student(30, 120, 8, g)
+    top10 = m.top[:, :10]
+
+    def agreement():
+        with torch.no_grad():
+            _, idx = kdfast.topk_scores(su, si, 10, exclude=train, backend="torch")
+        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, top10)) / (30 * 10)
+
+    before = agreement()
+    opt = torch.optim.Adam([su, si], lr=0.05)
+    users = torch.arange(30)
+    for epoch in range(60):
+        m.start_epoch(epoch, 60, su.detach(), si.detach())
+        opt.zero_grad()
+        m(su, si, users, users, users).backward()
+        opt.step()
+    assert agreement() > before + 0.2
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"K": 0}, "K"), ({"K": 31}, "K"), ({"N": 0}, "N"), ({"N": 2.0}, "N"), ({"T": 0.0}, "T"),
+    ({"T": math.inf}, "T"), ({"T_label": -2.0}, "T_label"), ({"lam": 0}, "lam"), ({"lam": None}, "lam")])
+def test_bad_options(opts, match):
+    tu, ti, train, _ = _setup()
+    with pytest.raises((ValueError, TypeError), match=match):
+        CD.build(tu, ti, train, 6, **{**SMALL, **opts})
+
+
+def test_bad_batch():
+    tu, ti, train, g = _setup()
+    m = CD.build(tu, ti, train, 6, generator=g, **SMALL)
+    su, si = torch.randn(24, 6), torch.randn(90, 6)
+    with pytest.raises(ValueError, match="same length"):
+        m(su, si, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="users"):
+        m(su, si, torch.tensor([24]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="student"):
+        m(su[:5], si, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
