@@ -170,7 +170,11 @@ class Trainer:
             if epoch % self.eval_every and epoch != self.epochs:
                 continue
             valid = self.evaluate("valid")
-            history.append({"epoch": epoch, "loss": total, "valid": valid})
+            entry = {"epoch": epoch, "loss": total, "valid": valid}
+            status = self.method.status() if self.method is not None else None
+            if status:
+                entry["method"] = status
+            history.append(entry)
             score = valid[self.monitor]
             if score > best:
                 best, best_epoch, since_best = score, epoch, 0
@@ -179,7 +183,8 @@ class Trainer:
                 since_best += 1
             if self.log is not None:
                 self.log(f"[{self.name}] epoch {epoch}: loss {total:.2f}, valid {self.monitor} {score:.4f} "
-                         f"(best {best:.4f} @ {best_epoch}), {train_seconds / epoch:.2f} s/epoch")
+                         f"(best {best:.4f} @ {best_epoch}), {train_seconds / epoch:.2f} s/epoch"
+                         + (f"; {status}" if status else ""))
             if since_best >= self.patience:
                 if self.log is not None:
                     self.log(f"[{self.name}] early stop: {self.patience} evaluations without improvement")

@@ -52,6 +52,11 @@ class KDMethod(torch.nn.Module):
     def start_epoch(self, epoch: int, max_epoch: int, student_user, student_item) -> None:
         """Per-epoch work (sampling, temperature annealing); default: nothing."""
 
+    def status(self) -> str | None:
+        """A short line on the method's state for the training log and history (e.g. HetComp's phase);
+        default: None."""
+        return None
+
     def forward(self, student_user, student_item, users, pos, neg):  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -248,6 +248,7 @@ class HetComp(KDMethod):
         self.last_dist = None
         self.phase = 1
         self.dkc_calls = 0
+        self.names = [f"teacher{x}" for x in range(len(knowledge))]
         self._update_phase()
         self.pi_t = self._ensemble()
 
@@ -294,7 +295,9 @@ class HetComp(KDMethod):
                     obs_scores.append(obs)
             knowledge.append(lists)
         pi_o = observed_order(excl, obs_scores, n_observed, opts["T_imp"])
-        return cls(knowledge, excl, pi_o, n_users, n_items, opts, generator)
+        method = cls(knowledge, excl, pi_o, n_users, n_items, opts, generator)
+        method.names = [str(t.get("name", f"teacher{x}")) for x, t in enumerate(teachers)]
+        return method
 
     # -- the ensemble and its dynamic construction -------------------------------------------------
     def _selected_lists(self, offset: int = 0):
@@ -342,6 +345,11 @@ class HetComp(KDMethod):
         p, s = self.opts["period"], self.opts["start"]
         if self.phase == 1 and epoch > 0 and epoch >= s and epoch % p == 0:
             self.dkc(epoch, student_user, student_item)
+
+    def status(self) -> str:
+        means = self.selected.to(torch.float64).mean(1).tolist()
+        names = ", ".join(f"{n} {m:.2f}/{int(f)}" for n, m, f in zip(self.names, means, self.final.tolist()))
+        return f"phase {self.phase}, DKC calls {self.dkc_calls}, mean checkpoint {names}"
 
     # -- the loss ------------------------------------------------------------------------------------
     def loss_for_users(self, student_user, student_item, ub):

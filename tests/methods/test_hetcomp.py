@@ -293,3 +293,11 @@ def test_loss_alone_teaches_the_ensemble_ranking():
         opt.step()
     after = overlap()
     assert after > before + 0.3, (before, after)
+
+
+def test_status_reports_phase_and_selection():
+    m, su, si, _ = _small_method(period=2, start=2)
+    assert m.status() == "phase 1, DKC calls 0, mean checkpoint t0 0.00/2, t1 0.00/2"
+    m.selected[0] = 2
+    m.selected[1, :3] = 1
+    assert "t0 2.00/2, t1 0.33/2" in m.status()
