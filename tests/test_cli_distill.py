@@ -88,3 +88,23 @@ def test_distill_unavailable_method(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(base.METHODS, "ghost", ("kdfast.methods.no_such_module:Ghost", {}))
     rc = main(["distill", *TINY, "--methods", "ghost", "--out", str(tmp_path / "o")])
     assert rc == 2 and "'ghost' is not available" in capsys.readouterr().err
+
+
+# small options where a default needs a larger catalog than TINY's 150 items
+_SMALL_OPTIONS = {"rrd": ["N=40", "K=8", "L=8"], "rrd-full": ["N=40", "K=8"], "ir-rrd": ["N=40", "K=8", "L=8", "N_I=30"],
+                  "dcd": ["N=40", "K=8"], "unkd": ["n=20"], "hetcomp": ["K=60", "dcg_k=20", "start=1", "period=1"],
+                  "cd": ["N=60"]}
+
+
+@pytest.mark.parametrize("name", sorted(base.METHODS))
+def test_every_registered_method_trains_through_the_cli(tmp_path, name):
+    if name == "l2-pull":
+        pytest.skip("test-only method")
+    opts = [a for o in _SMALL_OPTIONS.get(name, []) for a in ("--option", f"{name}.{o}")]
+    out = tmp_path / name
+    rc = main(["distill", *TINY, "--epochs", "2", "--methods", name, *opts, "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    s = res["students"][name]
+    assert [h["epoch"] for h in s["history"]] == [1, 2]
+    assert all(0 <= v <= 1 for v in s["test"].values())
