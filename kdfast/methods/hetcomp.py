@@ -39,6 +39,10 @@ Deviations from the authors' code, all documented here:
   teacher's score, importance exp(-rank / T_imp), summed over teachers (the authors load a precomputed
   order).
 
+Training setting: the authors train the HetComp student with Adam (lr 1e-3) and weight decay 1e-5, not the
+1e-3 of the other methods' BPR setting (`kdfast distill --weight-decay 1e-5`): with the KD loss alone, a
+1e-3 L2 term on every embedding outweighs the loss's gradient late in training.
+
 Teachers are given as embedding tables (score = dot product, as every kdfast model) or, for any other model,
 as precomputed rankings through `checkpoint_knowledge`. The trainer minimises the HetComp loss alone
 (uses_base_loss False), as the authors do; base_loss=True adds the BPR loss.
