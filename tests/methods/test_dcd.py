@@ -7,29 +7,7 @@ import torch
 import kdfast
 from kdfast.methods.base import method_class
 from kdfast.methods.dcd import SATURATE, sample_without_replacement
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: extra intra-op threads only cost time, a lot of it on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _torch_topk(monkeypatch):
-    # the teacher/student top lists go through kdfast.topk_scores; keep it on the reference here
-    monkeypatch.setenv("KDFAST_BACKEND", "torch")
-
-
-def _setup(U=24, I=90, dt=12, per_user=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tu, ti = torch.randn(U, dt, generator=g), torch.randn(I, dt, generator=g)
-    train = torch.cat([torch.randperm(I, generator=g)[:per_user] for _ in range(U)])
-    indptr = torch.arange(0, per_user * U + 1, per_user)
-    return tu, ti, (indptr, train), g
+from tests.methods._helpers import top_overlap, teacher_setup as _setup, train_kd_alone
 
 
 def _student(U, I, d=6, seed=1, scale=1.0):
@@ -237,12 +215,6 @@ def test_rank_every_keeps_ranks_but_resamples():
     assert not torch.equal(m.user_side.rank_s, ranks)
 
 
-def _top_overlap(su, si, top10, train):
-    with torch.no_grad():
-        _, idx = kdfast.topk_scores(su, si, 10, exclude=train, backend="torch")
-    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, top10)) / (top10.numel())
-
-
 @pytest.mark.parametrize("opts", [{}, {"rank": "list"}])
 def test_kd_alone_increases_agreement_with_teacher(opts):
     torch.manual_seed(0)
@@ -251,15 +223,10 @@ def test_kd_alone_increases_agreement_with_teacher(opts):
     su = torch.nn.Parameter(torch.randn(30, 8) * 0.1)
     si = torch.nn.Parameter(torch.randn(120, 8) * 0.1)
     top10 = m.user_side.teacher[:, :10]
-    before = _top_overlap(su, si, top10, train)
-    opt = torch.optim.Adam([su, si], lr=0.05)
+    before = top_overlap(su, si, top10, train)
     users = torch.arange(30)
-    for epoch in range(60):
-        m.start_epoch(epoch, 60, su.detach(), si.detach())
-        opt.zero_grad()
-        m(su, si, users, torch.arange(120)[:30] * 4, users).backward()
-        opt.step()
-    assert _top_overlap(su, si, top10, train) > before + 0.2
+    train_kd_alone(m, su, si, users, torch.arange(120)[:30] * 4, users)
+    assert top_overlap(su, si, top10, train) > before + 0.2
 
 
 def test_registry_name():

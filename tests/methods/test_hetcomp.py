@@ -10,11 +10,6 @@ from kdfast.methods.hetcomp import (HetComp, ensemble_top, load_trajectories, ob
                                     top_ndcg)
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("KDFAST_BACKEND", "torch")
-
-
 def _train(U, I, per_user, g):
     items = torch.cat([torch.randperm(I, generator=g)[:per_user] for _ in range(U)])
     return torch.arange(0, per_user * U + 1, per_user), items

@@ -4,20 +4,7 @@ import torch
 
 import kdfast
 from kdfast.methods.base import method_class
-
-
-@pytest.fixture(autouse=True)
-def _torch_topk(monkeypatch):
-    # the teacher top-N goes through kdfast.topk_scores; keep it on the reference in this worktree
-    monkeypatch.setenv("KDFAST_BACKEND", "torch")
-
-
-def _setup(U=24, I=90, dt=12, per_user=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tu, ti = torch.randn(U, dt, generator=g), torch.randn(I, dt, generator=g)
-    train = torch.cat([torch.randperm(I, generator=g)[:per_user] for _ in range(U)])
-    indptr = torch.arange(0, per_user * U + 1, per_user)
-    return tu, ti, (indptr, train), g
+from tests.methods._helpers import top_overlap, teacher_setup as _setup, train_kd_alone
 
 
 def _batch(U, I, n, g):
@@ -83,20 +70,10 @@ def test_kd_alone_increases_agreement_with_teacher():
     si = torch.nn.Parameter(torch.randn(120, 8) * 0.1)
     top10 = m.user_side.top[:, :10]
 
-    def agreement():
-        with torch.no_grad():
-            _, idx = kdfast.topk_scores(su, si, 10, exclude=train, backend="torch")
-        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, top10)) / (30 * 10)
-
-    before = agreement()
-    opt = torch.optim.Adam([su, si], lr=0.05)
+    before = top_overlap(su, si, top10, train)
     users = torch.arange(30)
-    for epoch in range(60):
-        m.start_epoch(epoch, 60, su, si)
-        opt.zero_grad()
-        m(su, si, users, users % 120, users % 120).backward()
-        opt.step()
-    assert agreement() > before + 0.2
+    train_kd_alone(m, su, si, users, users % 120, users % 120)
+    assert top_overlap(su, si, top10, train) > before + 0.2
 
 
 def test_registry_names():

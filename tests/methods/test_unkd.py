@@ -8,20 +8,7 @@ import torch
 import kdfast
 from kdfast.methods.base import method_class
 from kdfast.methods.unkd import popularity_groups, truncated_geometric
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: extra intra-op threads only cost time, a lot of it on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _torch_topk(monkeypatch):
-    monkeypatch.setenv("KDFAST_BACKEND", "torch")
+from tests.methods._helpers import train_kd_alone
 
 
 def _setup(U=24, I=90, dt=12, seed=0):
@@ -198,13 +185,8 @@ def test_kd_alone_increases_agreement_with_teacher():
         return agree / total
 
     before = agreement()
-    opt = torch.optim.Adam([su, si], lr=0.05)
     users = torch.arange(30)
-    for epoch in range(60):
-        m.start_epoch(epoch, 60, su.detach(), si.detach())
-        opt.zero_grad()
-        m(su, si, users, users, users).backward()
-        opt.step()
+    train_kd_alone(m, su, si, users, users, users)
     assert agreement() > before + 0.15
 
 
