@@ -43,8 +43,9 @@ Training setting: the authors train the HetComp student with Adam (lr 1e-3) and 
 1e-3 of the other methods' BPR setting (`kdfast distill --weight-decay 1e-5`): with the KD loss alone, a
 1e-3 L2 term on every embedding outweighs the loss's gradient late in training.
 
-Teachers are given as embedding tables (score = dot product, as every kdfast model) or, for any other model,
-as precomputed rankings through `checkpoint_knowledge`. The trainer minimises the HetComp loss alone
+Teachers are given as embedding tables (score = dot product, as for every kdfast model); what HetComp keeps
+of each checkpoint is `checkpoint_knowledge`: its top-K list per user and its scores of the training pairs.
+The trainer minimises the HetComp loss alone
 (uses_base_loss False), as the authors do; base_loss=True adds the BPR loss.
 """
 from __future__ import annotations
@@ -185,27 +186,25 @@ def observed_order(excl, obs_scores, n_first: int, temperature: float):
     width = max(int(counts.max()) if counts.numel() else 0, 1)
     rows = row_ids(indptr)
     col = torch.arange(items.numel(), device=items.device) - indptr[rows]
+    # the rows' ids side by side (-1 padding), and the permutation that sorts each row by id (padding last):
+    # a stable descending sort after it breaks score ties towards the lower id
+    idd = torch.full((n_rows, width), -1, dtype=torch.int64, device=items.device)
+    idd[rows, col] = items
+    by_id = torch.sort(torch.where(idd >= 0, idd, torch.full_like(idd, 1 << 62)), dim=1, stable=True).indices
+
+    def descending(values):
+        o2 = torch.sort(torch.gather(values, 1, by_id), dim=1, descending=True, stable=True).indices
+        return torch.gather(by_id, 1, o2)
+
     total = torch.zeros(n_rows, width, dtype=torch.float32, device=items.device)
+    positions = torch.arange(width, device=items.device).expand(n_rows, -1)
     for s in obs_scores:
         dense = torch.full((n_rows, width), -math.inf, dtype=torch.float32, device=items.device)
         dense[rows, col] = s.float()
-        # rank among the row's items: descending score, ties to the lower item id
-        idd = torch.full((n_rows, width), -1, dtype=torch.int64, device=items.device)
-        idd[rows, col] = items
-        key_id = torch.where(idd >= 0, idd, torch.full_like(idd, 1 << 62))
-        o1 = torch.sort(key_id, dim=1, stable=True).indices
-        o2 = torch.sort(torch.gather(dense, 1, o1), dim=1, descending=True, stable=True).indices
-        order = torch.gather(o1, 1, o2)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=items.device).expand(n_rows, -1))
+        rank = torch.empty_like(by_id).scatter_(1, descending(dense), positions)  # rank among the row's items
         total += torch.exp(-rank.float() / temperature)
-    idd = torch.full((n_rows, width), -1, dtype=torch.int64, device=items.device)
-    idd[rows, col] = items
     total = torch.where(idd >= 0, total, torch.full_like(total, -1.0))
-    key_id = torch.where(idd >= 0, idd, torch.full_like(idd, 1 << 62))
-    o1 = torch.sort(key_id, dim=1, stable=True).indices
-    o2 = torch.sort(torch.gather(total, 1, o1), dim=1, descending=True, stable=True).indices
-    order = torch.gather(o1, 1, o2)[:, :n_first]
-    out = torch.gather(idd, 1, order)
+    out = torch.gather(idd, 1, descending(total)[:, :n_first])
     if out.shape[1] < n_first:
         out = torch.cat([out, out.new_full((n_rows, n_first - out.shape[1]), -1)], 1)
     return out
@@ -241,7 +240,7 @@ class HetComp(KDMethod):
 
     def __init__(self, knowledge, excl, pi_o, n_users, n_items, opts, generator):
         super().__init__()
-        self.knowledge = knowledge  # per teacher: list over checkpoints of [U, K] top lists
+        self.knowledge = [torch.stack(lists) for lists in knowledge]  # per teacher: [V, U, K] top lists
         self.excl, self.pi_o = excl, pi_o
         self.n_users, self.n_items = n_users, n_items
         self.opts, self.generator = opts, generator
@@ -307,9 +306,8 @@ class HetComp(KDMethod):
     def _selected_lists(self, offset: int = 0):
         """Per teacher, [U, K] top lists of each user's checkpoint min(v + offset, final)."""
         out = []
-        for x, lists in enumerate(self.knowledge):
+        for x, stack in enumerate(self.knowledge):
             v = torch.clamp(self.selected[x] + offset, max=int(self.final[x]))
-            stack = torch.stack(lists)  # [V, U, K]
             out.append(stack[v, torch.arange(self.n_users, device=v.device)])
         return out
 

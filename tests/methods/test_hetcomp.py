@@ -158,7 +158,7 @@ def test_dkc_follows_the_rule():
     m.start_epoch(2, 10, su.detach(), si.detach())  # first call: records distances only
     assert m.dkc_calls == 1 and bool((m.selected == 0).all())
     _, stop = kdfast.topk_scores(su.detach(), si.detach(), 20, exclude=m.excl)
-    lists = [[torch.stack(k)[v] for v in range(len(k))] for k in m.knowledge]
+    lists = m.knowledge  # per teacher [V, U, K]
 
     def dist(x, u, v):
         return 1.0 - top_ndcg(stop[u:u + 1], lists[x][min(v, int(final[x]))][u:u + 1], 20).item()
@@ -177,8 +177,7 @@ def test_dkc_follows_the_rule():
             moved = r > th or r < 1
             assert m.selected[x, u].item() == (1 if moved else 0)
             assert m.last_dist[x, u].item() == pytest.approx(dist(x, u, 2) if moved else last[x, u])
-    want = ensemble_top([lists[x][0][torch.arange(9)] * 0 + torch.stack(lists[x])[m.selected[x], torch.arange(9)]
-                         for x in range(2)], 60, 120, 10.0)
+    want = ensemble_top([lists[x][m.selected[x], torch.arange(9)] for x in range(2)], 60, 120, 10.0)
     assert torch.equal(m.pi_t, want)
 
 
