@@ -150,12 +150,13 @@ class Trainer:
             for b in bar:
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 ue, ie = self.model.embeddings()
-                if self.method is None:
-                    loss = bpr_loss(ue, ie, users[sl], pos[sl], neg[sl])
-                elif self.method.uses_base_loss:
-                    loss = bpr_loss(ue, ie, users[sl], pos[sl], neg[sl]) + self.method(ue, ie, users[sl], pos[sl], neg[sl])
+                batch = users[sl], pos[sl], neg[sl]
+                if self.method is None or self.method.uses_base_loss:
+                    loss = bpr_loss(ue, ie, *batch)
+                    if self.method is not None:
+                        loss = loss + self.method(ue, ie, *batch)
                 else:
-                    loss = self.method(ue, ie, users[sl], pos[sl], neg[sl])
+                    loss = self.method(ue, ie, *batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
