@@ -108,3 +108,15 @@ def test_every_registered_method_trains_through_the_cli(tmp_path, name):
     s = res["students"][name]
     assert [h["epoch"] for h in s["history"]] == [1, 2]
     assert all(0 <= v <= 1 for v in s["test"].values())
+
+
+def test_methods_help_lists_every_registered_method():
+    import argparse
+
+    from kdfast.commands.distill import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    text = next(a.help for a in p._actions if "--methods" in a.option_strings)
+    listed = set(text.split("(", 1)[1].rstrip(")").replace(" ", "").split(","))
+    assert listed == set(base.METHODS) - {"l2-pull"}

@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--student-dim", type=int, default=20)
     p.add_argument("--teacher", default=None,
                    help="teacher file: loaded when it exists (its metadata must match), else trained and saved there (default OUT/teacher.pt)")
-    p.add_argument("--methods", default="none", help="comma-separated: none and/or KD methods (de, phr, ftd, htd, rrd, ir-rrd, ...)")
+    p.add_argument("--methods", default="none", help="comma-separated: none and/or KD methods (de, phr, ftd, htd, rrd, rrd-full, ir-rrd, hetcomp, rd, cd, dcd, unkd)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a KD method option passed to its build(), e.g. rrd.lam=0.01 (VALUE parsed as JSON, else a string); repeatable")
     p.add_argument("--epochs", type=int, default=1000, help="maximum student epochs (early stopping on validation)")
