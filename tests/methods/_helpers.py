@@ -30,3 +30,27 @@ def top_overlap(su, si, teacher_top, train):
     with torch.no_grad():
         _, idx = kdfast.topk_scores(su, si, teacher_top.shape[1], exclude=train, backend="torch")
     return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, teacher_top)) / teacher_top.numel()
+
+
+def assert_finite_loss_with_gradient(loss, su, si):
+    """A scalar, finite, positive KD loss whose backward gives finite, non-zero gradients to both tables."""
+    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
+    loss.backward()
+    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0
+    assert bool(torch.isfinite(si.grad).all()) and si.grad.abs().sum() > 0
+
+
+def assert_rejects_bad_batches(m, su, si):
+    """The batch checks every method shares: ragged (users, pos, neg), a user id out of range, and student
+    tables of the wrong size each raise ValueError naming the problem."""
+    import pytest
+
+    one = torch.tensor([0])
+    with pytest.raises(ValueError, match="same length"):
+        m(su, si, torch.tensor([0, 1]), one, one)
+    with pytest.raises(ValueError, match="users"):
+        m(su, si, torch.tensor([su.shape[0]]), one, one)
+    with pytest.raises(ValueError, match="student"):
+        m(su[:5], si, one, one, one)
+    with pytest.raises(ValueError, match="student"):
+        m(su, si[:5], one, one, one)

@@ -8,7 +8,8 @@ import torch
 import kdfast
 from kdfast.methods.base import method_class
 from kdfast.methods.cd import CD
-from tests.methods._helpers import top_overlap, teacher_setup as _setup, train_kd_alone
+from tests.methods._helpers import (assert_finite_loss_with_gradient, assert_rejects_bad_batches, teacher_setup as _setup,
+                                    top_overlap, train_kd_alone)
 
 
 def _observed(train, u):
@@ -35,9 +36,7 @@ def test_forward_finite_with_gradient():
     m.start_epoch(0, 5, su.detach(), si.detach())
     users = torch.randint(0, 24, (32,), generator=g)
     loss = m(su, si, users, users % 90, users % 90)
-    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
-    loss.backward()
-    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0 and si.grad.abs().sum() > 0
+    assert_finite_loss_with_gradient(loss, su, si)
     ub = set(users.tolist())
     assert all((su.grad[u].abs().sum() > 0) == (u in ub) for u in range(24))
 
@@ -147,9 +146,4 @@ def test_bad_batch():
     tu, ti, train, g = _setup()
     m = CD.build(tu, ti, train, 6, generator=g, **SMALL)
     su, si = torch.randn(24, 6), torch.randn(90, 6)
-    with pytest.raises(ValueError, match="same length"):
-        m(su, si, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="users"):
-        m(su, si, torch.tensor([24]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="student"):
-        m(su[:5], si, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    assert_rejects_bad_batches(m, su, si)

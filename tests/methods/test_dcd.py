@@ -7,7 +7,8 @@ import torch
 import kdfast
 from kdfast.methods.base import method_class
 from kdfast.methods.dcd import SATURATE, sample_without_replacement
-from tests.methods._helpers import top_overlap, teacher_setup as _setup, train_kd_alone
+from tests.methods._helpers import (assert_finite_loss_with_gradient, assert_rejects_bad_batches, teacher_setup as _setup,
+                                    top_overlap, train_kd_alone)
 
 
 def _student(U, I, d=6, seed=1, scale=1.0):
@@ -43,10 +44,7 @@ def test_forward_finite_with_gradient(opts):
     m.start_epoch(0, 5, su.detach(), si.detach())
     users, pos = torch.randint(0, 24, (32,), generator=g), torch.randint(0, 90, (32,), generator=g)
     loss = m(su, si, users, pos, pos)
-    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
-    loss.backward()
-    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0
-    assert bool(torch.isfinite(si.grad).all()) and si.grad.abs().sum() > 0
+    assert_finite_loss_with_gradient(loss, su, si)
 
 
 def test_ranks_probabilities_and_samples_user_side():
@@ -247,11 +245,6 @@ def test_bad_options_and_inputs():
     with pytest.raises(RuntimeError, match="start_epoch"):
         m(su, si, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
     m.start_epoch(0, 5, su, si)
-    with pytest.raises(ValueError, match="same length"):
-        m(su, si, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="users"):
-        m(su, si, torch.tensor([24]), torch.tensor([0]), torch.tensor([0]))
+    assert_rejects_bad_batches(m, su, si)
     with pytest.raises(ValueError, match="pos"):
         m(su, si, torch.tensor([0]), torch.tensor([90]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="student"):
-        m(su[:5], si, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))

@@ -4,7 +4,8 @@ import torch
 
 import kdfast
 from kdfast.methods.base import method_class
-from tests.methods._helpers import top_overlap, teacher_setup as _setup, train_kd_alone
+from tests.methods._helpers import (assert_finite_loss_with_gradient, assert_rejects_bad_batches, teacher_setup as _setup,
+                                    top_overlap, train_kd_alone)
 
 
 def _batch(U, I, n, g):
@@ -25,10 +26,7 @@ def test_forward_finite_with_gradient(cls, opts):
     si = torch.nn.Parameter(torch.randn(90, 6, generator=g) * 0.1)
     m.start_epoch(0, 5, su, si)
     loss = m(su, si, *_batch(24, 90, 32, g))
-    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
-    loss.backward()
-    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0
-    assert si.grad.abs().sum() > 0
+    assert_finite_loss_with_gradient(loss, su, si)
 
 
 def test_samples_respect_teacher_list_and_exclusions():
@@ -94,11 +92,6 @@ def test_bad_inputs():
         kdfast.RRD.build(tu, ti, train, 6, N=20, K=8, L=80)
     m = kdfast.RRD.build(tu, ti, train, 6, generator=g, **SMALL)
     su, si = torch.randn(24, 6), torch.randn(90, 6)
-    with pytest.raises(ValueError, match="same length"):
-        m(su, si, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="users"):
-        m(su, si, torch.tensor([24]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="student"):
-        m(su[:5], si, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    assert_rejects_bad_batches(m, su, si)
     with pytest.raises(ValueError, match="item_source"):
         kdfast.IRRRD.build(tu, ti, train, 6, item_source="neg", **SMALL)

@@ -8,7 +8,7 @@ import torch
 import kdfast
 from kdfast.methods.base import method_class
 from kdfast.methods.unkd import popularity_groups, truncated_geometric
-from tests.methods._helpers import train_kd_alone
+from tests.methods._helpers import assert_finite_loss_with_gradient, assert_rejects_bad_batches, train_kd_alone
 
 
 def _setup(U=24, I=90, dt=12, seed=0):
@@ -39,9 +39,7 @@ def test_forward_finite_with_gradient():
     m.start_epoch(0, 5, su.detach(), si.detach())
     users = torch.randint(0, 24, (32,), generator=g)
     loss = m(su, si, users, users % 90, users % 90)
-    assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.item() > 0
-    loss.backward()
-    assert bool(torch.isfinite(su.grad).all()) and su.grad.abs().sum() > 0 and si.grad.abs().sum() > 0
+    assert_finite_loss_with_gradient(loss, su, si)
 
 
 def test_popularity_groups_have_equal_mass():
@@ -204,9 +202,4 @@ def test_bad_options_and_inputs():
             kdfast.UnKD.build(tu, ti, train, 6, **{**SMALL, **bad})
     m = kdfast.UnKD.build(tu, ti, train, 6, generator=g, **SMALL)
     su, si = torch.randn(24, 6), torch.randn(90, 6)
-    with pytest.raises(ValueError, match="same length"):
-        m(su, si, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="users"):
-        m(su, si, torch.tensor([24]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="student"):
-        m(su, si[:5], torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    assert_rejects_bad_batches(m, su, si)
