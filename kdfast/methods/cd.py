@@ -34,8 +34,6 @@ Choices the sources leave open (docs/METHODS.md tags CD as read from a third-par
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -44,14 +42,7 @@ from ..csr import as_csr
 from ..ops.topk import topk_scores
 from ..sampling import exclusion_keys, rank_discounted_sample
 from .base import KDMethod
-from .ranking import _check_batch, _positive_number, _unique_ids
-
-
-def _finite_positive(v, name):
-    v = _positive_number(v, name)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return v
+from .ranking import _check_batch, _finite_positive, _unique_ids
 
 
 class CD(KDMethod):

@@ -69,11 +69,10 @@ from ..csr import as_csr, transpose_csr
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.topk import topk_scores
 from .base import KDMethod
-from .ranking import _check_batch, _positive_number, _unique_ids
+from .ranking import _as_bool, _check_batch, _finite_positive, _positive_number, _row_scores, _unique_ids
 
 #: tanh(x) == 1.0 in float32 for x >= 9.1; ranks beyond N + SATURATE * eps need not be known exactly
 SATURATE = 10.0
-_ROW_CHUNK = 4096
 
 
 def _depth(n: int, eps: float, n_ids: int) -> int:
@@ -109,16 +108,6 @@ def _positions(lists: torch.Tensor, queries: torch.Tensor, n_ids: int) -> torch.
     at = torch.searchsorted(keys, q).clamp_max(keys.numel() - 1)
     found = (keys[at] == q) & (queries >= 0)
     return torch.where(found, pos[at], out)
-
-
-def _gathered_scores(q_emb, k_emb, ids):
-    """<q_emb[r], k_emb[ids[r, j]]> for every row r (ids >= 0), 4096 rows at a time (no [R, N, d] tensor)."""
-    out = torch.empty(ids.shape, dtype=torch.float32 if q_emb.dtype != torch.float64 else torch.float64,
-                      device=ids.device)
-    for r0 in range(0, ids.shape[0], _ROW_CHUNK):
-        r1 = min(r0 + _ROW_CHUNK, ids.shape[0])
-        out[r0:r1] = torch.bmm(k_emb[ids[r0:r1].clamp_min(0)], q_emb[r0:r1, :, None]).squeeze(2).to(out.dtype)
-    return out
 
 
 def sample_without_replacement(p: torch.Tensor, k: int, generator=None) -> torch.Tensor:
@@ -184,7 +173,7 @@ class _DCDSide:
         cand = self.teacher[:, :self.n]
         rank_t = torch.arange(self.n, device=cand.device).expand_as(cand)
         if self.rank == "list":
-            scores = _gathered_scores(q_emb, k_emb, cand)
+            scores = _row_scores(q_emb, k_emb, cand)
             order = torch.sort(scores, dim=1, descending=True, stable=True).indices
             rank_s = torch.empty_like(order).scatter_(1, order, rank_t.contiguous())
             student_top = None
@@ -245,12 +234,9 @@ class DCD(KDMethod):
         N, K = _checks.positive_int(N, "N"), _checks.positive_int(K, "K")
         N_I = N if N_I is None else _checks.positive_int(N_I, "N_I")
         K_I = K if K_I is None else _checks.positive_int(K_I, "K_I")
-        eps = _positive_number(eps, "eps")
-        if not math.isfinite(eps):
-            raise ValueError(f"eps must be finite, got {eps!r}")
+        eps = _finite_positive(eps, "eps")
         lam = _positive_number(lam, "lam")
-        if not isinstance(item_side, bool):
-            raise ValueError(f"item_side must be True or False, got {item_side!r}")
+        item_side = _as_bool(item_side, "item_side")
         lam_item = _positive_number(lam_item, "lam_item")
         rank_every = _checks.positive_int(rank_every, "rank_every")
         if rank not in ("catalog", "list"):

@@ -62,7 +62,7 @@ from ..ops.full_catalog import _gathered_scores, full_catalog_log_tail, full_cat
 from ..ops.plackett_luce import plackett_luce_loss
 from ..ops.topk import topk_scores
 from .base import KDMethod
-from .ranking import _csr_rows, _positive_number, _unique_ids
+from .ranking import _csr_rows, _nonneg_int, _positive_number, _unique_ids
 
 TRAJECTORY_FORMAT = "kdfast-trajectories-1"
 
@@ -267,8 +267,7 @@ class HetComp(KDMethod):
         n_observed = _checks.positive_int(n_observed, "n_observed")
         period = _checks.positive_int(period, "period")
         dcg_k = _checks.positive_int(dcg_k, "dcg_k")
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an int >= 0, got {start!r}")
+        start = _nonneg_int(start, "start")
         if K < 50:
             raise ValueError(f"K must be >= 50 (phase 2 uses the first 50 items of pi_t), got {K}")
         if dcg_k > K:

@@ -10,6 +10,8 @@ IR-RRD adds the same loss with users and items swapped (each item's teacher top-
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _checks
@@ -85,10 +87,44 @@ def _unique_ids(ids, n):
     return torch.nonzero(torch.bincount(ids, minlength=n)).flatten()
 
 
+# rows per block when scoring [rows, m] id lists (bounds the gathered [rows, m, d] tensor)
+_BLOCK_ELEMS = 1 << 24
+
+
+def _row_scores(q_emb, k_emb, ids):
+    """s[r, j] = <q_emb[r], k_emb[ids[r, j]]> for every row r of ids [R, m] (ids >= 0), blocked over rows so
+    that the gathered rows never exceed 2^24 elements. For per-epoch work without gradient (RD's rank
+    estimate, DCD's ranks within the teacher list)."""
+    rows, m = ids.shape
+    step = max(1, _BLOCK_ELEMS // max(1, m * q_emb.shape[1]))
+    out = [torch.einsum("ud,umd->um", q_emb[lo:lo + step], k_emb[ids[lo:lo + step]])
+           for lo in range(0, rows, step)]
+    return torch.cat(out) if out else q_emb.new_zeros((0, m))
+
+
 def _positive_number(v, name):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise ValueError(f"{name} must be a number > 0, got {v!r}")
     return float(v)
+
+
+def _finite_positive(v, name):
+    v = _positive_number(v, name)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return v
+
+
+def _nonneg_int(v, name):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    return v
+
+
+def _as_bool(v, name):
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
 
 
 class RRD(KDMethod):

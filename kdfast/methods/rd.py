@@ -54,34 +54,7 @@ from .. import _checks
 from ..csr import as_csr
 from ..sampling import exclusion_keys, uniform_excluding_sample
 from .base import KDMethod
-from .ranking import _check_batch, _positive_number, _teacher_top, _unique_ids
-
-# rows per block when scoring [rows, n] sampled items (bounds the gathered [rows, n, d] tensor)
-_BLOCK_ELEMS = 1 << 24
-
-
-def _pair_scores(user_emb, item_emb, items):
-    """s[u, j] = <user_emb[u], item_emb[items[u, j]]> for every row u of items [U, m] (blocked over rows)."""
-    rows, m = items.shape
-    d = user_emb.shape[1]
-    step = max(1, _BLOCK_ELEMS // max(1, m * d))
-    out = []
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        out.append(torch.einsum("ud,umd->um", user_emb[lo:hi], item_emb[items[lo:hi]]))
-    return torch.cat(out) if out else user_emb.new_zeros((0, m))
-
-
-def _as_bool(v, name):
-    if not isinstance(v, bool):
-        raise ValueError(f"{name} must be True or False, got {v!r}")
-    return v
-
-
-def _nonneg_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-    return v
+from .ranking import _as_bool, _check_batch, _nonneg_int, _positive_number, _row_scores, _teacher_top, _unique_ids
 
 
 class RD(KDMethod):
@@ -147,8 +120,8 @@ class RD(KDMethod):
         self.rank_samples = uniform_excluding_sample(self.n_users, self.n_items, self.n_sample,
                                                      excluded_keys=self.excl_keys, generator=self.generator,
                                                      device=self.top.device, backend=self.sampler_backend)
-        s_top = _pair_scores(student_user, student_item, self.top)                  # [U, K]
-        s_smp = _pair_scores(student_user, student_item, self.rank_samples)         # [U, n]
+        s_top = _row_scores(student_user, student_item, self.top)                  # [U, K]
+        s_smp = _row_scores(student_user, student_item, self.rank_samples)         # [U, n]
         above = (s_smp[:, None, :] > s_top[:, :, None]).sum(-1)                     # [U, K]
         rhat = torch.div(above * (self.n_items - 1), self.n_sample, rounding_mode="floor")
         self.rank_estimate = rhat
