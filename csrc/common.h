@@ -6,8 +6,8 @@
 // the GIL while it runs. Offsets that can exceed 2^31 are int64_t.
 #pragma once
 
-#include <cstdint>
 #include <pybind11/pybind11.h>
+#include <cstdint>
 
 namespace kdfast {
 

@@ -45,8 +45,8 @@ inline void score_tile(const T* U, int64_t r0, int64_t nr, const T* vt, int64_t 
 }
 
 // mark[r][j] = 1 for excluded items of row (r0 + r) inside [j0, j1); ptr[r] advances past them.
-inline void mark_excluded(const int64_t* indices, const int64_t* end, int64_t* ptr, int64_t nr, int64_t j0,
-                          int64_t j1, unsigned char (*mark)[kItems]) {
+inline void mark_excluded(const int64_t* indices, const int64_t* end, int64_t* ptr, int64_t nr, int64_t j0, int64_t j1,
+                          unsigned char (*mark)[kItems]) {
     for (int64_t r = 0; r < nr; ++r) {
         std::fill(mark[r], mark[r] + kItems, 0);
         int64_t p = ptr[r];
@@ -193,29 +193,29 @@ void register_full_catalog(pybind11::module_& m) {
             const auto* ip = kdfast::as_ptr<const int64_t>(indptr);
             const auto* ix = kdfast::as_ptr<const int64_t>(indices);
             if (f64)
-                log_tail_impl(kdfast::as_ptr<const double>(u), kdfast::as_ptr<const double>(v), B, I, D, ip, ix,
-                              clamp, kdfast::as_ptr<double>(out), n_threads);
+                log_tail_impl(kdfast::as_ptr<const double>(u), kdfast::as_ptr<const double>(v), B, I, D, ip, ix, clamp,
+                              kdfast::as_ptr<double>(out), n_threads);
             else
-                log_tail_impl(kdfast::as_ptr<const float>(u), kdfast::as_ptr<const float>(v), B, I, D, ip, ix,
-                              clamp, kdfast::as_ptr<float>(out), n_threads);
+                log_tail_impl(kdfast::as_ptr<const float>(u), kdfast::as_ptr<const float>(v), B, I, D, ip, ix, clamp,
+                              kdfast::as_ptr<float>(out), n_threads);
         },
         "Per-row log sum exp of clamped scores over non-excluded items (see csrc/full_catalog.cpp).");
     m.def(
         "full_catalog_log_tail_backward",
-        [](std::uintptr_t g, std::uintptr_t lt, std::uintptr_t u, std::uintptr_t v, int64_t B, int64_t I,
-           int64_t D, std::uintptr_t indptr, std::uintptr_t indices, double clamp, std::uintptr_t gu,
-           std::uintptr_t gi, bool f64, int n_threads) {
+        [](std::uintptr_t g, std::uintptr_t lt, std::uintptr_t u, std::uintptr_t v, int64_t B, int64_t I, int64_t D,
+           std::uintptr_t indptr, std::uintptr_t indices, double clamp, std::uintptr_t gu, std::uintptr_t gi, bool f64,
+           int n_threads) {
             pybind11::gil_scoped_release release;
             const auto* ip = kdfast::as_ptr<const int64_t>(indptr);
             const auto* ix = kdfast::as_ptr<const int64_t>(indices);
             if (f64)
                 backward_impl(kdfast::as_ptr<const double>(g), kdfast::as_ptr<const double>(lt),
-                              kdfast::as_ptr<const double>(u), kdfast::as_ptr<const double>(v), B, I, D, ip, ix,
-                              clamp, kdfast::as_ptr<double>(gu), kdfast::as_ptr<double>(gi), n_threads);
+                              kdfast::as_ptr<const double>(u), kdfast::as_ptr<const double>(v), B, I, D, ip, ix, clamp,
+                              kdfast::as_ptr<double>(gu), kdfast::as_ptr<double>(gi), n_threads);
             else
                 backward_impl(kdfast::as_ptr<const float>(g), kdfast::as_ptr<const float>(lt),
-                              kdfast::as_ptr<const float>(u), kdfast::as_ptr<const float>(v), B, I, D, ip, ix,
-                              clamp, kdfast::as_ptr<float>(gu), kdfast::as_ptr<float>(gi), n_threads);
+                              kdfast::as_ptr<const float>(u), kdfast::as_ptr<const float>(v), B, I, D, ip, ix, clamp,
+                              kdfast::as_ptr<float>(gu), kdfast::as_ptr<float>(gi), n_threads);
         },
         "Gradients (user, item) of the full-catalog log-tail (see csrc/full_catalog.cpp).");
 }

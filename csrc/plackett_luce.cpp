@@ -48,7 +48,7 @@ namespace {
 __attribute__((always_inline)) inline float fast_exp(float x) {
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-    const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+    const float kRound = 12582912.0f;    // 1.5 * 2^23: adding and subtracting rounds to an integer
     float xc = x < -87.0f ? -87.0f : x;  // a NaN x stays NaN: both compares are false
     xc = xc > 88.5f ? 88.5f : xc;
     float n = (xc * kLog2e + kRound) - kRound;
@@ -325,16 +325,16 @@ KDFAST_INLINE void fwd_row_t(const T* s, const T* u, const T* t, int64_t K, int6
 }
 
 template <typename T>
-KDFAST_INLINE void bwd_row_t(T g, const T* s, const T* u, const T* t, T rest, T a_total, int64_t K, int64_t L,
-                             T* e, T* r, T* gs, T* gu, T* gt) {
+KDFAST_INLINE void bwd_row_t(T g, const T* s, const T* u, const T* t, T rest, T a_total, int64_t K, int64_t L, T* e,
+                             T* r, T* gs, T* gu, T* gt) {
     T loss_unused, inv_unused;
     ranked_row(s, K, rest, g, e, r, &loss_unused, &inv_unused, gs);
     if (u != nullptr) scaled_exp(u, L, a_total, g, gu);
     if (t != nullptr) *gt = g * std::exp(*t + a_total);
 }
 
-KDFAST_CLONES void fwd_row(const float* s, const float* u, const float* t, int64_t K, int64_t L, float* e,
-                           float* r, float* loss, float* rest, float* inv) {
+KDFAST_CLONES void fwd_row(const float* s, const float* u, const float* t, int64_t K, int64_t L, float* e, float* r,
+                           float* loss, float* rest, float* inv) {
     fwd_row_t(s, u, t, K, L, e, r, loss, rest, inv);
 }
 void fwd_row(const double* s, const double* u, const double* t, int64_t K, int64_t L, double* e, double* r,
@@ -345,14 +345,14 @@ KDFAST_CLONES void bwd_row(float g, const float* s, const float* u, const float*
                            int64_t K, int64_t L, float* e, float* r, float* gs, float* gu, float* gt) {
     bwd_row_t(g, s, u, t, rest, a_total, K, L, e, r, gs, gu, gt);
 }
-void bwd_row(double g, const double* s, const double* u, const double* t, double rest, double a_total,
-             int64_t K, int64_t L, double* e, double* r, double* gs, double* gu, double* gt) {
+void bwd_row(double g, const double* s, const double* u, const double* t, double rest, double a_total, int64_t K,
+             int64_t L, double* e, double* r, double* gs, double* gu, double* gt) {
     bwd_row_t(g, s, u, t, rest, a_total, K, L, e, r, gs, gu, gt);
 }
 
 template <typename T>
-void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L, T* loss, T* rest,
-             T* inv, int n_threads) {
+void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L, T* loss, T* rest, T* inv,
+             int n_threads) {
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -365,16 +365,16 @@ void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L
 }
 
 template <typename T>
-void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, const T* inv, int64_t B,
-              int64_t K, int64_t L, T* gs, T* gu, T* gt, int n_threads) {
+void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, const T* inv, int64_t B, int64_t K,
+              int64_t L, T* gs, T* gu, T* gt, int n_threads) {
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(n_threads)
     {
         std::vector<T> e(static_cast<size_t>(std::max<int64_t>(K, 1))), r(e.size());
 #pragma omp for schedule(dynamic, 64)
         for (int64_t b = 0; b < B; ++b)
-            bwd_row(go[b], s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b,
-                    rest[b], inv[b], K, L, e.data(), r.data(), gs + b * K, u == nullptr ? nullptr : gu + b * L,
+            bwd_row(go[b], s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b, rest[b],
+                    inv[b], K, L, e.data(), r.data(), gs + b * K, u == nullptr ? nullptr : gu + b * L,
                     t == nullptr ? nullptr : gt + b);
     }
 }
@@ -529,8 +529,8 @@ KDFAST_INLINE void gather_axpy(T* gq, const T* e, const int64_t* idx, const T* w
 // outside [-1, N). Scratch: sc [K + L], e [K], r [K].
 template <typename T>
 KDFAST_INLINE int emb_row_t(const T* qb, const T* e, const int64_t* ri, const int64_t* ui, const T* tb, int64_t K,
-                            int64_t L, int64_t d, int64_t N, T* sc, T* eb, T* rb, T* acc, T* loss, T* dr, T* du,
-                            T* dt, T* gq, int64_t* bad) {
+                            int64_t L, int64_t d, int64_t N, T* sc, T* eb, T* rb, T* acc, T* loss, T* dr, T* du, T* dt,
+                            T* gq, int64_t* bad) {
     T* s = sc;
     T* u = sc + K;
     const bool ahead = (K + L) * d * static_cast<int64_t>(sizeof(T)) > kNextRowBytes;
@@ -563,18 +563,17 @@ KDFAST_CLONES int emb_row(const float* qb, const float* e, const int64_t* ri, co
     return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, acc, loss, dr, du, dt, gq, bad);
 }
 int emb_row(const double* qb, const double* e, const int64_t* ri, const int64_t* ui, const double* tb, int64_t K,
-            int64_t L, int64_t d, int64_t N, double* sc, double* eb, double* rb, double* acc, double* loss,
-            double* dr, double* du, double* dt, double* gq, int64_t* bad) {
+            int64_t L, int64_t d, int64_t N, double* sc, double* eb, double* rb, double* acc, double* loss, double* dr,
+            double* du, double* dt, double* gq, int64_t* bad) {
     return emb_row_t(qb, e, ri, ui, tb, K, L, d, N, sc, eb, rb, acc, loss, dr, du, dt, gq, bad);
 }
 
 // Returns (code, value): (0, 0) on success; (1 | 2, id) for an id of ranked_idx | unranked_idx outside
 // [-1, N); (3, row) for a rows entry outside [0, n_rows). The first error found stops the work.
 template <typename T>
-std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows, const int64_t* ri,
-                                    const int64_t* ui, const T* t, int64_t B, int64_t K, int64_t L, int64_t d,
-                                    int64_t N, int64_t n_rows, T* loss, T* dr, T* du, T* dt, T* gq,
-                                    int n_threads) {
+std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows, const int64_t* ri, const int64_t* ui,
+                                    const T* t, int64_t B, int64_t K, int64_t L, int64_t d, int64_t N, int64_t n_rows,
+                                    T* loss, T* dr, T* du, T* dt, T* gq, int n_threads) {
     py::gil_scoped_release release;
     int code = 0;
     int64_t value = 0;
@@ -602,12 +601,11 @@ std::pair<int, int64_t> emb_forward(const T* q, const T* e, const int64_t* rows,
                     prefetch_rows<2>(e, ri + qn * K, K, d, 0, N);
                     if (ui != nullptr) prefetch_rows<2>(e, ui + qn * L, L, d, 0, N);
                 }
-                c = emb_row(q + qr * d, e, ri + qr * K, ui == nullptr ? nullptr : ui + qr * L,
-                            t == nullptr ? nullptr : t + qr, K, L, d, N, sc.data(), eb.data(), rbuf.data(), acc.data(),
-                            loss + b, dr == nullptr ? nullptr : dr + b * K,
-                            (dr == nullptr || ui == nullptr) ? nullptr : du + b * L,
-                            (dr == nullptr || t == nullptr) ? nullptr : dt + b, dr == nullptr ? nullptr : gq + b * d,
-                            &bad);
+                c = emb_row(
+                    q + qr * d, e, ri + qr * K, ui == nullptr ? nullptr : ui + qr * L, t == nullptr ? nullptr : t + qr,
+                    K, L, d, N, sc.data(), eb.data(), rbuf.data(), acc.data(), loss + b,
+                    dr == nullptr ? nullptr : dr + b * K, (dr == nullptr || ui == nullptr) ? nullptr : du + b * L,
+                    (dr == nullptr || t == nullptr) ? nullptr : dt + b, dr == nullptr ? nullptr : gq + b * d, &bad);
             }
             if (c != 0) {
 #pragma omp critical(kdfast_pl_emb_error)
@@ -631,8 +629,8 @@ struct Entry {
 
 // Visits the item-gradient entries of batch rows [lo, hi) in (b, j) order: f(item, query row, weight).
 template <typename T, typename F>
-KDFAST_INLINE void for_each_entry(const T* go, const int64_t* rows, const int64_t* ri, const int64_t* ui,
-                                  const T* dr, const T* du, int64_t K, int64_t L, int64_t lo, int64_t hi, F&& f) {
+KDFAST_INLINE void for_each_entry(const T* go, const int64_t* rows, const int64_t* ri, const int64_t* ui, const T* dr,
+                                  const T* du, int64_t K, int64_t L, int64_t lo, int64_t hi, F&& f) {
     for (int64_t b = lo; b < hi; ++b) {
         const T g = go[b];
         if (g == T(0)) continue;
@@ -656,8 +654,8 @@ KDFAST_INLINE void for_each_entry(const T* go, const int64_t* rows, const int64_
 // ownership test is a coin flip that a branch would mispredict half the time. Scratch: K + L each.
 template <typename T>
 KDFAST_INLINE int64_t own_entries(const T* go, const int64_t* ri, const int64_t* ui, const T* dr, const T* du,
-                                  int64_t b, int64_t qr, int64_t K, int64_t L, int64_t lo, int64_t hi,
-                                  int64_t* ids, T* ws) {
+                                  int64_t b, int64_t qr, int64_t K, int64_t L, int64_t lo, int64_t hi, int64_t* ids,
+                                  T* ws) {
     const T g = go[b];
     if (g == T(0)) return 0;
     // the count goes in and out by value: a captured reference could alias ids[], and would be
@@ -677,9 +675,9 @@ KDFAST_INLINE int64_t own_entries(const T* go, const int64_t* ri, const int64_t*
 // The entries whose item lies in [lo, hi), added in (b, j) order; the next row's gradient rows are
 // fetched while this row's are added.
 template <typename T>
-KDFAST_INLINE void scatter_direct_t(const T* go, const T* q, const int64_t* rows, const int64_t* ri,
-                                    const int64_t* ui, const T* dr, const T* du, int64_t B, int64_t K, int64_t L,
-                                    int64_t d, int64_t N, int64_t lo, int64_t hi, T* ge) {
+KDFAST_INLINE void scatter_direct_t(const T* go, const T* q, const int64_t* rows, const int64_t* ri, const int64_t* ui,
+                                    const T* dr, const T* du, int64_t B, int64_t K, int64_t L, int64_t d, int64_t N,
+                                    int64_t lo, int64_t hi, T* ge) {
     if (lo == 0 && hi == N) {  // every entry: the tests in for_each_entry predict well, no compaction
         for (int64_t b = 0; b < B; ++b) {
             if (b + 1 < B) {
@@ -696,16 +694,17 @@ KDFAST_INLINE void scatter_direct_t(const T* go, const T* q, const int64_t* rows
     const size_t m = static_cast<size_t>(K + (ui == nullptr ? 0 : L));
     std::vector<int64_t> ids(2 * m);
     std::vector<T> ws(2 * m);
-    int64_t n = B > 0 ? own_entries(go, ri, ui, dr, du, 0, rows == nullptr ? 0 : rows[0], K, L, lo, hi,
-                                    ids.data(), ws.data()) : 0;
+    int64_t n =
+        B > 0 ? own_entries(go, ri, ui, dr, du, 0, rows == nullptr ? 0 : rows[0], K, L, lo, hi, ids.data(), ws.data())
+              : 0;
     for (int64_t b = 0; b < B; ++b) {
         const int64_t* cur_i = ids.data() + (b & 1) * m;
         const T* cur_w = ws.data() + (b & 1) * m;
         int64_t n_next = 0;
         if (b + 1 < B) {
             int64_t* nxt_i = ids.data() + ((b + 1) & 1) * m;
-            n_next = own_entries(go, ri, ui, dr, du, b + 1, rows == nullptr ? b + 1 : rows[b + 1], K, L, lo, hi,
-                                 nxt_i, ws.data() + ((b + 1) & 1) * m);
+            n_next = own_entries(go, ri, ui, dr, du, b + 1, rows == nullptr ? b + 1 : rows[b + 1], K, L, lo, hi, nxt_i,
+                                 ws.data() + ((b + 1) & 1) * m);
             for (int64_t k = 0; k < n_next; ++k) prefetch_row<3>(ge, nxt_i[k], d);
         }
         const T* qb = q + (rows == nullptr ? b : rows[b]) * d;
@@ -715,15 +714,14 @@ KDFAST_INLINE void scatter_direct_t(const T* go, const T* q, const int64_t* rows
 }
 
 template <typename T>
-KDFAST_INLINE void scatter_buckets_t(const std::vector<Entry<T>>* const* col, int n_src, const T* q, int64_t d,
-                                     T* ge) {
+KDFAST_INLINE void scatter_buckets_t(const std::vector<Entry<T>>* const* col, int n_src, const T* q, int64_t d, T* ge) {
     for (int src = 0; src < n_src; ++src)
         for (const Entry<T>& en : *col[src]) axpy(ge + en.item * d, en.w, q + en.qrow * d, d);
 }
 
 KDFAST_CLONES void scatter_direct(const float* go, const float* q, const int64_t* rows, const int64_t* ri,
-                                  const int64_t* ui, const float* dr, const float* du, int64_t B, int64_t K,
-                                  int64_t L, int64_t d, int64_t N, int64_t lo, int64_t hi, float* ge) {
+                                  const int64_t* ui, const float* dr, const float* du, int64_t B, int64_t K, int64_t L,
+                                  int64_t d, int64_t N, int64_t lo, int64_t hi, float* ge) {
     scatter_direct_t(go, q, rows, ri, ui, dr, du, B, K, L, d, N, lo, hi, ge);
 }
 void scatter_direct(const double* go, const double* q, const int64_t* rows, const int64_t* ri, const int64_t* ui,
@@ -735,8 +733,7 @@ KDFAST_CLONES void scatter_buckets(const std::vector<Entry<float>>* const* col, 
                                    float* ge) {
     scatter_buckets_t(col, n_src, q, d, ge);
 }
-void scatter_buckets(const std::vector<Entry<double>>* const* col, int n_src, const double* q, int64_t d,
-                     double* ge) {
+void scatter_buckets(const std::vector<Entry<double>>* const* col, int n_src, const double* q, int64_t d, double* ge) {
     scatter_buckets_t(col, n_src, q, d, ge);
 }
 
@@ -747,9 +744,9 @@ void scatter_buckets(const std::vector<Entry<double>>* const* col, int n_src, co
 // each adds its own items' entries, taking the buckets in row-block order. Bitwise the same for any
 // thread count, no atomics, no pass over the catalog. grad_query, grad_item and grad_t arrive zeroed.
 template <typename T>
-void emb_backward(const T* go, const T* q, const int64_t* rows, const int64_t* ri, const int64_t* ui,
-                  const T* dr, const T* du, const T* dt, const T* gqb, int64_t B, int64_t K, int64_t L, int64_t d,
-                  int64_t N, T* grad_q, T* grad_e, T* grad_t, int n_threads) {
+void emb_backward(const T* go, const T* q, const int64_t* rows, const int64_t* ri, const int64_t* ui, const T* dr,
+                  const T* du, const T* dt, const T* gqb, int64_t B, int64_t K, int64_t L, int64_t d, int64_t N,
+                  T* grad_q, T* grad_e, T* grad_t, int n_threads) {
     py::gil_scoped_release release;
     for (int64_t b = 0; b < B; ++b) {  // B x d work: sequential keeps repeated rows in b order
         const int64_t qr = rows == nullptr ? b : rows[b];
@@ -786,7 +783,8 @@ void emb_backward(const T* go, const T* q, const int64_t* rows, const int64_t* r
         for (int src = 0; src < nt; ++src) {
             const int64_t lo = B * src / nt, hi = B * (src + 1) / nt;
             std::vector<Entry<T>>* mine = bk + static_cast<size_t>(src) * nt;
-            for (int dst = 0; dst < nt; ++dst) mine[dst].reserve(static_cast<size_t>((hi - lo) * (K + L) / nt * 5 / 4 + 16));
+            for (int dst = 0; dst < nt; ++dst)
+                mine[dst].reserve(static_cast<size_t>((hi - lo) * (K + L) / nt * 5 / 4 + 16));
             for_each_entry(go, rows, ri, ui, dr, du, K, L, lo, hi,
                            [&](int64_t i, int64_t qr, T w) { mine[owner(i)].push_back({i, qr, w}); });
         }
@@ -818,8 +816,8 @@ T* mut_ptr(std::uintptr_t p) {
 void register_plackett_luce(py::module_& m) {
     m.def(
         "pl_forward",
-        [](std::uintptr_t s, std::uintptr_t u, std::uintptr_t t, int64_t B, int64_t K, int64_t L,
-           bool is_double, std::uintptr_t loss, std::uintptr_t rest, std::uintptr_t inv, int n_threads) {
+        [](std::uintptr_t s, std::uintptr_t u, std::uintptr_t t, int64_t B, int64_t K, int64_t L, bool is_double,
+           std::uintptr_t loss, std::uintptr_t rest, std::uintptr_t inv, int n_threads) {
             if (is_double)
                 forward<double>(as_ptr<const double>(s), opt_ptr<double>(u), opt_ptr<double>(t), B, K, L,
                                 as_ptr<double>(loss), as_ptr<double>(rest), as_ptr<double>(inv), n_threads);
@@ -831,16 +829,16 @@ void register_plackett_luce(py::module_& m) {
     m.def(
         "pl_backward",
         [](std::uintptr_t go, std::uintptr_t s, std::uintptr_t u, std::uintptr_t t, std::uintptr_t rest,
-           std::uintptr_t inv, int64_t B, int64_t K, int64_t L, bool is_double, std::uintptr_t gs,
-           std::uintptr_t gu, std::uintptr_t gt, int n_threads) {
+           std::uintptr_t inv, int64_t B, int64_t K, int64_t L, bool is_double, std::uintptr_t gs, std::uintptr_t gu,
+           std::uintptr_t gt, int n_threads) {
             if (is_double)
                 backward<double>(as_ptr<const double>(go), as_ptr<const double>(s), opt_ptr<double>(u),
-                                 opt_ptr<double>(t), as_ptr<const double>(rest), as_ptr<const double>(inv), B,
-                                 K, L, as_ptr<double>(gs), as_ptr<double>(gu), as_ptr<double>(gt), n_threads);
+                                 opt_ptr<double>(t), as_ptr<const double>(rest), as_ptr<const double>(inv), B, K, L,
+                                 as_ptr<double>(gs), as_ptr<double>(gu), as_ptr<double>(gt), n_threads);
             else
-                backward<float>(as_ptr<const float>(go), as_ptr<const float>(s), opt_ptr<float>(u),
-                                opt_ptr<float>(t), as_ptr<const float>(rest), as_ptr<const float>(inv), B, K,
-                                L, as_ptr<float>(gs), as_ptr<float>(gu), as_ptr<float>(gt), n_threads);
+                backward<float>(as_ptr<const float>(go), as_ptr<const float>(s), opt_ptr<float>(u), opt_ptr<float>(t),
+                                as_ptr<const float>(rest), as_ptr<const float>(inv), B, K, L, as_ptr<float>(gs),
+                                as_ptr<float>(gu), as_ptr<float>(gt), n_threads);
         },
         "Plackett-Luce backward: score gradients times the per-row grad_output");
     m.def(
@@ -856,19 +854,18 @@ void register_plackett_luce(py::module_& m) {
                                            as_ptr<const int64_t>(ri), up, opt_ptr<double>(t), B, K, L, d, N, n_rows,
                                            as_ptr<double>(loss), mut_ptr<double>(dr), mut_ptr<double>(du),
                                            mut_ptr<double>(dt), mut_ptr<double>(gq), n_threads);
-            return emb_forward<float>(as_ptr<const float>(q), as_ptr<const float>(e), rp, as_ptr<const int64_t>(ri),
-                                      up, opt_ptr<float>(t), B, K, L, d, N, n_rows, as_ptr<float>(loss),
-                                      mut_ptr<float>(dr), mut_ptr<float>(du), mut_ptr<float>(dt),
-                                      mut_ptr<float>(gq), n_threads);
+            return emb_forward<float>(as_ptr<const float>(q), as_ptr<const float>(e), rp, as_ptr<const int64_t>(ri), up,
+                                      opt_ptr<float>(t), B, K, L, d, N, n_rows, as_ptr<float>(loss), mut_ptr<float>(dr),
+                                      mut_ptr<float>(du), mut_ptr<float>(dt), mut_ptr<float>(gq), n_threads);
         },
         "fused gather + Plackett-Luce forward (and the row gradients at grad 1 when dr != 0); returns "
         "(code, value): 0 ok, 1/2 a ranked/unranked id outside [-1, N), 3 a rows entry outside [0, n_rows)");
     m.def(
         "pl_emb_backward",
         [](std::uintptr_t go, std::uintptr_t q, std::uintptr_t rows, std::uintptr_t ri, std::uintptr_t ui,
-           std::uintptr_t dr, std::uintptr_t du, std::uintptr_t dt, std::uintptr_t gqb, int64_t B, int64_t K,
-           int64_t L, int64_t d, int64_t N, bool is_double, std::uintptr_t grad_q, std::uintptr_t grad_e,
-           std::uintptr_t grad_t, int n_threads) {
+           std::uintptr_t dr, std::uintptr_t du, std::uintptr_t dt, std::uintptr_t gqb, int64_t B, int64_t K, int64_t L,
+           int64_t d, int64_t N, bool is_double, std::uintptr_t grad_q, std::uintptr_t grad_e, std::uintptr_t grad_t,
+           int n_threads) {
             const auto* rp = opt_ptr<int64_t>(rows);
             const auto* up = opt_ptr<int64_t>(ui);
             if (is_double)
@@ -877,8 +874,8 @@ void register_plackett_luce(py::module_& m) {
                                      as_ptr<const double>(gqb), B, K, L, d, N, as_ptr<double>(grad_q),
                                      as_ptr<double>(grad_e), mut_ptr<double>(grad_t), n_threads);
             else
-                emb_backward<float>(as_ptr<const float>(go), as_ptr<const float>(q), rp, as_ptr<const int64_t>(ri),
-                                    up, as_ptr<const float>(dr), opt_ptr<float>(du), opt_ptr<float>(dt),
+                emb_backward<float>(as_ptr<const float>(go), as_ptr<const float>(q), rp, as_ptr<const int64_t>(ri), up,
+                                    as_ptr<const float>(dr), opt_ptr<float>(du), opt_ptr<float>(dt),
                                     as_ptr<const float>(gqb), B, K, L, d, N, as_ptr<float>(grad_q),
                                     as_ptr<float>(grad_e), mut_ptr<float>(grad_t), n_threads);
         },

@@ -158,8 +158,9 @@ int64_t uniform_excluding(uint64_t seed, int64_t n_rows, int64_t n_ids, int64_t 
 void register_sampling(py::module_& m) {
     m.def(
         "rank_discounted_sample",
-        [](uint64_t seed, int64_t n_rows, int64_t n, int64_t k, double temperature, std::uintptr_t out,
-           int n_threads) { rank_discounted(seed, n_rows, n, k, temperature, as_ptr<int64_t>(out), n_threads); },
+        [](uint64_t seed, int64_t n_rows, int64_t n, int64_t k, double temperature, std::uintptr_t out, int n_threads) {
+            rank_discounted(seed, n_rows, n, k, temperature, as_ptr<int64_t>(out), n_threads);
+        },
         "k distinct sorted positions of 0..n-1 per row, p(r) ~ exp(-(r+1)/T), without replacement");
     m.def(
         "uniform_excluding_sample",

@@ -71,23 +71,23 @@ inline int64_t key_index(int64_t key) { return LOW - (key & LOW); }
 
 template <typename T>
 struct Problem {
-    const T* queries;       // [n_q, d]
-    const T* packed;        // [n_panels, d, NR]
+    const T* queries;  // [n_q, d]
+    const T* packed;   // [n_panels, d, NR]
     int64_t n_q, n_k, d, k;
-    const int64_t* excl_indptr;   // [n_q + 1], rows sorted
+    const int64_t* excl_indptr;  // [n_q + 1], rows sorted
     const int64_t* excl_indices;
-    float* out_values;      // [n_q, k]
-    int64_t* out_indices;   // [n_q, k]
-    int64_t keep;           // min(k, n_k)
-    int64_t cap;            // candidate buffer per row
-    int64_t chunk_panels;   // key panels per L2 chunk
+    float* out_values;     // [n_q, k]
+    int64_t* out_indices;  // [n_q, k]
+    int64_t keep;          // min(k, n_k)
+    int64_t cap;           // candidate buffer per row
+    int64_t chunk_panels;  // key panels per L2 chunk
 };
 
 struct Scratch {
-    std::vector<char> qbuf;       // QB x d values of T
-    std::vector<int64_t> cand;    // QB x cap
+    std::vector<char> qbuf;     // QB x d values of T
+    std::vector<int64_t> cand;  // QB x cap
     std::vector<int64_t> count, thr_key;
-    std::vector<float> thr_f;     // fast reject threshold per row (NaN: accept all; +inf: padding row)
+    std::vector<float> thr_f;  // fast reject threshold per row (NaN: accept all; +inf: padding row)
     std::vector<const int64_t*> ex, ex_end;
 };
 
@@ -208,17 +208,31 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
 #if defined(__x86_64__) || defined(__i386__)
 #define KD_X86 1
 #define KD_ISA_AVX512 "avx512f,avx512dq,avx512vl,avx2,fma"
-__attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<float, 16, 12>(P, q0, n, sc); }
-__attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<double, 8, 12>(P, q0, n, sc); }
-__attribute__((target("avx2,fma"))) void block_avx2(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<float, 8, 6>(P, q0, n, sc); }
-__attribute__((target("avx2,fma"))) void block_avx2(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<double, 4, 6>(P, q0, n, sc); }
+__attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) {
+    block_impl<float, 16, 12>(P, q0, n, sc);
+}
+__attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
+    block_impl<double, 8, 12>(P, q0, n, sc);
+}
+__attribute__((target("avx2,fma"))) void block_avx2(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) {
+    block_impl<float, 8, 6>(P, q0, n, sc);
+}
+__attribute__((target("avx2,fma"))) void block_avx2(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
+    block_impl<double, 4, 6>(P, q0, n, sc);
+}
 #else
 #define KD_X86 0
-template <typename T> void block_avx512(const Problem<T>&, int64_t, int64_t, Scratch&) {}  // never selected
-template <typename T> void block_avx2(const Problem<T>&, int64_t, int64_t, Scratch&) {}
+template <typename T>
+void block_avx512(const Problem<T>&, int64_t, int64_t, Scratch&) {}  // never selected
+template <typename T>
+void block_avx2(const Problem<T>&, int64_t, int64_t, Scratch&) {}
 #endif
-void block_generic(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<float, 4, 6>(P, q0, n, sc); }
-void block_generic(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) { block_impl<double, 2, 6>(P, q0, n, sc); }
+void block_generic(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) {
+    block_impl<float, 4, 6>(P, q0, n, sc);
+}
+void block_generic(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
+    block_impl<double, 2, 6>(P, q0, n, sc);
+}
 
 enum class Isa { generic, avx2, avx512 };
 
@@ -228,11 +242,10 @@ bool isa_supported(Isa isa) {
     switch (isa) {
         case Isa::avx512:
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        case Isa::avx2:
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        default:
-            return true;
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+                   __builtin_cpu_supports("fma");
+        case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        default: return true;
     }
 #else
     return isa == Isa::generic;
@@ -246,10 +259,14 @@ Isa pick_isa(const std::string& name) {
         return Isa::generic;
     }
     Isa isa;
-    if (name == "avx512") isa = Isa::avx512;
-    else if (name == "avx2") isa = Isa::avx2;
-    else if (name == "generic") isa = Isa::generic;
-    else throw std::invalid_argument("isa must be 'auto', 'avx512', 'avx2' or 'generic', got '" + name + "'");
+    if (name == "avx512")
+        isa = Isa::avx512;
+    else if (name == "avx2")
+        isa = Isa::avx2;
+    else if (name == "generic")
+        isa = Isa::generic;
+    else
+        throw std::invalid_argument("isa must be 'auto', 'avx512', 'avx2' or 'generic', got '" + name + "'");
     if (!isa_supported(isa)) throw std::invalid_argument("this CPU does not support isa '" + name + "'");
     return isa;
 }
@@ -265,9 +282,8 @@ void isa_shape(Isa isa, int& W, int& MR) {
 }
 
 template <typename T>
-void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, int64_t k,
-         const int64_t* excl_indptr, const int64_t* excl_indices, float* out_values, int64_t* out_indices,
-         int n_threads, Isa isa) {
+void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, int64_t k, const int64_t* excl_indptr,
+         const int64_t* excl_indices, float* out_values, int64_t* out_indices, int n_threads, Isa isa) {
     int W, MR;
     isa_shape<T>(isa, W, MR);
     const int NR = 2 * W;
@@ -296,7 +312,8 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
     P.out_indices = out_indices;
     P.keep = std::max<int64_t>(1, std::min(k, n_k));
     P.cap = 2 * P.keep;
-    P.chunk_panels = std::max<int64_t>(1, (256 * 1024) / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(d, 1) * NR));
+    P.chunk_panels =
+        std::max<int64_t>(1, (256 * 1024) / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(d, 1) * NR));
     // Query rows per block: up to 16 micro-tiles, fewer so that every thread gets work and the
     // candidate buffers stay under 64 MB per thread.
     const int64_t per_thread = (n_q + n_threads - 1) / n_threads;
@@ -338,23 +355,23 @@ void topk_scores(std::uintptr_t queries, std::uintptr_t keys, int64_t n_q, int64
     using kdfast::as_ptr;
     if (is_double)
         run<double>(as_ptr<const double>(queries), as_ptr<const double>(keys), n_q, n_k, d, k,
-                    as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices),
-                    as_ptr<float>(out_values), as_ptr<int64_t>(out_indices), n_threads, isa);
+                    as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices), as_ptr<float>(out_values),
+                    as_ptr<int64_t>(out_indices), n_threads, isa);
     else
         run<float>(as_ptr<const float>(queries), as_ptr<const float>(keys), n_q, n_k, d, k,
-                   as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices),
-                   as_ptr<float>(out_values), as_ptr<int64_t>(out_indices), n_threads, isa);
+                   as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices), as_ptr<float>(out_values),
+                   as_ptr<int64_t>(out_indices), n_threads, isa);
 }
 
 }  // namespace
 
 void register_topk(pybind11::module_& m) {
-    m.def("topk_scores", &topk_scores,
-          "Top-k keys per query by dot product (raw buffers; see kdfast/cpp/topk.py).",
+    m.def("topk_scores", &topk_scores, "Top-k keys per query by dot product (raw buffers; see kdfast/cpp/topk.py).",
           py::arg("queries"), py::arg("keys"), py::arg("n_q"), py::arg("n_k"), py::arg("d"), py::arg("k"),
           py::arg("excl_indptr"), py::arg("excl_indices"), py::arg("out_values"), py::arg("out_indices"),
           py::arg("is_double"), py::arg("n_threads"), py::arg("isa") = "auto");
-    m.def("topk_isa", [](const std::string& name) { return std::string(isa_name(pick_isa(name))); },
-          "The instruction-set variant topk_scores uses for isa=name ('auto' picks the widest supported).",
-          py::arg("name") = "auto");
+    m.def(
+        "topk_isa", [](const std::string& name) { return std::string(isa_name(pick_isa(name))); },
+        "The instruction-set variant topk_scores uses for isa=name ('auto' picks the widest supported).",
+        py::arg("name") = "auto");
 }

@@ -33,13 +33,17 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kRows = 64;   // rows per Gram / gradient block
-constexpr int kTile = 64;   // a-rows and b-rows per tile of the grouped kernel
+constexpr int kRows = 64;  // rows per Gram / gradient block
+constexpr int kTile = 64;  // a-rows and b-rows per tile of the grouped kernel
 
 template <typename T>
-struct acc_of { using type = float; };
+struct acc_of {
+    using type = float;
+};
 template <>
-struct acc_of<double> { using type = double; };
+struct acc_of<double> {
+    using type = double;
+};
 
 // inv norm of a row (0 for a zero row), accumulated in Acc
 template <typename T, typename Acc>
@@ -58,8 +62,7 @@ inline int64_t row_of(const int64_t* perm, int64_t i) { return perm ? perm[i] : 
 // Per block of kRows rows: normalised rows z [kRows][D], then rank-kRows update of an Acc block Gram by
 // contiguous axpys (Q_i,j>=i += z_ri z_r,j>=i; vectorises without reductions), flushed into Q (double).
 template <typename T>
-void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt, int64_t ds,
-               double* Q) {
+void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt, int64_t ds, double* Q) {
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds;
     std::vector<Acc> z(size_t(kRows) * D), qb(size_t(D) * D);
@@ -142,15 +145,13 @@ void grad_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t 
             Acc* ar = &acc[size_t(r) * w];
             if (c0 == 0 && gt) {
                 const Acc pd = simd_dot(zr, ar, dt);
-                for (int64_t c = 0; c < dt; ++c)
-                    gt[row * dt + c] = T(inv[2 * r] * scale * (ar[c] - zr[c] * pd));
+                for (int64_t c = 0; c < dt; ++c) gt[row * dt + c] = T(inv[2 * r] * scale * (ar[c] - zr[c] * pd));
             }
             if (gs) {
                 const Acc* zs = zr + dt;
                 const Acc* as = ar + (dt - c0);
                 const Acc pd = simd_dot(zs, as, ds);
-                for (int64_t c = 0; c < ds; ++c)
-                    gs[row * ds + c] = T(inv[2 * r + 1] * scale * (as[c] - zs[c] * pd));
+                for (int64_t c = 0; c < ds; ++c) gs[row * ds + c] = T(inv[2 * r + 1] * scale * (as[c] - zs[c] * pd));
             }
         }
     }
@@ -219,8 +220,8 @@ std::pair<double, int64_t> grouped_gram_impl(const T* t, const T* s, const int64
 // Tiled masked kernel (teacher-cosine filter on); gradient to the student only.
 template <typename T>
 std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int64_t* perm, const int64_t* off,
-                                              int64_t n, int64_t n_groups, int64_t dt, int64_t ds, bool filter,
-                                              T* gs, int n_threads) {
+                                              int64_t n, int64_t n_groups, int64_t dt, int64_t ds, bool filter, T* gs,
+                                              int n_threads) {
     using Acc = typename acc_of<T>::type;
     std::vector<Acc> an(size_t(n) * dt), bn(size_t(n) * ds), invs(n);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -332,21 +333,23 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
 }
 
 template <typename T>
-T* opt_ptr(std::uintptr_t p) { return p ? kdfast::as_ptr<T>(p) : nullptr; }
+T* opt_ptr(std::uintptr_t p) {
+    return p ? kdfast::as_ptr<T>(p) : nullptr;
+}
 
-double ftd(std::uintptr_t t, std::uintptr_t s, int64_t n, int64_t dt, int64_t ds, bool is_double,
-           std::uintptr_t gt, std::uintptr_t gs, int n_threads) {
+double ftd(std::uintptr_t t, std::uintptr_t s, int64_t n, int64_t dt, int64_t ds, bool is_double, std::uintptr_t gt,
+           std::uintptr_t gs, int n_threads) {
     py::gil_scoped_release release;
     if (is_double)
         return ftd_impl(kdfast::as_ptr<const double>(t), kdfast::as_ptr<const double>(s), n, dt, ds,
                         opt_ptr<double>(gt), opt_ptr<double>(gs), n_threads);
-    return ftd_impl(kdfast::as_ptr<const float>(t), kdfast::as_ptr<const float>(s), n, dt, ds,
-                    opt_ptr<float>(gt), opt_ptr<float>(gs), n_threads);
+    return ftd_impl(kdfast::as_ptr<const float>(t), kdfast::as_ptr<const float>(s), n, dt, ds, opt_ptr<float>(gt),
+                    opt_ptr<float>(gs), n_threads);
 }
 
 std::pair<double, int64_t> grouped(std::uintptr_t t, std::uintptr_t s, std::uintptr_t perm, std::uintptr_t off,
-                                   int64_t n, int64_t n_groups, int64_t dt, int64_t ds, bool filter,
-                                   bool is_double, std::uintptr_t gs, int n_threads) {
+                                   int64_t n, int64_t n_groups, int64_t dt, int64_t ds, bool filter, bool is_double,
+                                   std::uintptr_t gs, int n_threads) {
     py::gil_scoped_release release;
     const int64_t* p = kdfast::as_ptr<const int64_t>(perm);
     const int64_t* o = kdfast::as_ptr<const int64_t>(off);
@@ -366,10 +369,9 @@ std::pair<double, int64_t> grouped(std::uintptr_t t, std::uintptr_t s, std::uint
 
 void register_topology(pybind11::module_& m) {
     m.def("topology_ftd", &ftd, "FTD loss via the Gram rewrite; gradients written when gt/gs are non-zero",
-          py::arg("t"), py::arg("s"), py::arg("n"), py::arg("dt"), py::arg("ds"), py::arg("is_double"),
-          py::arg("gt"), py::arg("gs"), py::arg("n_threads"));
-    m.def("topology_grouped", &grouped, "HTD entity-level loss over group-sorted rows -> (loss, count)",
-          py::arg("t"), py::arg("s"), py::arg("perm"), py::arg("offsets"), py::arg("n"), py::arg("n_groups"),
-          py::arg("dt"), py::arg("ds"), py::arg("teacher_cos_filter"), py::arg("is_double"), py::arg("gs"),
-          py::arg("n_threads"));
+          py::arg("t"), py::arg("s"), py::arg("n"), py::arg("dt"), py::arg("ds"), py::arg("is_double"), py::arg("gt"),
+          py::arg("gs"), py::arg("n_threads"));
+    m.def("topology_grouped", &grouped, "HTD entity-level loss over group-sorted rows -> (loss, count)", py::arg("t"),
+          py::arg("s"), py::arg("perm"), py::arg("offsets"), py::arg("n"), py::arg("n_groups"), py::arg("dt"),
+          py::arg("ds"), py::arg("teacher_cos_filter"), py::arg("is_double"), py::arg("gs"), py::arg("n_threads"));
 }
