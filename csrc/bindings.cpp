@@ -1,5 +1,5 @@
 // The kdfast._C module: each op file registers its own functions.
-#include "common.h"
+#include "bindings.h"
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "kdfast CPU kernels (OpenMP); called from kdfast/ops with raw buffers";
@@ -10,6 +10,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     register_topk(m);
     register_plackett_luce(m);
+    register_plackett_luce_emb_forward(m);
+    register_plackett_luce_emb_backward(m);
     register_full_catalog(m);
     register_topology(m);
     register_sampling(m);

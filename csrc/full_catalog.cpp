@@ -9,7 +9,8 @@
 // Rows walk their sorted exclusion list with a pointer as the item blocks advance (binary search where a
 // walk starts mid-row). Every output element is summed by one thread in a fixed order: deterministic.
 // The dot products and sums are accumulated in T (float for float32 inputs, double for float64).
-#include "common.h"
+#include "bindings.h"
+#include "buffers.h"
 
 #include <algorithm>
 #include <cmath>

@@ -15,7 +15,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "common.h"
+#include "bindings.h"
+#include "buffers.h"
 
 namespace py = pybind11;
 using kdfast::as_ptr;

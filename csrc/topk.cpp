@@ -27,7 +27,8 @@
 //   * per thread: QB*d query values + QB*2*min(k, n_k) int64 candidates; output n_q*k values/indices.
 // Summation order of each dot product is fixed (p = 0..d-1), so results do not depend on the number
 // of threads or on the blocking; they may depend on the instruction set (FMA or not).
-#include "common.h"
+#include "bindings.h"
+#include "buffers.h"
 
 #include <algorithm>
 #include <cmath>

@@ -23,7 +23,9 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
+#include "bindings.h"
+#include "buffers.h"
+#include "simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
