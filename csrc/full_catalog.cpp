@@ -5,18 +5,21 @@
 //   backward: G_bj = g_b exp(S_bj - lt_b) [j not in X_b] [-c <= <u_b, v_j> <= c]
 //             grad_user = G @ V (parallel over user rows), grad_item = G^T @ U (parallel over item blocks)
 // Memory plan: nothing of size B x I; each thread keeps one [kRows x kItems] score tile on its stack and
-// the current item tile transposed ([D x kItems]) so the score loops run along items (vectorisable).
+// the current item tile transposed ([D x kItems], allocated once per thread) so the score loops run along
+// items (vectorisable).
 // Rows walk their sorted exclusion list with a pointer as the item blocks advance (binary search where a
 // walk starts mid-row). Every output element is summed by one thread in a fixed order: deterministic.
 // The dot products and sums are accumulated in T (float for float32 inputs, double for float64).
-#include "bindings.h"
-#include "buffers.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "bindings.h"
+#include "buffers.h"
+#include "dispatch.h"
+#include "parallel.h"
 
 namespace {
 
@@ -64,44 +67,53 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
                    const int64_t* indices, double clamp_d, T* out, int n_threads) {
     const T clamp = static_cast<T>(clamp_d);
     const T ninf = -std::numeric_limits<T>::infinity();
+    const size_t n_vt =
+        kdfast::scratch_count("full_catalog_log_tail: the item tile (D x 128 values)", sizeof(T), {D, kItems});
     const int64_t n_blocks = (B + kRows - 1) / kRows;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-        const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
-        int64_t ptr[kRows], end[kRows];
-        T m[kRows], s[kRows];
-        T tile[kRows][kItems];
-        unsigned char mark[kRows][kItems];
-        std::vector<T> vt(D * kItems);
-        for (int64_t r = 0; r < nr; ++r) {
-            ptr[r] = indptr[r0 + r];
-            end[r] = indptr[r0 + r + 1];
-            m[r] = ninf;
-            s[r] = 0;
-        }
-        for (int64_t j0 = 0; j0 < I; j0 += kItems) {
-            const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
-            mark_excluded(indices, end, ptr, nr, j0, j1, mark);
-            transpose_tile(V, j0, nj, D, vt.data());
-            score_tile(U, r0, nr, vt.data(), nj, D, tile);
+    kdfast::RegionErrors errors;
+#pragma omp parallel num_threads(kdfast::team_size(n_threads))
+    {
+        std::vector<T> vt;
+        errors.run([&] { vt.resize(n_vt); });
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            if (errors.failed()) continue;
+            const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
+            int64_t ptr[kRows], end[kRows];
+            T m[kRows], s[kRows];
+            T tile[kRows][kItems];
+            unsigned char mark[kRows][kItems];
             for (int64_t r = 0; r < nr; ++r) {
-                T tmax = ninf;
-                for (int64_t j = 0; j < nj; ++j) {
-                    T x = std::min(std::max(tile[r][j], -clamp), clamp);
-                    x = mark[r][j] ? ninf : x;
-                    tile[r][j] = x;
-                    tmax = std::max(tmax, x);
-                }
-                const T nm = std::max(m[r], tmax);
-                if (nm == ninf) continue;
-                T acc = 0;
-                for (int64_t j = 0; j < nj; ++j) acc += std::exp(tile[r][j] - nm);
-                s[r] = s[r] * std::exp(m[r] - nm) + acc;
-                m[r] = nm;
+                ptr[r] = indptr[r0 + r];
+                end[r] = indptr[r0 + r + 1];
+                m[r] = ninf;
+                s[r] = 0;
             }
+            for (int64_t j0 = 0; j0 < I; j0 += kItems) {
+                const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
+                mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+                transpose_tile(V, j0, nj, D, vt.data());
+                score_tile(U, r0, nr, vt.data(), nj, D, tile);
+                for (int64_t r = 0; r < nr; ++r) {
+                    T tmax = ninf;
+                    for (int64_t j = 0; j < nj; ++j) {
+                        T x = std::min(std::max(tile[r][j], -clamp), clamp);
+                        x = mark[r][j] ? ninf : x;
+                        tile[r][j] = x;
+                        tmax = std::max(tmax, x);
+                    }
+                    const T nm = std::max(m[r], tmax);
+                    if (nm == ninf) continue;
+                    T acc = 0;
+                    for (int64_t j = 0; j < nj; ++j) acc += std::exp(tile[r][j] - nm);
+                    s[r] = s[r] * std::exp(m[r] - nm) + acc;
+                    m[r] = nm;
+                }
+            }
+            for (int64_t r = 0; r < nr; ++r) out[r0 + r] = (m[r] == ninf) ? ninf : std::log(s[r]) + m[r];
         }
-        for (int64_t r = 0; r < nr; ++r) out[r0 + r] = (m[r] == ninf) ? ninf : std::log(s[r]) + m[r];
     }
+    errors.rethrow();
 }
 
 template <typename T>
@@ -115,90 +127,103 @@ void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, i
                    const int64_t* indptr, const int64_t* indices, double clamp_d, T* GU, T* GI, int n_threads) {
     const T clamp = static_cast<T>(clamp_d);
     const T ninf = -std::numeric_limits<T>::infinity();
+    const size_t n_vt =
+        kdfast::scratch_count("full_catalog_log_tail_backward: the item tile (D x 128 values)", sizeof(T), {D, kItems});
     // grad_user: one thread per block of rows, walking all items.
     const int64_t n_row_blocks = (B + kRows - 1) / kRows;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t blk = 0; blk < n_row_blocks; ++blk) {
-        const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
-        int64_t ptr[kRows], end[kRows];
-        unsigned char mark[kRows][kItems];
-        T tile[kRows][kItems];
-        std::vector<T> vt(D * kItems);
-        for (int64_t r = 0; r < nr; ++r) {
-            ptr[r] = indptr[r0 + r];
-            end[r] = indptr[r0 + r + 1];
-            std::fill(GU + (r0 + r) * D, GU + (r0 + r + 1) * D, T(0));
-        }
-        for (int64_t j0 = 0; j0 < I; j0 += kItems) {
-            const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
-            mark_excluded(indices, end, ptr, nr, j0, j1, mark);
-            transpose_tile(V, j0, nj, D, vt.data());
-            score_tile(U, r0, nr, vt.data(), nj, D, tile);
+    kdfast::RegionErrors errors;
+#pragma omp parallel num_threads(kdfast::team_size(n_threads))
+    {
+        std::vector<T> vt;
+        errors.run([&] { vt.resize(n_vt); });
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < n_row_blocks; ++blk) {
+            if (errors.failed()) continue;
+            const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
+            int64_t ptr[kRows], end[kRows];
+            unsigned char mark[kRows][kItems];
+            T tile[kRows][kItems];
             for (int64_t r = 0; r < nr; ++r) {
-                const int64_t b = r0 + r;
-                if (LT[b] == ninf || G[b] == 0) continue;
-                T* gu = GU + b * D;
-                for (int64_t j = 0; j < nj; ++j) {
-                    if (mark[r][j]) continue;
-                    const T* v = V + (j0 + j) * D;
-                    const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
-                    if (p == 0) continue;
-                    for (int64_t k = 0; k < D; ++k) gu[k] += p * v[k];
+                ptr[r] = indptr[r0 + r];
+                end[r] = indptr[r0 + r + 1];
+                std::fill(GU + (r0 + r) * D, GU + (r0 + r + 1) * D, T(0));
+            }
+            for (int64_t j0 = 0; j0 < I; j0 += kItems) {
+                const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
+                mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+                transpose_tile(V, j0, nj, D, vt.data());
+                score_tile(U, r0, nr, vt.data(), nj, D, tile);
+                for (int64_t r = 0; r < nr; ++r) {
+                    const int64_t b = r0 + r;
+                    if (LT[b] == ninf || G[b] == 0) continue;
+                    T* gu = GU + b * D;
+                    for (int64_t j = 0; j < nj; ++j) {
+                        if (mark[r][j]) continue;
+                        const T* v = V + (j0 + j) * D;
+                        const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
+                        if (p == 0) continue;
+                        for (int64_t k = 0; k < D; ++k) gu[k] += p * v[k];
+                    }
                 }
             }
         }
     }
+    errors.rethrow();  // (errors stays empty when this returns: the next region uses it too)
     // grad_item: one thread per block of items, walking all rows (binary search into each row's ids).
     const int64_t n_item_blocks = (I + kItems - 1) / kItems;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t blk = 0; blk < n_item_blocks; ++blk) {
-        const int64_t j0 = blk * kItems, j1 = std::min(I, j0 + kItems), nj = j1 - j0;
-        std::fill(GI + j0 * D, GI + j1 * D, T(0));
-        unsigned char mark[kRows][kItems];
-        int64_t ptr[kRows], end[kRows];
-        T tile[kRows][kItems];
-        std::vector<T> vt(D * kItems);
-        transpose_tile(V, j0, nj, D, vt.data());
-        for (int64_t r0 = 0; r0 < B; r0 += kRows) {
-            const int64_t nr = std::min(kRows, B - r0);
-            for (int64_t r = 0; r < nr; ++r) {
-                end[r] = indptr[r0 + r + 1];
-                ptr[r] = std::lower_bound(indices + indptr[r0 + r], indices + end[r], j0) - indices;
-            }
-            mark_excluded(indices, end, ptr, nr, j0, j1, mark);
-            score_tile(U, r0, nr, vt.data(), nj, D, tile);
-            for (int64_t r = 0; r < nr; ++r) {
-                const int64_t b = r0 + r;
-                if (LT[b] == ninf || G[b] == 0) continue;
-                const T* u = U + b * D;
-                for (int64_t j = 0; j < nj; ++j) {
-                    if (mark[r][j]) continue;
-                    const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
-                    if (p == 0) continue;
-                    T* gi = GI + (j0 + j) * D;
-                    for (int64_t k = 0; k < D; ++k) gi[k] += p * u[k];
+#pragma omp parallel num_threads(kdfast::team_size(n_threads))
+    {
+        std::vector<T> vt;
+        errors.run([&] { vt.resize(n_vt); });
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < n_item_blocks; ++blk) {
+            if (errors.failed()) continue;
+            const int64_t j0 = blk * kItems, j1 = std::min(I, j0 + kItems), nj = j1 - j0;
+            std::fill(GI + j0 * D, GI + j1 * D, T(0));
+            unsigned char mark[kRows][kItems];
+            int64_t ptr[kRows], end[kRows];
+            T tile[kRows][kItems];
+            transpose_tile(V, j0, nj, D, vt.data());
+            for (int64_t r0 = 0; r0 < B; r0 += kRows) {
+                const int64_t nr = std::min(kRows, B - r0);
+                for (int64_t r = 0; r < nr; ++r) {
+                    end[r] = indptr[r0 + r + 1];
+                    ptr[r] = std::lower_bound(indices + indptr[r0 + r], indices + end[r], j0) - indices;
+                }
+                mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+                score_tile(U, r0, nr, vt.data(), nj, D, tile);
+                for (int64_t r = 0; r < nr; ++r) {
+                    const int64_t b = r0 + r;
+                    if (LT[b] == ninf || G[b] == 0) continue;
+                    const T* u = U + b * D;
+                    for (int64_t j = 0; j < nj; ++j) {
+                        if (mark[r][j]) continue;
+                        const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
+                        if (p == 0) continue;
+                        T* gi = GI + (j0 + j) * D;
+                        for (int64_t k = 0; k < D; ++k) gi[k] += p * u[k];
+                    }
                 }
             }
         }
     }
+    errors.rethrow();
 }
 
 }  // namespace
 
 void register_full_catalog(pybind11::module_& m) {
+    using kdfast::as_ptr;
     m.def(
         "full_catalog_log_tail",
         [](std::uintptr_t u, std::uintptr_t v, int64_t B, int64_t I, int64_t D, std::uintptr_t indptr,
            std::uintptr_t indices, double clamp, std::uintptr_t out, bool f64, int n_threads) {
             pybind11::gil_scoped_release release;
-            const auto* ip = kdfast::as_ptr<const int64_t>(indptr);
-            const auto* ix = kdfast::as_ptr<const int64_t>(indices);
-            if (f64)
-                log_tail_impl(kdfast::as_ptr<const double>(u), kdfast::as_ptr<const double>(v), B, I, D, ip, ix, clamp,
-                              kdfast::as_ptr<double>(out), n_threads);
-            else
-                log_tail_impl(kdfast::as_ptr<const float>(u), kdfast::as_ptr<const float>(v), B, I, D, ip, ix, clamp,
-                              kdfast::as_ptr<float>(out), n_threads);
+            kdfast::by_dtype(f64, [&](auto tag) {
+                using T = typename decltype(tag)::type;
+                log_tail_impl(as_ptr<const T>(u), as_ptr<const T>(v), B, I, D, as_ptr<const int64_t>(indptr),
+                              as_ptr<const int64_t>(indices), clamp, as_ptr<T>(out), n_threads);
+            });
         },
         "Per-row log sum exp of clamped scores over non-excluded items (see csrc/full_catalog.cpp).");
     m.def(
@@ -207,16 +232,12 @@ void register_full_catalog(pybind11::module_& m) {
            std::uintptr_t indptr, std::uintptr_t indices, double clamp, std::uintptr_t gu, std::uintptr_t gi, bool f64,
            int n_threads) {
             pybind11::gil_scoped_release release;
-            const auto* ip = kdfast::as_ptr<const int64_t>(indptr);
-            const auto* ix = kdfast::as_ptr<const int64_t>(indices);
-            if (f64)
-                backward_impl(kdfast::as_ptr<const double>(g), kdfast::as_ptr<const double>(lt),
-                              kdfast::as_ptr<const double>(u), kdfast::as_ptr<const double>(v), B, I, D, ip, ix, clamp,
-                              kdfast::as_ptr<double>(gu), kdfast::as_ptr<double>(gi), n_threads);
-            else
-                backward_impl(kdfast::as_ptr<const float>(g), kdfast::as_ptr<const float>(lt),
-                              kdfast::as_ptr<const float>(u), kdfast::as_ptr<const float>(v), B, I, D, ip, ix, clamp,
-                              kdfast::as_ptr<float>(gu), kdfast::as_ptr<float>(gi), n_threads);
+            kdfast::by_dtype(f64, [&](auto tag) {
+                using T = typename decltype(tag)::type;
+                backward_impl(as_ptr<const T>(g), as_ptr<const T>(lt), as_ptr<const T>(u), as_ptr<const T>(v), B, I, D,
+                              as_ptr<const int64_t>(indptr), as_ptr<const int64_t>(indices), clamp, as_ptr<T>(gu),
+                              as_ptr<T>(gi), n_threads);
+            });
         },
         "Gradients (user, item) of the full-catalog log-tail (see csrc/full_catalog.cpp).");
 }

@@ -27,9 +27,6 @@
 //   * per thread: QB*d query values + QB*2*min(k, n_k) int64 candidates; output n_q*k values/indices.
 // Summation order of each dot product is fixed (p = 0..d-1), so results do not depend on the number
 // of threads or on the blocking; they may depend on the instruction set (FMA or not).
-#include "bindings.h"
-#include "buffers.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -39,9 +36,10 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "bindings.h"
+#include "buffers.h"
+#include "dispatch.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -204,25 +202,25 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
     }
 }
 
-// Instruction-set variants: the same body compiled for AVX-512, AVX2+FMA (x86-64 only) and the
-// baseline ISA of the build.
-#if defined(__x86_64__) || defined(__i386__)
-#define KD_X86 1
-#define KD_ISA_AVX512 "avx512f,avx512dq,avx512vl,avx2,fma"
-__attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) {
+// Instruction-set variants (kdfast::Isa, dispatch.h): the same body compiled for AVX-512, AVX2+FMA
+// (x86-64 only) and the baseline ISA of the build.
+using kdfast::Isa;
+#if KDFAST_X86
+__attribute__((target(KDFAST_ISA_AVX512))) void block_avx512(const Problem<float>& P, int64_t q0, int64_t n,
+                                                             Scratch& sc) {
     block_impl<float, 16, 12>(P, q0, n, sc);
 }
-__attribute__((target(KD_ISA_AVX512))) void block_avx512(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
+__attribute__((target(KDFAST_ISA_AVX512))) void block_avx512(const Problem<double>& P, int64_t q0, int64_t n,
+                                                             Scratch& sc) {
     block_impl<double, 8, 12>(P, q0, n, sc);
 }
-__attribute__((target("avx2,fma"))) void block_avx2(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) {
+__attribute__((target(KDFAST_ISA_AVX2))) void block_avx2(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) {
     block_impl<float, 8, 6>(P, q0, n, sc);
 }
-__attribute__((target("avx2,fma"))) void block_avx2(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
+__attribute__((target(KDFAST_ISA_AVX2))) void block_avx2(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
     block_impl<double, 4, 6>(P, q0, n, sc);
 }
 #else
-#define KD_X86 0
 template <typename T>
 void block_avx512(const Problem<T>&, int64_t, int64_t, Scratch&) {}  // never selected
 template <typename T>
@@ -234,45 +232,6 @@ void block_generic(const Problem<float>& P, int64_t q0, int64_t n, Scratch& sc) 
 void block_generic(const Problem<double>& P, int64_t q0, int64_t n, Scratch& sc) {
     block_impl<double, 2, 6>(P, q0, n, sc);
 }
-
-enum class Isa { generic, avx2, avx512 };
-
-bool isa_supported(Isa isa) {
-#if KD_X86
-    __builtin_cpu_init();
-    switch (isa) {
-        case Isa::avx512:
-            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
-                   __builtin_cpu_supports("fma");
-        case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        default: return true;
-    }
-#else
-    return isa == Isa::generic;
-#endif
-}
-
-Isa pick_isa(const std::string& name) {
-    if (name == "auto") {
-        if (isa_supported(Isa::avx512)) return Isa::avx512;
-        if (isa_supported(Isa::avx2)) return Isa::avx2;
-        return Isa::generic;
-    }
-    Isa isa;
-    if (name == "avx512")
-        isa = Isa::avx512;
-    else if (name == "avx2")
-        isa = Isa::avx2;
-    else if (name == "generic")
-        isa = Isa::generic;
-    else
-        throw std::invalid_argument("isa must be 'auto', 'avx512', 'avx2' or 'generic', got '" + name + "'");
-    if (!isa_supported(isa)) throw std::invalid_argument("this CPU does not support isa '" + name + "'");
-    return isa;
-}
-
-const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic"; }
 
 // (vector width W in elements of T, MR) of each variant; NR = 2 * W.
 template <typename T>
@@ -322,18 +281,24 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
     const int64_t by_mem = (int64_t(64) << 20) / (P.cap * 8) / MR * MR;
     qb = std::max<int64_t>(MR, std::min(qb, by_mem));
     const int64_t n_blocks = (n_q + qb - 1) / qb;
+    const size_t n_cand = kdfast::scratch_count("topk_scores: the candidate buffers (k keys per query row)",
+                                                sizeof(int64_t), {qb, P.cap});
+    kdfast::RegionErrors errors;
 #pragma omp parallel num_threads(n_threads)
     {
         Scratch sc;
-        sc.qbuf.resize(sizeof(T) * qb * d);
-        sc.cand.resize(static_cast<size_t>(qb) * P.cap);
-        sc.count.resize(qb);
-        sc.thr_key.resize(qb);
-        sc.thr_f.resize(qb);
-        sc.ex.resize(qb);
-        sc.ex_end.resize(qb);
+        errors.run([&] {
+            sc.qbuf.resize(sizeof(T) * qb * d);
+            sc.cand.resize(n_cand);
+            sc.count.resize(qb);
+            sc.thr_key.resize(qb);
+            sc.thr_f.resize(qb);
+            sc.ex.resize(qb);
+            sc.ex_end.resize(qb);
+        });
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < n_blocks; ++b) {
+            if (errors.failed()) continue;
             const int64_t q0 = b * qb, rows = std::min(qb, n_q - q0);
             switch (isa) {
                 case Isa::avx512: block_avx512(P, q0, rows, sc); break;
@@ -342,6 +307,7 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
             }
         }
     }
+    errors.rethrow();
 }
 
 void topk_scores(std::uintptr_t queries, std::uintptr_t keys, int64_t n_q, int64_t n_k, int64_t d, int64_t k,
@@ -349,19 +315,17 @@ void topk_scores(std::uintptr_t queries, std::uintptr_t keys, int64_t n_q, int64
                  std::uintptr_t out_indices, bool is_double, int n_threads, const std::string& isa_req) {
     if (n_q < 0 || n_k < 0 || d < 0 || k < 1) throw std::invalid_argument("topk_scores: bad sizes");
     if (n_k > LOW) throw std::invalid_argument("topk_scores: n_k must be below 2^32");
-    const Isa isa = pick_isa(isa_req);
-    n_threads = std::max(1, n_threads);
+    const Isa isa = kdfast::pick_isa(isa_req);
+    n_threads = kdfast::team_size(n_threads);
     py::gil_scoped_release release;
     if (n_q == 0) return;
     using kdfast::as_ptr;
-    if (is_double)
-        run<double>(as_ptr<const double>(queries), as_ptr<const double>(keys), n_q, n_k, d, k,
-                    as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices), as_ptr<float>(out_values),
-                    as_ptr<int64_t>(out_indices), n_threads, isa);
-    else
-        run<float>(as_ptr<const float>(queries), as_ptr<const float>(keys), n_q, n_k, d, k,
-                   as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices), as_ptr<float>(out_values),
-                   as_ptr<int64_t>(out_indices), n_threads, isa);
+    kdfast::by_dtype(is_double, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        run<T>(as_ptr<const T>(queries), as_ptr<const T>(keys), n_q, n_k, d, k, as_ptr<const int64_t>(excl_indptr),
+               as_ptr<const int64_t>(excl_indices), as_ptr<float>(out_values), as_ptr<int64_t>(out_indices), n_threads,
+               isa);
+    });
 }
 
 }  // namespace
@@ -372,7 +336,7 @@ void register_topk(pybind11::module_& m) {
           py::arg("excl_indptr"), py::arg("excl_indices"), py::arg("out_values"), py::arg("out_indices"),
           py::arg("is_double"), py::arg("n_threads"), py::arg("isa") = "auto");
     m.def(
-        "topk_isa", [](const std::string& name) { return std::string(isa_name(pick_isa(name))); },
+        "topk_isa", [](const std::string& name) { return std::string(kdfast::isa_name(kdfast::pick_isa(name))); },
         "The instruction-set variant topk_scores uses for isa=name ('auto' picks the widest supported).",
         py::arg("name") = "auto");
 }

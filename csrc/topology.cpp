@@ -25,6 +25,8 @@
 
 #include "bindings.h"
 #include "buffers.h"
+#include "dispatch.h"
+#include "parallel.h"
 #include "simd.h"
 
 #ifdef _OPENMP
@@ -164,7 +166,10 @@ double ftd_impl(const T* t, const T* s, int64_t n, int64_t dt, int64_t ds, T* gt
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds;
     n_threads = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, (n + kRows - 1) / kRows)));
-    std::vector<double> part(size_t(n_threads) * D * D, 0.0);
+    std::vector<double> part(kdfast::scratch_count("topology_ftd: the per-thread Gram matrices (D x D values)",
+                                                   sizeof(double), {n_threads, D, D}),
+                             0.0);
+    kdfast::RegionErrors errors;
 #pragma omp parallel num_threads(n_threads)
     {
 #ifdef _OPENMP
@@ -173,8 +178,9 @@ double ftd_impl(const T* t, const T* s, int64_t n, int64_t dt, int64_t ds, T* gt
         const int tid = 0, nt = 1;
 #endif
         const int64_t r0 = n * tid / nt, r1 = n * (tid + 1) / nt;
-        gram_rows(t, s, nullptr, r0, r1, dt, ds, &part[size_t(tid) * D * D]);
+        errors.run(tid, [&] { gram_rows(t, s, nullptr, r0, r1, dt, ds, &part[size_t(tid) * D * D]); });
     }
+    errors.rethrow();
     std::vector<double> Q(size_t(D) * D, 0.0);
     for (int k = 0; k < n_threads; ++k)
         for (size_t e = 0; e < Q.size(); ++e) Q[e] += part[size_t(k) * D * D + e];
@@ -184,8 +190,13 @@ double ftd_impl(const T* t, const T* s, int64_t n, int64_t dt, int64_t ds, T* gt
     if (grads) {
         const int64_t c0 = gt ? 0 : dt;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-        for (int64_t b = 0; b < (n + kRows - 1) / kRows; ++b)
-            grad_rows(t, s, nullptr, b * kRows, std::min(n, (b + 1) * kRows), dt, ds, W.data(), c0, Acc(4), gt, gs);
+        for (int64_t b = 0; b < (n + kRows - 1) / kRows; ++b) {
+            if (errors.failed()) continue;
+            errors.run(b, [&] {
+                grad_rows(t, s, nullptr, b * kRows, std::min(n, (b + 1) * kRows), dt, ds, W.data(), c0, Acc(4), gt, gs);
+            });
+        }
+        errors.rethrow();
     }
     return loss;
 }
@@ -197,19 +208,29 @@ std::pair<double, int64_t> grouped_gram_impl(const T* t, const T* s, const int64
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds;
     std::vector<double> gloss(n_groups, 0.0);
-#pragma omp parallel num_threads(n_threads)
+    const size_t n_q =
+        kdfast::scratch_count("topology_grouped: the Gram matrix (D x D values)", sizeof(double), {D, D});
+    kdfast::RegionErrors errors;
+#pragma omp parallel num_threads(kdfast::team_size(n_threads))
     {
-        std::vector<double> Q(size_t(D) * D);
-        std::vector<Acc> W(gs ? size_t(D) * D : 0);
+        std::vector<double> Q;
+        std::vector<Acc> W;
+        errors.run([&] {
+            Q.resize(n_q);
+            W.resize(gs ? n_q : 0);
+        });
 #pragma omp for schedule(dynamic, 1)
         for (int64_t g = 0; g < n_groups; ++g) {
-            if (off[g + 1] == off[g]) continue;
-            std::fill(Q.begin(), Q.end(), 0.0);
-            gram_rows(t, s, perm, off[g], off[g + 1], dt, ds, Q.data());
-            gloss[g] = finish_gram<Acc>(Q.data(), dt, D, gs ? W.data() : nullptr);
-            if (gs) grad_rows(t, s, perm, off[g], off[g + 1], dt, ds, W.data(), dt, Acc(4), (T*)nullptr, gs);
+            if (off[g + 1] == off[g] || errors.failed()) continue;
+            errors.run(g, [&] {
+                std::fill(Q.begin(), Q.end(), 0.0);
+                gram_rows(t, s, perm, off[g], off[g + 1], dt, ds, Q.data());
+                gloss[g] = finish_gram<Acc>(Q.data(), dt, D, gs ? W.data() : nullptr);
+                if (gs) grad_rows(t, s, perm, off[g], off[g + 1], dt, ds, W.data(), dt, Acc(4), (T*)nullptr, gs);
+            });
         }
     }
+    errors.rethrow();
     double loss = 0;
     int64_t count = 0;
     for (int64_t g = 0; g < n_groups; ++g) {
@@ -226,7 +247,7 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
                                               int n_threads) {
     using Acc = typename acc_of<T>::type;
     std::vector<Acc> an(size_t(n) * dt), bn(size_t(n) * ds), invs(n);
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+#pragma omp parallel for schedule(static) num_threads(kdfast::team_size(n_threads))
     for (int64_t i = 0; i < n; ++i) {
         const T* tr = t + perm[i] * dt;
         const T* sr = s + perm[i] * ds;
@@ -246,7 +267,7 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
     first_item[n_groups] = int64_t(items.size());
     const int64_t n_items = int64_t(items.size());
     std::vector<Acc> at(size_t(n_items) * dt * kTile, Acc(0)), bt(size_t(n_items) * ds * kTile, Acc(0));
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+#pragma omp parallel for schedule(static) num_threads(kdfast::team_size(n_threads))
     for (int64_t w = 0; w < n_items; ++w) {
         const int64_t a0 = items[w].first, a1 = std::min(a0 + kTile, off[items[w].second + 1]);
         for (int64_t a = a0; a < a1; ++a) {
@@ -256,12 +277,15 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
     }
     std::vector<double> iloss(items.size(), 0.0);
     std::vector<int64_t> icount(items.size(), 0);
-#pragma omp parallel num_threads(n_threads)
+    kdfast::RegionErrors errors;
+#pragma omp parallel num_threads(kdfast::team_size(n_threads))
     {
-        std::vector<Acc> gb(size_t(kTile) * ds);
+        std::vector<Acc> gb;
+        errors.run([&] { gb.resize(size_t(kTile) * ds); });
         alignas(64) Acc c[kTile], gm[kTile];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items; ++w) {
+            if (errors.failed()) continue;
             const int64_t a0 = items[w].first, g = items[w].second;
             const int64_t a1 = std::min(a0 + kTile, off[g + 1]);
             std::fill(gb.begin(), gb.end(), Acc(0));
@@ -325,6 +349,7 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
             }
         }
     }
+    errors.rethrow();
     double loss = 0;
     int64_t count = 0;
     for (size_t w = 0; w < items.size(); ++w) {
@@ -334,19 +359,14 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
     return {loss, count};
 }
 
-template <typename T>
-T* opt_ptr(std::uintptr_t p) {
-    return p ? kdfast::as_ptr<T>(p) : nullptr;
-}
-
 double ftd(std::uintptr_t t, std::uintptr_t s, int64_t n, int64_t dt, int64_t ds, bool is_double, std::uintptr_t gt,
            std::uintptr_t gs, int n_threads) {
     py::gil_scoped_release release;
-    if (is_double)
-        return ftd_impl(kdfast::as_ptr<const double>(t), kdfast::as_ptr<const double>(s), n, dt, ds,
-                        opt_ptr<double>(gt), opt_ptr<double>(gs), n_threads);
-    return ftd_impl(kdfast::as_ptr<const float>(t), kdfast::as_ptr<const float>(s), n, dt, ds, opt_ptr<float>(gt),
-                    opt_ptr<float>(gs), n_threads);
+    return kdfast::by_dtype(is_double, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        return ftd_impl(kdfast::as_ptr<const T>(t), kdfast::as_ptr<const T>(s), n, dt, ds, kdfast::mut_ptr<T>(gt),
+                        kdfast::mut_ptr<T>(gs), n_threads);
+    });
 }
 
 std::pair<double, int64_t> grouped(std::uintptr_t t, std::uintptr_t s, std::uintptr_t perm, std::uintptr_t off,
@@ -355,16 +375,13 @@ std::pair<double, int64_t> grouped(std::uintptr_t t, std::uintptr_t s, std::uint
     py::gil_scoped_release release;
     const int64_t* p = kdfast::as_ptr<const int64_t>(perm);
     const int64_t* o = kdfast::as_ptr<const int64_t>(off);
-    if (is_double) {
-        auto tt = kdfast::as_ptr<const double>(t);
-        auto ss = kdfast::as_ptr<const double>(s);
-        return filter ? grouped_tiled_impl(tt, ss, p, o, n, n_groups, dt, ds, true, opt_ptr<double>(gs), n_threads)
-                      : grouped_gram_impl(tt, ss, p, o, n_groups, dt, ds, opt_ptr<double>(gs), n_threads);
-    }
-    auto tt = kdfast::as_ptr<const float>(t);
-    auto ss = kdfast::as_ptr<const float>(s);
-    return filter ? grouped_tiled_impl(tt, ss, p, o, n, n_groups, dt, ds, true, opt_ptr<float>(gs), n_threads)
-                  : grouped_gram_impl(tt, ss, p, o, n_groups, dt, ds, opt_ptr<float>(gs), n_threads);
+    return kdfast::by_dtype(is_double, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        const T* tt = kdfast::as_ptr<const T>(t);
+        const T* ss = kdfast::as_ptr<const T>(s);
+        return filter ? grouped_tiled_impl(tt, ss, p, o, n, n_groups, dt, ds, true, kdfast::mut_ptr<T>(gs), n_threads)
+                      : grouped_gram_impl(tt, ss, p, o, n_groups, dt, ds, kdfast::mut_ptr<T>(gs), n_threads);
+    });
 }
 
 }  // namespace
