@@ -127,7 +127,7 @@ def _timing_topk(which=None):
     """The top-K kernel variants of the GPU timings, compiled at the check shape (n_q, n_k, d and the
     split chunk keep the same divisibility as the timing shapes, so the same kernels serve both)."""
     from bench import gpu_topk
-    from kdfast.triton import topk as tri
+    from kdfast.ops.topk import triton as tri
 
     g = torch.Generator().manual_seed(0)
     n_q, n_k, d, k = gpu_topk.CHECK
@@ -212,14 +212,14 @@ def main(argv=None):
         return 0
 
     import kdfast
-    from kdfast import _backend
+    from kdfast._core import backend as _backend
 
     triton.runtime.driver.set_active(_CompileOnlyDriver(args.arch))
     triton_jit.KernelInterface.__getitem__ = _launcher
     real_resolve = _backend.resolve
     _backend.resolve = lambda backend, device, **kw: ("triton" if backend == "triton"
                                                       else real_resolve(backend, device, **kw))
-    kdfast._backend.resolve = _backend.resolve
+    kdfast._core.backend.resolve = _backend.resolve
 
     items = [n for n in args.only.split(",") if n] if args.only else work_items()
     problems = []

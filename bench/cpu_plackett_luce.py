@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import kdfast  # noqa: E402
 from bench.common import cpu_model, load_note, markdown_table, write_result  # noqa: E402
-from kdfast.reference import plackett_luce as ref  # noqa: E402
+from kdfast.ops.plackett_luce import reference as ref  # noqa: E402
 
 
 

@@ -66,11 +66,11 @@ def worker(args):
     import torch
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
-    from kdfast.reference.topk import topk_scores as reference
+    from kdfast.ops.topk.reference import topk_scores as reference
     q, keys, indptr, indices = make_inputs(args.n_q, args.n_k, args.d, args.excl)
     note = ""
     if args.worker == "cpp":
-        from kdfast.cpp.topk import topk_scores as fn
+        from kdfast.ops.topk.cpu import topk_scores as fn
         note = "isa " + __import__("kdfast")._backend.ext().topk_isa("auto")
     elif args.worker == "torch":
         fn = reference

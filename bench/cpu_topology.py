@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import kdfast  # noqa: E402
 from bench.common import cpu_model, markdown_table  # noqa: E402
-from kdfast.reference import topology as ref  # noqa: E402
+from kdfast.ops.topology import reference as ref  # noqa: E402
 
 
 

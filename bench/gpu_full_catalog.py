@@ -62,7 +62,7 @@ def checks(device, smoke):
 
 def _dense_listwise(u, v, ranked, mask):
     """Eager dense reference: the B x I score matrix, a dense exclusion mask, autograd."""
-    from kdfast.reference.plackett_luce import plackett_luce_loss
+    from kdfast.ops.plackett_luce.reference import plackett_luce_loss
     S = u @ v.T
     lt = torch.logsumexp(S.masked_fill(mask, float("-inf")), 1)
     s = S.gather(1, ranked.clamp_min(0)).masked_fill(ranked < 0, float("-inf"))
@@ -71,7 +71,7 @@ def _dense_listwise(u, v, ranked, mask):
 
 def timings(device, smoke):
     import kdfast
-    from kdfast.ops.full_catalog import _merged_exclusions
+    from kdfast._core.csr import with_ids as _merged_exclusions
     B, I, d, K, n_ex = (4, 300, 16, 5, 3) if smoke else (2048, 1 << 20, 64, 50, 100)
     shape = f"B{B} I{I} d{d} K{K}"
     u, v, idx, ex = _inputs(B, I, d, K, n_ex, torch.float32, device, seed=0)

@@ -14,7 +14,7 @@ import torch
 
 import kdfast
 from bench.common import add_row, peak_extra_mb, rel_err, sync, time_ms
-from kdfast.reference import plackett_luce as ref
+from kdfast.ops.plackett_luce import reference as ref
 
 OP = "plackett_luce"
 # KDFAST_BENCH_COMPILE=0 skips the torch.compile baselines (their compilation alone takes tens of seconds)

@@ -16,8 +16,8 @@ import contextlib
 import torch
 
 from bench.common import add_row, peak_extra_mb, time_ms
-from kdfast.reference.topk import topk_scores as ref_topk
-from kdfast.triton import topk as tri
+from kdfast.ops.topk.reference import topk_scores as ref_topk
+from kdfast.ops.topk import triton as tri
 
 OP = "topk_scores"
 

@@ -15,7 +15,7 @@ import torch
 
 import kdfast
 from bench.common import add_row, peak_extra_mb, rel_err, time_ms
-from kdfast.reference import topology as ref
+from kdfast.ops.topology import reference as ref
 
 OP = "topology"
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # machinery
-    "backends": "kdfast._backend",
+    "backends": "kdfast._core.backend",
     "as_csr": "kdfast.csr",
     "transpose_csr": "kdfast.csr",
     # ops

@@ -6,21 +6,21 @@ replacement within a row, by rejection against sorted per-row lists (no dense ro
 Both are vectorised over rows, draw from a torch.Generator and run on the device of their inputs.
 
 backend: "torch" (the tensor code below, any device) or "cpp" (the C++ kernels of csrc/sampling.cpp, CPU
-only: one seeded random stream per row, the same result for any thread count);
-"auto"
-takes cpp on the CPU when the extension is built (and KDFAST_BACKEND is not "torch"). Both draw their
+only: one seeded random stream per row, the same result for any thread count); "auto" takes cpp on the
+CPU when the extension is built, as the ops do (kdfast._core.backend.resolve, KDFAST_BACKEND included;
+KDFAST_BACKEND=triton counts as "auto" here). Both draw their
 randomness from `generator` (cpp: one 62-bit seed per call) and follow the same laws, but the two
 backends give different samples for the same generator state.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from . import _backend, _checks
-from .csr import as_csr, row_ids
+from ._core import backend as _backend
+from ._core import checks as _checks
+from ._core.csr import as_csr, has_pair, row_ids
 
 _MAX_ROUNDS = 64
 
@@ -32,16 +32,9 @@ def _draw_device(generator, device):
 
 
 def _use_cpp(backend, device) -> bool:
-    if backend not in ("auto", "torch", "cpp"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
-    device = torch.device(device)
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise RuntimeError(f"backend='cpp' samples CPU tensors, got device {device}")
-        _backend.resolve("cpp", device)  # raises, saying why, when the extension is missing
-        return True
-    return (backend == "auto" and device.type == "cpu" and _backend.ext() is not None
-            and os.environ.get("KDFAST_BACKEND", "").strip() != "torch")
+    """Whether the C++ sampler runs (RuntimeError saying why when "cpp" is asked for and cannot, or for
+    "triton", which the samplers lack)."""
+    return _backend.resolve(backend, device, available=("torch", "cpp")) == "cpp"
 
 
 def _seed(generator) -> int:
@@ -120,12 +113,7 @@ def exclusion_keys(n_rows, n_ids, exclude=None, extra=None, device="cpu"):
 def _rejected(cand, keys, n_ids):
     """[R, L] bool: the candidate is an excluded id of its row, or repeats an earlier slot of the row."""
     r = torch.arange(cand.shape[0], device=cand.device)[:, None]
-    q = r * n_ids + cand
-    if keys.numel():
-        pos = torch.searchsorted(keys, q).clamp_max(keys.numel() - 1)
-        bad = keys[pos] == q
-    else:
-        bad = torch.zeros_like(cand, dtype=torch.bool)
+    bad = has_pair(keys, r * n_ids + cand)
     srt, order = torch.sort(cand, dim=1, stable=True)
     dup_sorted = torch.zeros_like(srt, dtype=torch.bool)
     dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
@@ -180,11 +168,9 @@ def uniform_excluding_sample(n_rows: int, n_ids: int, size: int, *, exclude=None
             if keys.dtype != torch.int64 or keys.numel() != int(offsets[-1]):
                 raise ValueError("excluded_keys must be int64 keys and counts as returned by exclusion_keys "
                                  f"(got {keys.numel()} {keys.dtype} keys for counts summing to {int(offsets[-1])})")
-            code = _backend.ext().uniform_excluding_sample(_seed(generator), n_rows, n_ids, size, keys.data_ptr(),
-                                                           offsets.data_ptr(), out.data_ptr(), _backend.num_threads())
-            if code <= -2:
-                raise ValueError(f"excluded_keys holds keys outside row {-2 - code} (keys must be row * n_ids + id, "
-                                 "sorted, with per-row counts, as returned by exclusion_keys)")
+            # raises ValueError for a key outside its row
+            _backend.ext().uniform_excluding_sample(_seed(generator), n_rows, n_ids, size, keys.data_ptr(),
+                                                    offsets.data_ptr(), out.data_ptr(), _backend.num_threads())
         return out
     out = torch.randint(0, n_ids, (n_rows, size), generator=generator, device=draw).to(device)
     bad = _rejected(out, keys, n_ids)

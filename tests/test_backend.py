@@ -1,9 +1,9 @@
-"""kdfast._backend: which backends exist, the choice for one call, and the errors that say how to fix."""
+"""kdfast._core.backend: which backends exist, the choice for one call, and the errors that say how to fix."""
 import pytest
 import torch
 
 import kdfast
-from kdfast import _backend
+from kdfast._core import backend as _backend
 
 
 def test_backends_content():
@@ -19,7 +19,8 @@ def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
     monkeypatch.delenv("KDFAST_BACKEND", raising=False)
     expected = "cpp" if _backend.ext() is not None else "torch"
     assert _backend.resolve("auto", torch.device("cpu")) == expected
-    assert _backend.resolve("auto", torch.device("cpu"), has_cpp=False) == "torch"
+    assert _backend.resolve("auto", torch.device("cpu"), available=("torch", "triton")) == "torch"
+    assert _backend.resolve("auto", torch.device("cpu"), dtype=torch.float16) == "torch"  # cpp cannot
     assert _backend.resolve("auto", torch.device("meta")) == "torch"
 
 
@@ -38,7 +39,7 @@ def test_env_override_replaces_auto(monkeypatch):
 def test_env_override_reaches_the_op(monkeypatch):
     """KDFAST_BACKEND=torch makes topk_scores run the reference even when cpp is built."""
     calls = []
-    import kdfast.reference.topk as ref_mod
+    import kdfast.ops.topk.reference as ref_mod
     real = ref_mod.topk_scores
     monkeypatch.setattr(ref_mod, "topk_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("KDFAST_BACKEND", "torch")
@@ -65,12 +66,22 @@ def test_cpp_on_wrong_device_or_missing():
     with pytest.raises(RuntimeError, match="CPU tensors"):
         _backend.resolve("cpp", torch.device("meta"))
     with pytest.raises(RuntimeError, match="no cpp backend"):
-        _backend.resolve("cpp", torch.device("cpu"), has_cpp=False)
+        _backend.resolve("cpp", torch.device("cpu"), available=("torch", "triton"))
+    if _backend.ext() is not None:
+        with pytest.raises(TypeError, match="float32 or float64"):
+            _backend.resolve("cpp", torch.device("cpu"), dtype=torch.bfloat16)
+
+
+def test_env_names_a_backend_the_op_lacks(monkeypatch):
+    monkeypatch.setenv("KDFAST_BACKEND", "triton")
+    assert _backend.resolve("auto", torch.device("cpu"), available=("torch", "cpp")) in ("torch", "cpp")
+    with pytest.raises(RuntimeError, match="no triton backend"):
+        _backend.resolve("triton", torch.device("cpu"), available=("torch", "cpp"))
 
 
 def test_triton_unavailable(monkeypatch):
     with pytest.raises(RuntimeError, match="no triton backend"):
-        _backend.resolve("triton", torch.device("cpu"), has_triton=False)
+        _backend.resolve("triton", torch.device("cpu"), available=("torch", "cpp"))
     monkeypatch.setattr(_backend, "_triton_import", lambda: (False, "triton is not importable (test)"))
     with pytest.raises(RuntimeError, match="not importable"):
         _backend.resolve("triton", torch.device("cpu"))

@@ -197,7 +197,8 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
-    from .. import _backend, metrics
+    from .. import metrics
+    from .._core import backend as _backend
     from .. import data as kdata
     from ..models import build_model, load_teacher, save_teacher
     from ..train import DEFAULT_MONITOR, Trainer

@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _checks
-from ..csr import as_csr
+from .._core import checks as _checks
+from .._core.csr import as_csr
 from ..ops.topk import topk_scores
 from ..sampling import exclusion_keys, rank_discounted_sample
 from .base import KDMethod

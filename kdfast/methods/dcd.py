@@ -64,8 +64,8 @@ import math
 
 import torch
 
-from .. import _checks
-from ..csr import as_csr, transpose_csr
+from .._core import checks as _checks
+from .._core.csr import as_csr, transpose_csr
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.topk import topk_scores
 from .base import KDMethod

@@ -56,9 +56,9 @@ from pathlib import Path
 
 import torch
 
-from .. import _checks
-from ..csr import as_csr, row_ids
-from ..ops.full_catalog import _gathered_scores, full_catalog_log_tail, full_catalog_set_loss
+from .._core import checks as _checks
+from .._core.csr import as_csr, row_ids
+from ..ops.full_catalog import full_catalog_log_tail, full_catalog_set_loss, gathered_scores
 from ..ops.plackett_luce import plackett_luce_loss
 from ..ops.topk import topk_scores
 from .base import KDMethod
@@ -365,8 +365,8 @@ class HetComp(KDMethod):
                                                      reduction="sum", backend=o["backend"])
         top50 = pi_t[:, :50]
         lt50 = full_catalog_log_tail(ue, student_item, top50, exclude=excl, clamp=o["clamp"], backend=o["backend"])
-        s_top, _ = _gathered_scores(ue, student_item, top50, o["clamp"])
-        s_obs, _ = _gathered_scores(ue, student_item, pi_o, o["clamp"])
+        s_top, _ = gathered_scores(ue, student_item, top50, o["clamp"])
+        s_obs, _ = gathered_scores(ue, student_item, pi_o, o["clamp"])
         lt10 = torch.logaddexp(lt50, torch.logsumexp(s_top[:, 10:50], 1))
         pl = plackett_luce_loss
         loss = (pl(s_obs, None, log_tail=lt50, reduction="sum")

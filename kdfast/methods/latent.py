@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .. import _checks
+from .._core import checks as _checks
 from .base import KDMethod
 
 

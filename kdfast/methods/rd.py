@@ -50,8 +50,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _checks
-from ..csr import as_csr
+from .._core import checks as _checks
+from .._core.csr import as_csr
 from ..sampling import exclusion_keys, uniform_excluding_sample
 from .base import KDMethod
 from .ranking import _as_bool, _check_batch, _nonneg_int, _positive_number, _row_scores, _teacher_top, _unique_ids

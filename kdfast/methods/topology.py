@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _checks
+from .._core import checks as _checks
 from ..ops.topology import grouped_topology_loss, topology_loss
-from ..reference.topology import normalize_rows
+from .._core.numerics import normalize_rows
 from .base import KDMethod
 from .latent import (AnnealedMethod, ExpertBank, check_batch, check_prob, check_student, check_teacher, gumbel_softmax,
                      make_linear, noise_generator)

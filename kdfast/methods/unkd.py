@@ -55,8 +55,8 @@ import math
 
 import torch
 
-from .. import _checks
-from ..csr import as_csr, row_ids
+from .._core import checks as _checks
+from .._core.csr import as_csr, row_ids
 from ..ops.topk import topk_scores
 from .base import KDMethod
 from .ranking import _check_batch, _positive_number, _unique_ids

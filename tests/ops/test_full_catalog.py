@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import kdfast
 from kdfast.ops.full_catalog import full_catalog_log_tail
-from kdfast.reference.plackett_luce import plackett_luce_loss as pl_reference
+from kdfast.ops.plackett_luce.reference import plackett_luce_loss as pl_reference
 from tests.conftest import backend_params
 
 
@@ -105,8 +105,8 @@ def test_reference_set_matches_dense(clamp):
 
 
 def test_reference_chunking_is_invisible():
-    from kdfast.ops.full_catalog import _merged_exclusions
-    from kdfast.reference.full_catalog import log_tail, log_tail_backward
+    from kdfast._core.csr import with_ids as _merged_exclusions
+    from kdfast.ops.full_catalog.reference import log_tail, log_tail_backward
     u, v, ranked, ex = make(6, 53, 4, 3, seed=2)
     ip, ix = _merged_exclusions(ex[0], ex[1], ranked, 53)
     a = log_tail(u, v, ip, ix, math.inf)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import kdfast
 from kdfast.ops import plackett_luce as pl_op
-from kdfast.reference.plackett_luce import plackett_luce_loss_from_embeddings as ref_emb
+from kdfast.ops.plackett_luce.reference import plackett_luce_loss_from_embeddings as ref_emb
 from tests.conftest import backend_params
 
 FAST = backend_params("cpp", "triton")
@@ -141,9 +141,12 @@ def test_compile_fullgraph_and_opcheck(backend):
     torch.testing.assert_close(lc, le)
     for x, y in zip(gc, ge):
         torch.testing.assert_close(x, y)
-    torch.library.opcheck(pl_op._emb_fwd_op, (q.requires_grad_(), e, ri, ui, t, None, True, backend))
+    torch.library.opcheck(pl_op._emb_op, (q.requires_grad_(), e, ri, ui, t, None, True, backend))
     rows = torch.tensor([3, 0, 3], device=q.device)
-    torch.library.opcheck(pl_op._emb_fwd_op, (q, e, ri, ui, t, rows, True, backend))
+    torch.library.opcheck(pl_op._emb_op, (q, e, ri, ui, t, rows, True, backend))
+    _, d_r, d_u, _, gq = pl_op._emb_op(q.detach(), e, ri, ui, t, rows, True, backend)
+    args = (torch.ones(3), q.detach(), e, ri, ui, rows, d_r, d_u, gq, backend)
+    torch.library.opcheck(pl_op._emb_bwd_op, args)
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdfast
-from kdfast.reference.topk import topk_scores as reference_topk
+from kdfast.ops.topk.reference import topk_scores as reference_topk
 from tests.conftest import backend_params
 
-HAS_TRITON_TOPK = importlib.util.find_spec("kdfast.triton.topk") is not None
+HAS_TRITON_TOPK = importlib.util.find_spec("kdfast.ops.topk.triton") is not None
 
 
 def _params():
@@ -194,14 +194,14 @@ def test_zero_queries_and_single_row(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_isa_variants_and_threads(isa, dtype):
     """Every compiled instruction-set variant gives the reference order; threads never change bits."""
-    ext = kdfast._backend.ext()
+    ext = kdfast._core.backend.ext()
     if ext is None:
         pytest.skip("C++ extension not built")
     try:
         ext.topk_isa(isa)
     except ValueError:
         pytest.skip(f"CPU lacks {isa}")
-    from kdfast.cpp.topk import topk_scores as cpp_topk
+    from kdfast.ops.topk.cpu import topk_scores as cpp_topk
     gen = torch.Generator().manual_seed(4)
     q, keys = int_embeddings(29, 19, dtype, gen), int_embeddings(2003, 19, dtype, gen)
     indptr, indices = rand_csr(29, 2003, gen, max_per_row=40)
@@ -226,7 +226,7 @@ def test_cpp_isa_variants_and_threads(isa, dtype):
        seed=st.integers(0, 2**31 - 1), float64=st.booleans(), n_excl=st.integers(0, 12))
 def test_property_cpp_equals_reference(n_q, n_k, d, k, seed, float64, n_excl):
     """With exact (integer) scores the cpp backend must reproduce the reference bit for bit."""
-    if kdfast._backend.ext() is None:
+    if kdfast._core.backend.ext() is None:
         pytest.skip("C++ extension not built")
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if float64 else torch.float32
@@ -288,7 +288,7 @@ def test_too_many_keys():
 
 
 def test_cpp_rejects_half_precision():
-    if kdfast._backend.ext() is None:
+    if kdfast._core.backend.ext() is None:
         pytest.skip("C++ extension not built")
     with pytest.raises(TypeError, match="float16"):
         kdfast.topk_scores(torch.randn(3, 4).half(), torch.randn(6, 4).half(), 2, backend="cpp")
@@ -304,9 +304,10 @@ def test_no_keys_or_zero_dim(backend):
 
 def test_cpp_sorted_rows_with_repeats_are_used_as_given():
     """Rows already sorted (repeats allowed) skip canonicalisation; the kernel's pointer walk copes."""
-    if kdfast._backend.ext() is None:
+    if kdfast._core.backend.ext() is None:
         pytest.skip("C++ extension not built")
-    from kdfast.cpp.topk import _sorted_rows, topk_scores as cpp_topk
+    from kdfast._core.csr import rows_sorted as _sorted_rows
+    from kdfast.ops.topk.cpu import topk_scores as cpp_topk
     indptr, indices = torch.tensor([0, 4, 4, 6]), torch.tensor([1, 1, 3, 3, 0, 0])
     assert _sorted_rows(indptr, indices)
     assert not _sorted_rows(torch.tensor([0, 2]), torch.tensor([3, 1]))

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import kdfast
-from kdfast.reference.topk import topk_scores as ref_topk
+from kdfast.ops.topk.reference import topk_scores as ref_topk
 from tests.conftest import DEVICE, backend_params
 
 pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
@@ -16,7 +16,7 @@ VARIANTS = [("buffer", {"block_m": 16, "block_n": 16, "compact_rows": 4}), ("mer
 
 
 def tri(q, kk, k, excl, variant, **kw):
-    from kdfast.triton.topk import topk_scores
+    from kdfast.ops.topk.triton import topk_scores
     return topk_scores(q, kk, k, *excl, variant=variant, **kw)
 
 

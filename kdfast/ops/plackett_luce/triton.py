@@ -1,8 +1,8 @@
-"""Triton backend of the relaxed Plackett-Luce loss (scores and embedding-gather forms).
-
-Same function signatures as kdfast/cpp/plackett_luce.py. Inputs may be float16/bfloat16/float32
-(float32 math) or float64 (float64 math); gradients come back in the input dtype.
+"""Triton backend of the relaxed Plackett-Luce loss (scores and embedding-gather forms), with the
+signatures of the op's backend contract (kdfast.ops.plackett_luce). Inputs may be float16/bfloat16/
+float32 (float32 math) or float64 (float64 math); results come in float32 (float64).
 """
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-NEG = float("-inf")
+from ..._core.numerics import acc_dtype
+from .rows import add_rows, check_ids, take_rows
 
 
 @triton.jit
@@ -124,10 +125,6 @@ def _cdt(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(K, L):
     bk = triton.next_power_of_2(max(K, 1))
     bl = min(triton.next_power_of_2(max(L, 1)), 1024)
@@ -135,44 +132,37 @@ def _blocks(K, L):
     return bk, bl, r
 
 
-def forward(ranked, unranked, log_tail):
-    """(loss [B], log_rest [B], log_inv [B]) in float32 (float64 for float64 input)."""
+def loss_and_grads(ranked, unranked, log_tail, need_grad):
+    """(loss [B], d_ranked [B, K], d_unranked [B, L], d_tail [B]); the last three at unit upstream
+    gradient, empty [0] when absent or not needed: the forward kernel, then (need_grad) the backward
+    kernel with grad_output 1."""
     s = ranked.contiguous()
     u = None if unranked is None else unranked.contiguous()
     t = None if log_tail is None else log_tail.contiguous()
     B, K = s.shape
     L = 0 if u is None else u.shape[1]
-    acc = _acc_dtype(s.dtype)
+    acc = acc_dtype(s.dtype)
     loss, rest, inv = (torch.empty(B, dtype=acc, device=s.device) for _ in range(3))
-    if B == 0:
-        return loss, rest, inv
-    bk, bl, r = _blocks(K, L)
-    _fwd_kernel[(triton.cdiv(B, r),)](
-        s, s if u is None else u, s if t is None else t, loss, rest, inv, B, K, L,
-        HAS_U=u is not None, HAS_T=t is not None, CDT=_cdt(s.dtype), R=r, BLOCK_K=bk, BLOCK_L=bl,
-        NL=triton.cdiv(L, bl), num_warps=4)
-    return loss, rest, inv
 
+    def out(x, shape):
+        return torch.empty(shape if need_grad and x is not None else 0, dtype=acc, device=s.device)
 
-def backward(grad, ranked, unranked, log_tail, log_rest, log_inv):
-    """(grad_ranked [B, K], grad_unranked [B, L] or [0], grad_tail [B] or [0]) in the input dtypes."""
-    s = ranked.contiguous()
-    u = None if unranked is None else unranked.contiguous()
-    t = None if log_tail is None else log_tail.contiguous()
-    B, K = s.shape
-    L = 0 if u is None else u.shape[1]
-    gs = torch.empty_like(s)
-    gu = torch.empty_like(u) if u is not None else s.new_empty(0)
-    gt = torch.empty_like(t) if t is not None else s.new_empty(0)
+    d_r, d_u, d_t = out(s, s.shape), out(u, (B, L)), out(t, B)
     if B == 0:
-        return gs, gu, gt
+        return loss, d_r, d_u, d_t
     bk, bl, r = _blocks(K, L)
-    _bwd_kernel[(triton.cdiv(B, r),)](
-        grad.contiguous(), s, s if u is None else u, s if t is None else t, log_rest.contiguous(),
-        log_inv.contiguous(), gs, gu if u is not None else gs, gt if t is not None else gs, B, K, L,
-        HAS_U=u is not None, HAS_T=t is not None, CDT=_cdt(s.dtype), R=r, BLOCK_K=bk, BLOCK_L=bl,
-        NL=triton.cdiv(L, bl), num_warps=4)
-    return gs, gu, gt
+    grid = (triton.cdiv(B, r),)
+    flags = dict(HAS_U=u is not None, HAS_T=t is not None, CDT=_cdt(s.dtype), R=r, BLOCK_K=bk,
+                 BLOCK_L=bl, NL=triton.cdiv(L, bl), num_warps=4)  # fmt: skip
+    u_arg, t_arg = s if u is None else u, s if t is None else t
+    _fwd_kernel[grid](s, u_arg, t_arg, loss, rest, inv, B, K, L, **flags)
+    if need_grad:
+        ones = torch.ones(B, dtype=acc, device=s.device)
+        _bwd_kernel[grid](
+            ones, s, u_arg, t_arg, rest, inv, d_r, d_u if u is not None else d_r,
+            d_t if t is not None else d_r, B, K, L, **flags,
+        )  # fmt: skip
+    return loss, d_r, d_u, d_t
 
 
 # Embedding form, forward (one row per program). s_k = <q, E[ridx_k]>, u_l = <q, E[uidx_l]>, id -1 ->
@@ -248,25 +238,24 @@ def _emb_fwd_kernel(q_ptr, e_ptr, ridx_ptr, uidx_ptr, t_ptr, loss_ptr, rest_ptr,
         tl.store(gqu_ptr + row * D + ds, acc * gscale, mask=dmask)
 
 
-# Embedding form, backward, times grad_output g (one row per program):
-#   grad_q = g (gq_u + sum_k coef_k E[ridx_k]);  grad_E[ridx_k] += g coef_k q;
-#   grad_E[uidx_l] += g exp(u_l + inv) q.
-# Memory plan: q row in registers; the ranked item rows are gathered again (K rows, [BLOCK_KC, BLOCK_D]
-# tiles); the unranked rows are only written to, never read. grad_E is float32 and accumulated with
-# atomic adds (relaxed): repeated ids add up correctly, but float32 addition order varies run to run.
-# With SCATTER off the kernel only writes grad_q (the deterministic path scatters separately).
+# Embedding form, gradients (one row per program), in two uses:
+#   GATHER (the forward, grad_output 1): grad_q = gq_u + sum_k coef_k E[ridx_k], the row's query gradient
+#       at unit upstream gradient (the ranked item rows are gathered again, in [BLOCK_KC, BLOCK_D] tiles);
+#   SCATTER (the backward, grad_output g): grad_E[ridx_k] += g coef_k q and grad_E[uidx_l] += g du_l q,
+#       du_l = exp(u_l + inv) the unranked score gradients at unit upstream gradient; the item rows are
+#       only written to, never read. grad_E is float32 (float64) and accumulated with atomic adds
+#       (relaxed): repeated ids add up correctly, but the addition order varies run to run.
+# Memory plan: the q row in registers, one [BLOCK, BLOCK_D] tile of item rows at a time.
 @triton.jit
-def _emb_bwd_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, us_ptr, inv_ptr, gqu_ptr,
-                    gq_ptr, ge_ptr, K, L, D,
-                    HAS_U: tl.constexpr, SCATTER: tl.constexpr, CDT: tl.constexpr, BLOCK_KC: tl.constexpr,
-                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NKC: tl.constexpr, NL: tl.constexpr):
+def _emb_grad_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, du_ptr, gqu_ptr, gq_ptr, ge_ptr,
+                     K, L, D, HAS_U: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                     CDT: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_D: tl.constexpr, NKC: tl.constexpr, NL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(go_ptr + row).to(CDT)
-    inv = tl.load(inv_ptr + row).to(CDT)
     ds = tl.arange(0, BLOCK_D)
     dmask = ds < D
     q = tl.load(q_ptr + row * D + ds, mask=dmask, other=0.0).to(CDT)
-    gq = tl.load(gqu_ptr + row * D + ds, mask=dmask, other=0.0).to(CDT)
     gk = tl.zeros([BLOCK_D], CDT)
     for kc in range(NKC):
         ks = kc * BLOCK_KC + tl.arange(0, BLOCK_KC)
@@ -276,8 +265,9 @@ def _emb_bwd_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, us_ptr, 
         safe = tl.where(valid, idx, 0)
         c = tl.load(coef_ptr + row * K + ks, mask=valid, other=0.0).to(CDT)
         m2 = valid[:, None] & dmask[None, :]
-        e = tl.load(e_ptr + safe[:, None] * D + ds[None, :], mask=m2, other=0.0).to(CDT)
-        gk += tl.sum(c[:, None] * e, axis=0)
+        if GATHER:
+            e = tl.load(e_ptr + safe[:, None] * D + ds[None, :], mask=m2, other=0.0).to(CDT)
+            gk += tl.sum(c[:, None] * e, axis=0)
         if SCATTER:
             tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :],
                           (g * c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
@@ -290,12 +280,13 @@ def _emb_bwd_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, us_ptr, 
                 idx = tl.load(uidx_ptr + row * L + ls, mask=lmask, other=-1)
                 valid = idx >= 0
                 safe = tl.where(valid, idx, 0)
-                u = tl.load(us_ptr + row * L + ls, mask=valid, other=float("-inf")).to(CDT)
-                c = g * tl.exp(u + inv)
+                c = g * tl.load(du_ptr + row * L + ls, mask=valid, other=0.0).to(CDT)
                 m2 = valid[:, None] & dmask[None, :]
                 tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :],
                               (c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty), mask=m2, sem="relaxed")
-    tl.store(gq_ptr + row * D + ds, (g * (gq + gk)).to(gq_ptr.dtype.element_ty), mask=dmask)
+    if GATHER:
+        gq = tl.load(gqu_ptr + row * D + ds, mask=dmask, other=0.0).to(CDT)
+        tl.store(gq_ptr + row * D + ds, (g * (gq + gk)).to(gq_ptr.dtype.element_ty), mask=dmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -308,47 +299,76 @@ def _emb_blocks(K, L, D):
     return bk, bdc, bl, bd, bkc
 
 
-def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, need_grad):
-    """(loss [B], coef [B, K], uscores [B, L], log_rest [B], log_inv [B], gq_u [B, d]); the last three
-    buffers are float32 (float64 for float64 input) and empty when need_grad is False."""
-    q, e = query.contiguous(), item.contiguous()
-    ridx = ranked_idx.to(torch.int64).contiguous()
-    uidx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
-    t = None if log_tail is None else log_tail.contiguous()
+def _grad_launch(g, q, e, ridx, uidx, coef, du, gqu, gq, ge, *, gather, scatter):
     B, D = q.shape
     K = ridx.shape[1]
     L = 0 if uidx is None else uidx.shape[1]
-    acc = _acc_dtype(q.dtype)
+    _, _, bl, bd, bkc = _emb_blocks(K, L, D)
+    _emb_grad_kernel[(B,)](
+        g, q, e, ridx, ridx if uidx is None else uidx, coef, coef if du is None else du, gqu, gq, ge, K, L, D,
+        HAS_U=uidx is not None and L > 0, GATHER=gather, SCATTER=scatter, CDT=_cdt(q.dtype),
+        BLOCK_KC=bkc, BLOCK_L=bl, BLOCK_D=bd, NKC=triton.cdiv(K, bkc), NL=triton.cdiv(L, bl),
+        num_warps=4,
+    )  # fmt: skip
+
+
+def _ids(idx):
+    return None if idx is None else idx.to(torch.int64).contiguous()
+
+
+def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad):
+    """(loss [B], d_ranked [B, K], d_unranked [B, L], d_tail [B], grad_query [B, d]), the last four at
+    unit upstream gradient (empty [0] when absent or not needed), float32 (float64 for float64 input).
+
+    The fused forward kernel gives the loss, the ranked score gradients, the raw unranked scores and
+    the unranked part of grad_query; the gradient kernel (GATHER) adds the ranked part."""
+    check_ids(ranked_idx, unranked_idx, rows, item.shape[0], query.shape[0])
+    q, ridx, uidx, t = take_rows(rows, query, _ids(ranked_idx), _ids(unranked_idx), log_tail)
+    q, e = q.contiguous(), item.contiguous()
+    ridx, uidx = ridx.contiguous(), None if uidx is None else uidx.contiguous()
+    t = None if t is None else t.contiguous()
+    B, D = q.shape
+    K = ridx.shape[1]
+    L = 0 if uidx is None else uidx.shape[1]
+    acc = acc_dtype(q.dtype)
     dev = q.device
     loss, rest, inv = (torch.empty(B, dtype=acc, device=dev) for _ in range(3))
-    if need_grad:
-        coef = torch.empty((B, K), dtype=acc, device=dev)
-        us = torch.empty((B, L), dtype=acc, device=dev)
-        gqu = torch.empty((B, D), dtype=acc, device=dev)
-    else:
-        coef, us, gqu = (torch.empty(0, dtype=acc, device=dev) for _ in range(3))
+
+    def out(present, *shape):
+        return torch.empty(shape if need_grad and present else 0, dtype=acc, device=dev)
+
+    coef, us, d_t, gqu = out(True, B, K), out(uidx is not None, B, L), out(t is not None, B), out(True, B, D)
     if B == 0:
-        return loss, coef, us, rest, inv, gqu
+        return loss, coef, us, d_t, gqu
     bk, bdc, bl, bd, _ = _emb_blocks(K, L, D)
     _emb_fwd_kernel[(B,)](
         q, e, ridx, ridx if uidx is None else uidx, q if t is None else t, loss, rest, inv,
-        coef if need_grad else loss, us if need_grad and L > 0 else loss, gqu if need_grad else loss, K, L, D,
-        HAS_U=uidx is not None and L > 0, HAS_T=t is not None, NEED_GRAD=bool(need_grad), CDT=_cdt(q.dtype),
-        BLOCK_K=bk, BLOCK_DC=bdc, BLOCK_L=bl, BLOCK_D=bd,
-        NDC=triton.cdiv(D, bdc), NL=triton.cdiv(L, bl), num_warps=4)
-    return loss, coef, us, rest, inv, gqu
+        coef if need_grad else loss, us if need_grad and L > 0 else loss, gqu if need_grad else loss,
+        K, L, D, HAS_U=uidx is not None and L > 0, HAS_T=t is not None, NEED_GRAD=bool(need_grad),
+        CDT=_cdt(q.dtype), BLOCK_K=bk, BLOCK_DC=bdc, BLOCK_L=bl, BLOCK_D=bd, NDC=triton.cdiv(D, bdc),
+        NL=triton.cdiv(L, bl), num_warps=4,
+    )  # fmt: skip
+    if not need_grad:
+        return loss, coef, us, d_t, gqu
+    gq = torch.empty((B, D), dtype=acc, device=dev)
+    ones = torch.ones(B, dtype=acc, device=dev)
+    _grad_launch(ones, q, e, ridx, uidx, coef, None, gqu, gq, gq, gather=True, scatter=False)
+    d_u = torch.exp(us + inv[:, None]) if uidx is not None else us
+    d_t = torch.exp(t.to(acc) + inv) if t is not None else d_t
+    return loss, coef, d_u, d_t, gq
 
 
-def _scatter_deterministic(ge, g, q, ridx, coef, uidx, uscores, inv, max_entries=2**19):
-    """grad_E[i] += sum_{(b, j): idx_bj = i} c_bj q_b with index_add_ (sort-based and deterministic
+def _scatter_deterministic(ge, g, q, ridx, d_ranked, uidx, d_unranked, max_entries=2**19):
+    """grad_E[i] += sum_{(b, j): idx_bj = i} g_b d_bj q_b with index_add_ (sort-based and deterministic
     under torch.use_deterministic_algorithms), over row chunks of at most max_entries entries taken in
     a fixed order, so that the [entries, d] source never exceeds max_entries * d values."""
     B = q.shape[0]
-    parts = [(ridx, coef * g[:, None])]
+    parts = [(ridx, d_ranked)]
     if uidx is not None and uidx.shape[1] > 0:
-        parts.append((uidx, torch.exp(uscores + inv[:, None]) * g[:, None]))
+        parts.append((uidx, d_unranked))
     qf = q.to(ge.dtype)
-    for idx, c in parts:
+    for idx, d in parts:
+        c = d * g[:, None]
         M = idx.shape[1]
         step = max(1, max_entries // max(M, 1))
         for b0 in range(0, B, step):
@@ -358,36 +378,23 @@ def _scatter_deterministic(ge, g, q, ridx, coef, uidx, uscores, inv, max_entries
             ge.index_add_(0, ids.clamp_min(0).reshape(-1), src.to(ge.dtype))
 
 
-def emb_backward(grad, query, item, ranked_idx, unranked_idx, log_tail, saved_ranked, saved_unranked,
-                 log_rest, log_inv, aux):
-    """(grad_query [B, d], grad_item [N, d], grad_tail [B] or [0]) in the input dtypes.
+def emb_backward(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query):
+    """(grad_query [n_rows, d], grad_item [N, d]) for the upstream grad [B], float32 (float64).
 
-    grad_item is accumulated with float32 atomic adds by default (not bitwise reproducible run to
-    run); under torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based
-    index_add_ instead (reproducible, slower, at most 2^19 * d extra values).
+    grad_item is accumulated with atomic adds by default (not bitwise reproducible run to run); under
+    torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based index_add_ instead
+    (reproducible, slower, at most 2^19 * d extra values).
     """
-    q, e = query.contiguous(), item.contiguous()
-    ridx = ranked_idx.to(torch.int64).contiguous()
-    uidx = None if unranked_idx is None else unranked_idx.to(torch.int64).contiguous()
-    B, D = q.shape
-    K = ridx.shape[1]
-    L = 0 if uidx is None else uidx.shape[1]
-    acc = _acc_dtype(q.dtype)
-    gq = torch.empty_like(q)
-    ge = torch.zeros(e.shape, dtype=torch.float64 if acc == torch.float64 else torch.float32, device=e.device)
+    q, ridx, uidx = take_rows(rows, query, _ids(ranked_idx), _ids(unranked_idx))
+    q, ridx = q.contiguous(), ridx.contiguous()
+    uidx = None if uidx is None else uidx.contiguous()
+    acc = grad_query.dtype
     g = grad.to(acc).contiguous()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if B > 0:
-        _, _, bl, bd, bkc = _emb_blocks(K, L, D)
-        _emb_bwd_kernel[(B,)](
-            g, q, e, ridx, ridx if uidx is None else uidx, saved_ranked, saved_unranked if L > 0 else saved_ranked,
-            log_inv, aux, gq, ge, K, L, D,
-            HAS_U=uidx is not None and L > 0, SCATTER=not deterministic, CDT=_cdt(q.dtype), BLOCK_KC=bkc,
-            BLOCK_L=bl, BLOCK_D=bd,
-            NKC=triton.cdiv(K, bkc), NL=triton.cdiv(L, bl), num_warps=4)
-        if deterministic:
-            _scatter_deterministic(ge, g, q, ridx, saved_ranked, uidx, saved_unranked, log_inv)
-    gt = q.new_empty(0)
-    if log_tail is not None:
-        gt = (g * torch.exp(log_tail.to(acc) + log_inv)).to(log_tail.dtype)
-    return gq, ge.to(e.dtype), gt
+    ge = torch.zeros(item.shape, dtype=acc, device=item.device)
+    if q.shape[0] > 0:
+        if torch.are_deterministic_algorithms_enabled():
+            _scatter_deterministic(ge, g, q, ridx, d_ranked, uidx, d_unranked)
+        else:
+            _grad_launch(g, q, item.contiguous(), ridx, uidx, d_ranked, d_unranked, g, g, ge,
+                         gather=False, scatter=True)  # fmt: skip
+    return add_rows(g[:, None] * grad_query, rows, query.shape[0]), ge

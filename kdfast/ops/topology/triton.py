@@ -1,6 +1,6 @@
 """Triton kernels for the topology losses (FTD Gram rewrite, HTD entity-level tiled masked sum).
 
-Imported lazily by kdfast.ops.topology, so TRITON_INTERPRET set by the tests applies. All dots use
+Imported on first use by kdfast.ops.topology, so TRITON_INTERPRET set by the tests applies. All dots use
 input_precision="ieee" (no TF32): the Gram rewrite subtracts large sums and needs full fp32 products.
 Everything is computed in float32 (float64 inputs too: use the cpp or torch backend for float64 accuracy).
 """

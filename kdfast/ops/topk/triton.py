@@ -1,8 +1,8 @@
-"""Triton top-K of dot-product scores with per-query exclusions (backend "triton" of kdfast.topk_scores).
+"""Triton backend of kdfast.topk_scores: top-K of dot-product scores with per-query exclusions.
 
 One fused kernel scores a block of BM queries against tiles of BN keys with tl.dot and keeps each query's
 running top-K on chip, so neither the n_q x n_k score matrix nor any per-query buffer that grows with n_k
-is ever stored. The order is the reference's exactly (kdfast.reference.topk): int64 rank keys
+is ever stored. The order is the reference's exactly (kdfast._core.numerics): int64 rank keys
     key = ordered(score) * 2^32 + (2^32 - 1 - index)
 (NaN ranks as -inf, -0 == +0, ties to the lower index, excluded/empty slots = EMPTY = -2^63 -> index -1).
 
@@ -30,11 +30,14 @@ Determinism: no atomics; the same inputs give bitwise the same outputs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
 
-EMPTY = -(2**63)
+from ..._core import backend
+from ..._core.csr import canonicalize, row_ids
+from ..._core.numerics import EMPTY, decode_rank_keys
+from .triton_kernels import KERNELS
+
 CONFIG = {"variant": "buffer"}
 VARIANTS = ("buffer", "merge")
 LAST_LAUNCH = {}  # the last compiled kernel (its n_regs / n_spills, for the benchmark notes)
@@ -42,12 +45,6 @@ LAST_LAUNCH = {}  # the last compiled kernel (its n_regs / n_spills, for the ben
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _get_kernels():
-    from . import _topk_kernels
-    return _topk_kernels.KERNELS
-
 
 
 def plan(n_q: int, n_k: int, d: int, k: int, device, *, variant=None, block_m=None, block_n=None,
@@ -104,11 +101,6 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
     "buffer" splits * n_q * (C + 2) int64 (candidate lists, C = 2 * max(KP, BN), and counts), and the
     canonical exclusion CSR (plus splits * n_q start pointers when splits > 1). Nothing grows with n_k.
     """
-    from ..csr import canonicalize
-    from ..reference.topk import decode
-
-    import triton
-
     n_q, d = queries.shape
     n_k = keys.shape[0]
     dev = queries.device
@@ -117,9 +109,6 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
     if queries.dtype == torch.float64:
         queries, keys = queries.float(), keys.float()
     queries, keys = queries.contiguous(), keys.contiguous()
-    if n_q == 0 or n_k == 0:
-        out = torch.full((n_q, k), EMPTY, dtype=torch.int64, device=dev)
-        return decode(out)
     cfg = plan(n_q, n_k, d, k, dev, variant=variant, block_m=block_m, block_n=block_n, splits=splits,
                num_warps=num_warps, num_stages=num_stages, compact_rows=compact_rows)
     S, KP, C, chunk = cfg["splits"], cfg["KP"], cfg["C"], cfg["chunk"]
@@ -127,9 +116,7 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
         indptr, ids = canonicalize(excl_indptr, excl_indices, n_k)
         starts = indptr[:-1]
         if S > 1:
-            counts = indptr[1:] - indptr[:-1]
-            row_of = torch.repeat_interleave(torch.arange(n_q, device=dev), counts)
-            flat = row_of * n_k + ids  # sorted: canonical rows are sorted and rows are in order
+            flat = row_ids(indptr) * n_k + ids  # sorted: canonical rows are sorted and rows are in order
             lows = torch.arange(S, device=dev, dtype=torch.int64) * chunk
             want = torch.arange(n_q, device=dev, dtype=torch.int64)[None, :] * n_k + lows[:, None]
             starts = torch.searchsorted(flat, want.reshape(-1)).reshape(S, n_q)
@@ -149,12 +136,12 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
         prec = "tf32" if (dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     else:
         prec = "ieee"
-    kern = _get_kernels()[cfg["variant"]]
+    kern = KERNELS[cfg["variant"]]
     grid = (triton.cdiv(n_q, cfg["BM"]), S)
     LAST_LAUNCH["kernel"] = kern[grid](
         queries, keys, ids, starts, ends, buf, aux, part, n_q, n_k, d, chunk, queries.stride(0), keys.stride(0),
         cfg["k_eff"], KP=KP, C=C, BM=cfg["BM"], BN=cfg["BN"], BD=cfg["BD"], R=cfg["R"], E=excl_chunk, PREC=prec,
-        WHILE_LOOP=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        WHILE_LOOP=backend.interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     k_eff = cfg["k_eff"]
     if S == 1:
@@ -163,4 +150,4 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, variant=None, bl
         top = torch.topk(part.permute(1, 0, 2).reshape(n_q, S * KP), k_eff, dim=1).values
     if k_eff < k:
         top = torch.cat([top, top.new_full((n_q, k - k_eff), EMPTY)], dim=1)
-    return decode(top.contiguous())
+    return decode_rank_keys(top.contiguous())

@@ -1,6 +1,6 @@
 """Triton kernels of the full-catalog log-tail (kdfast::full_catalog_log_tail) and its backward.
 
-Math (see kdfast/reference/full_catalog.py): S_bj = clamp(<u_b, v_j>, -c, c);
+Math (see kdfast/ops/full_catalog/reference.py): S_bj = clamp(<u_b, v_j>, -c, c);
     log_tail_b = log sum_{j not in X_b} exp(S_bj)
     G_bj = g_b exp(S_bj - log_tail_b) [j not in X_b] [-c <= <u_b, v_j> <= c]
     grad_user = G @ V,  grad_item = G^T @ U
@@ -8,8 +8,10 @@ X_b comes in as a canonical CSR (ids sorted within each row, no repeats). Every 
 first excluded id inside the tile by binary search and then walks the row's ids that fall in the tile,
 so exclusions cost O(log nnz_b + hits) per row and tile and no dense mask exists.
 Deterministic: every sum has a fixed order (partial results per item split are combined in torch).
-Imported lazily by kdfast.ops.full_catalog (so TRITON_INTERPRET, when set, applies).
+Imported on first use by kdfast.ops.full_catalog (so TRITON_INTERPRET, when set, applies). Results in
+float32 (float64 for float64 inputs), the op's backend contract.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ..._core import backend
+from ..._core.numerics import acc_dtype
 
 
 @triton.jit
@@ -70,10 +73,10 @@ def fwd_tile(u, m, s, V, ex_indptr, ex_idx, rows, row_ok, n0, stop, D, clamp, dk
 @triton.jit
 def fwd_kernel(U, V, ex_indptr, ex_idx, M_out, S_out, B, I, D, clamp, per_split,
                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, LOG_ITERS: tl.constexpr,
-               ACC: tl.constexpr, PREC: tl.constexpr, USE_WHILE: tl.constexpr):
+               ACC: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr):
     # One program: BM user rows x one split of per_split items. Reads U[BM, D] once and V in [BN, D]
     # tiles; the [BM, BN] score tile lives in registers; writes a running (max, sum exp) pair per row
-    # for this split to M_out/S_out [n_split, B] (combined in torch). USE_WHILE: the interpreter
+    # for this split to M_out/S_out [n_split, B] (combined in torch). WHILE_LOOP: the interpreter
     # cannot run range() over a runtime bound, so it takes an equivalent while loop.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,7 +90,7 @@ def fwd_kernel(U, V, ex_indptr, ex_idx, M_out, S_out, B, I, D, clamp, per_split,
     start = pid_s.to(tl.int64) * per_split
     stop = tl.minimum(start + per_split, I)
     n_t = per_split // BN
-    if USE_WHILE:
+    if WHILE_LOOP:
         t = pid_s * 0
         while t < n_t:
             m, s = fwd_tile(u, m, s, V, ex_indptr, ex_idx, rows, row_ok, start + t * BN, stop, D, clamp, dk,
@@ -125,7 +128,7 @@ def bwd_user_tile(acc, u, g, lt, V, rows, row_ok, n0, stop, D, dk, d_ok, ex_indp
 @triton.jit
 def bwd_user_kernel(U, V, G, LT, ex_indptr, ex_idx, GU_out, B, I, D, clamp, per_split,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, LOG_ITERS: tl.constexpr,
-                    ACC: tl.constexpr, PREC: tl.constexpr, USE_WHILE: tl.constexpr):
+                    ACC: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr):
     # One program: BM user rows x one item split; recomputes the score tiles, accumulates
     # G_tile @ V_tile in a [BM, BD] register block, writes it to GU_out[pid_s] ([n_split, B, D]).
     pid_m = tl.program_id(0)
@@ -141,7 +144,7 @@ def bwd_user_kernel(U, V, G, LT, ex_indptr, ex_idx, GU_out, B, I, D, clamp, per_
     start = pid_s.to(tl.int64) * per_split
     stop = tl.minimum(start + per_split, I)
     n_t = per_split // BN
-    if USE_WHILE:
+    if WHILE_LOOP:
         t = pid_s * 0
         while t < n_t:
             acc = bwd_user_tile(acc, u, g, lt, V, rows, row_ok, start + t * BN, stop, D, dk, d_ok, ex_indptr,
@@ -170,7 +173,7 @@ def bwd_item_tile(acc, v, U, G, LT, m0, B, D, dk, d_ok, cols, col_ok, n0, ex_ind
 @triton.jit
 def bwd_item_kernel(U, V, G, LT, ex_indptr, ex_idx, GI_out, B, I, D, clamp,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, LOG_ITERS: tl.constexpr,
-                    ACC: tl.constexpr, PREC: tl.constexpr, USE_WHILE: tl.constexpr):
+                    ACC: tl.constexpr, PREC: tl.constexpr, WHILE_LOOP: tl.constexpr):
     # One program: BN items; loops over all user blocks, recomputing the score tiles, accumulates
     # G_tile^T @ U_tile in a [BN, BD] register block and writes grad_item rows once.
     pid_n = tl.program_id(0)
@@ -182,7 +185,7 @@ def bwd_item_kernel(U, V, G, LT, ex_indptr, ex_idx, GI_out, B, I, D, clamp,
     v = tl.load(V + cols[:, None] * D + dk[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
     acc = tl.zeros([BN, BD], ACC)
     n_t = (B + BM - 1) // BM
-    if USE_WHILE:
+    if WHILE_LOOP:
         t = pid_n * 0
         while t < n_t:
             acc = bwd_item_tile(acc, v, U, G, LT, t * BM, B, D, dk, d_ok, cols, col_ok, n0, ex_indptr,
@@ -217,7 +220,7 @@ def _config(user_emb, item_emb, indptr):
         prec = "tf32"
     else:
         prec = "tf32" if (user_emb.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    if _backend.interpreting():
+    if backend.interpreting():
         bm, bn = 16, 16
     elif f64:
         bm, bn = 32, 32
@@ -255,26 +258,26 @@ def log_tail(user_emb, item_emb, indptr, indices, clamp):
     n_items = item_emb.shape[0]
     bm, bn, bd, log_iters, acc, prec = _config(user_emb, item_emb, indptr)
     n_split, per = _splits(n_rows, n_items, bm, bn, user_emb.device)
-    out_dt = torch.float64 if user_emb.dtype == torch.float64 else torch.float32
+    out_dt = acc_dtype(user_emb.dtype)
     indices = _nonempty(indices)
     m = torch.empty((n_split, n_rows), dtype=out_dt, device=user_emb.device)
     s = torch.empty_like(m)
     fwd_kernel[(triton.cdiv(n_rows, bm), n_split)](user_emb, item_emb, indptr, indices, m, s, n_rows, n_items, d,
                                             _clamp_arg(clamp), per, BM=bm, BN=bn, BD=bd, LOG_ITERS=log_iters,
                                             ACC=acc, PREC=prec,
-                                          USE_WHILE=_backend.interpreting())
+                                          WHILE_LOOP=backend.interpreting())
     mx = m.amax(0)
     safe = torch.where(torch.isinf(mx) & (mx < 0), torch.zeros_like(mx), mx)
     return torch.log((s * torch.exp(m - safe)).sum(0)) + safe
 
 
 def log_tail_backward(grad, lt, user_emb, item_emb, indptr, indices, clamp):
-    """(grad_user [B, d], grad_item [I, d]) in the input dtype."""
+    """(grad_user [B, d], grad_item [I, d]), float32 (float64 for float64 inputs)."""
     n_rows, d = user_emb.shape
     n_items = item_emb.shape[0]
     bm, bn, bd, log_iters, acc, prec = _config(user_emb, item_emb, indptr)
     n_split, per = _splits(n_rows, n_items, bm, bn, user_emb.device)
-    acc_dt = torch.float64 if user_emb.dtype == torch.float64 else torch.float32
+    acc_dt = acc_dtype(user_emb.dtype)
     indices = _nonempty(indices)
     grad = grad.to(acc_dt).contiguous()
     lt = lt.to(acc_dt).contiguous()
@@ -283,8 +286,8 @@ def log_tail_backward(grad, lt, user_emb, item_emb, indptr, indices, clamp):
     c = _clamp_arg(clamp)
     bwd_user_kernel[(triton.cdiv(n_rows, bm), n_split)](user_emb, item_emb, grad, lt, indptr, indices, gu, n_rows, n_items,
                                                  d, c, per, BM=bm, BN=bn, BD=bd, LOG_ITERS=log_iters, ACC=acc,
-                                                 PREC=prec, USE_WHILE=_backend.interpreting())
+                                                 PREC=prec, WHILE_LOOP=backend.interpreting())
     bwd_item_kernel[(triton.cdiv(n_items, bn),)](user_emb, item_emb, grad, lt, indptr, indices, gi, n_rows, n_items, d, c,
                                           BM=bm, BN=bn, BD=bd, LOG_ITERS=log_iters, ACC=acc, PREC=prec,
-                                          USE_WHILE=_backend.interpreting())
-    return gu.sum(0).to(user_emb.dtype), gi.to(item_emb.dtype)
+                                          WHILE_LOOP=backend.interpreting())
+    return gu.sum(0), gi

@@ -1,6 +1,6 @@
-"""Triton kernels of kdfast.triton.topk (imported lazily by it, so that TRITON_INTERPRET applies).
+"""Triton kernels of kdfast.ops.topk.triton (imported on first use, so that TRITON_INTERPRET applies).
 
-Rank keys as in kdfast.reference.topk: key = ordered(score) * 2^32 + (2^32 - 1 - index), EMPTY = -2^63;
+Rank keys as in kdfast._core.numerics: key = ordered(score) * 2^32 + (2^32 - 1 - index), EMPTY = -2^63;
 2^62 marks "no further excluded id" (beyond every tile).
 """
 import triton

@@ -1,0 +1,65 @@
+"""Numerics shared by the ops: the accumulation dtype, loss reductions, safe row normalisation, and the
+rank keys that define the top-K order on every backend."""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel accumulates in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses reduced as `reduction` says: "none" (as they are), "sum", or "mean" over rows."""
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.mean()
+
+
+def inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """[N, 1] 1 / ||x_row||, and 0 for rows of norm 0."""
+    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    pos = n > 0
+    return torch.where(pos, 1.0 / torch.where(pos, n, torch.ones_like(n)), torch.zeros_like(n))
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| row-wise; rows of norm 0 map to 0 with gradient 0 (never NaN)."""
+    return x * inv_norms(x)
+
+
+# ---------------------------------------------------------------------------------------- rank keys
+# The top-K order of every backend: descending score, ties to the LOWER key index, NaN ranks as -inf,
+# -0.0 equals +0.0. One total order on int64 rank keys implements it:
+#     key = ordered(score) * 2^32 + (2^32 - 1 - index)
+# where ordered() maps float32 bits to an int32 that sorts like the float. Keys are unique per row, so
+# an int64 top-k on them is exact and deterministic. Excluded keys and empty slots take the key EMPTY
+# and come out as index -1, value -inf.
+EMPTY = -(2**63)
+_LOW = (1 << 32) - 1
+
+
+def encode_rank_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rank keys (int64) of float32 scores at the given int64 key indices (broadcastable)."""
+    s = scores.to(torch.float32)
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s) + 0.0  # NaN->-inf, -0->+0
+    b = s.view(torch.int32).to(torch.int64)
+    ordered = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return ordered * (1 << 32) + (_LOW - index)
+
+
+def decode_rank_keys(keys: torch.Tensor):
+    """(values float32, indices int64) of rank keys; EMPTY gives (-inf, -1)."""
+    empty = keys == EMPTY
+    low = keys & _LOW
+    index = _LOW - low
+    ordered = torch.div(keys - low, 1 << 32, rounding_mode="floor")
+    bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).to(torch.int32)
+    # torch.where rather than masked assignment: inductor cannot re-index an in-place write into a
+    # dtype view, and torch.compile of the reference is one of the benchmark baselines.
+    values = torch.where(empty, float("-inf"), bits.view(torch.float32))
+    return values, torch.where(empty, -1, index)

@@ -1,0 +1,47 @@
+"""Reference top-K of dot-product scores with exclusions (the oracle, and the "torch" backend):
+chunked matmul, mask, topk on the rank keys of kdfast._core.numerics (descending score, ties to the
+lower key index, NaN as -inf, -0 == +0; excluded keys and empty slots come out as index -1, value -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._core.csr import row_ids
+from ..._core.numerics import EMPTY, acc_dtype, decode_rank_keys, encode_rank_keys
+
+
+def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, max_tile=1 << 24):
+    """Top-k keys by <query, key> per query, skipping each query's excluded keys.
+
+    queries [n_q, d], keys [n_k, d] floating; k >= 1 (may exceed n_k); excl_indptr [n_q+1] and
+    excl_indices int64 CSR (ids may repeat, any order). Scores are accumulated in float32 (float64 for
+    float64 inputs) and ranked as float32. Returns values [n_q, k] float32 and indices [n_q, k] int64.
+    Peak memory: one tile of at most max_tile scores (+ its int64 keys) besides the result.
+    """
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    dev = queries.device
+    dt = acc_dtype(queries.dtype)
+    q_all, k_all = queries.to(dt), keys.to(dt)
+    kb = max(1, min(n_k, max_tile))
+    qb = max(1, max_tile // kb)
+    out = torch.full((n_q, k), EMPTY, dtype=torch.int64, device=dev)
+    rows_all = row_ids(excl_indptr)
+    for q0 in range(0, n_q, qb):
+        q1 = min(n_q, q0 + qb)
+        lo, hi = int(excl_indptr[q0]), int(excl_indptr[q1])
+        e_rows, e_ids = rows_all[lo:hi] - q0, excl_indices[lo:hi]
+        best = out[q0:q1]
+        for k0 in range(0, n_k, kb):
+            k1 = min(n_k, k0 + kb)
+            s = q_all[q0:q1] @ k_all[k0:k1].T
+            key = encode_rank_keys(s, torch.arange(k0, k1, device=dev))
+            sel = (e_ids >= k0) & (e_ids < k1)
+            key[e_rows[sel], e_ids[sel] - k0] = EMPTY
+            cand = torch.cat([best, key], dim=1)
+            best = torch.topk(cand, min(k, cand.shape[1]), dim=1).values
+            if best.shape[1] < k:
+                pad = best.new_full((best.shape[0], k - best.shape[1]), EMPTY)
+                best = torch.cat([best, pad], 1)
+        out[q0:q1] = best
+    return decode_rank_keys(out)

@@ -1,1 +1,0 @@
-"""Pure-PyTorch reference implementations of every kdfast op: the oracle for tests, and the fallback."""
