@@ -18,10 +18,8 @@ import time
 
 import torch
 
-from kdfast import data as kdata
+from kdfast import experiment
 from kdfast.methods.hetcomp import save_trajectories
-from kdfast.models import build_model
-from kdfast.train import DEFAULT_MONITOR, Trainer
 
 
 def main(argv=None):
@@ -41,16 +39,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset = kdata.load(args.data)
-    split = kdata.make_split(dataset, args.protocol, seed=args.split_seed)
-    monitor = args.monitor or DEFAULT_MONITOR[args.protocol]
+    dataset, split = experiment.load_split(
+        experiment.DataSpec(data=args.data, protocol=args.protocol, split_seed=args.split_seed)
+    )
+    train = experiment.TrainSpec(epochs=args.epochs, eval_every=args.every, patience=args.patience,
+                                 monitor=args.monitor, seed=args.seed)  # fmt: skip
+    monitor = train.monitor_for(args.protocol)
     levels = [float(x) for x in args.levels.split(",")]
     print(f"data: {dataset.describe()}\nsplit: {split.describe()}", flush=True)
     teachers = []
     for spec in args.teachers.split(","):
         kind, dim = spec.split(":")
-        g = torch.Generator().manual_seed(args.seed)
-        model = build_model(kind, split.n_users, split.n_items, int(dim), split.train, generator=g)
         kept = {}
 
         def keep(epoch, m, kept=kept):
@@ -60,9 +59,7 @@ def main(argv=None):
                 kept[epoch] = (u.detach().clone(), i.detach().clone())
 
         t0 = time.perf_counter()
-        tr = Trainer(model, split, epochs=args.epochs, eval_every=args.every, patience=args.patience, monitor=monitor,
-                     seed=args.seed, progress=False, name=f"{kind}{dim}", on_epoch_end=keep)
-        res = tr.fit()
+        _, res = experiment.train_model(kind, int(dim), split, train, name=f"{kind}{dim}", on_epoch_end=keep)
         best = res["valid"][monitor]
         valid = {h["epoch"]: h["valid"][monitor] for h in res["history"]}
         epochs = []

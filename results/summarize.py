@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
-METRICS = {"loo": ["NDCG@10", "HR@10", "MRR@10", "NDCG@20"], "full": ["Recall@20", "NDCG@20", "Recall@50", "NDCG@50"]}
+from kdfast.experiment import format_table, summary_columns, summary_rows
+
 KEY = {"loo": "NDCG@10", "full": "Recall@50"}
 
 
@@ -27,20 +28,20 @@ def main(paths):
             extra = {k: v for k, v in (("weight_decay", cfg.get("weight_decay")),) if v not in (None, 1e-3)}
             opts = dict(opts, **extra)
             # a method run with other options is another row
-            key = (name, json.dumps(opts, sort_keys=True))
-            t["students"][key] = dict(res, options=opts, epochs_cap=cfg["epochs"])
+            label = name if not opts else f"{name} {json.dumps(opts, sort_keys=True)}"
+            t["students"][label] = dict(res, name=name, options=opts, epochs_cap=cfg["epochs"])
     for (protocol, dim), t in sorted(tables.items()):
-        cols = METRICS[protocol]
+        monitor = KEY[protocol]
+        cols = summary_columns(protocol, monitor)
+        students = dict(sorted(t["students"].items(), key=lambda kv: kv[0] != "none"))
+        rows = summary_rows(t["teacher"]["test"], students, cols, monitor, teacher_label="teacher (dim 200)")
+        for row, r in zip(rows[1:], students.values()):
+            row[0] = r["name"]
+            row += [f"{r['best_epoch']} / {r['epochs_cap']}", f"{r['seconds_per_epoch']:.2f}",
+                    ", ".join(f"{k}={v}" for k, v in r["options"].items())]  # fmt: skip
+        header = ["model"] + cols + [f"{monitor} vs none", "best epoch / cap", "s/epoch", "options"]
         print(f"\n### {protocol}, student dim {dim}\n")
-        print("| model | " + " | ".join(cols) + f" | {KEY[protocol]} vs none | best epoch / cap | s/epoch | options |")
-        print("|---" * (len(cols) + 5) + "|")
-        print("| teacher (dim 200) | " + " | ".join(f"{t['teacher']['test'][c]:.4f}" for c in cols) + " | | | | |")
-        base = t["students"].get(("none", "{}"), {}).get("test", {}).get(KEY[protocol])
-        for (name, _), r in sorted(t["students"].items(), key=lambda kv: (kv[0] != ("none", "{}"))):
-            rel = "" if base is None or name == "none" else f"{100 * (r['test'][KEY[protocol]] / base - 1):+.1f}%"
-            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
-            print(f"| {name} | " + " | ".join(f"{r['test'][c]:.4f}" for c in cols)
-                  + f" | {rel} | {r['best_epoch']} / {r['epochs_cap']} | {r['seconds_per_epoch']:.2f} | {opts} |")
+        print(format_table(rows, header, markdown=True))
 
 
 if __name__ == "__main__":

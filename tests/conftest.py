@@ -1,7 +1,7 @@
 """Test set-up: without a CUDA device the Triton kernels run in the interpreter on CPU tensors.
 
-TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any kdfast.triton
-module is imported (they are imported lazily by the ops).
+TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any Triton backend
+(kdfast/ops/<op>/triton.py) is imported (the ops import them on first use).
 """
 import os
 
@@ -33,11 +33,12 @@ def backend_params(*names):
     return params
 
 
+def device_of(backend):
+    """The device a backend's inputs live on in these tests."""
+    return "cpu" if backend == "cpp" else DEVICE
+
+
 @pytest.fixture
 def device_for():
-    """The device a backend's inputs live on in these tests."""
-    def pick(backend):
-        if backend == "cpp":
-            return "cpu"
-        return DEVICE
-    return pick
+    """device_of, as a fixture."""
+    return device_of

@@ -113,7 +113,7 @@ def test_every_registered_method_trains_through_the_cli(tmp_path, name):
 def test_methods_help_lists_every_registered_method():
     import argparse
 
-    from kdfast.commands.distill import add_arguments
+    from kdfast.cli.distill import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -79,6 +79,18 @@ def differentiable(op, impl, *, setup, backward, name: str, module: str, bwd_op=
     return call
 
 
+def check_kept(ctx, kept: dict, name: str) -> None:
+    """RuntimeError when autograd wants the gradient of input i (ctx.needs_input_grad) but the forward
+    was told not to keep it (kept[i] False): a direct call of the custom op with the wrong flag, which
+    would otherwise give a silently missing gradient or read an empty buffer."""
+    for i, was_kept in kept.items():
+        if ctx.needs_input_grad[i] and not was_kept:
+            raise RuntimeError(
+                f"{name}: input {i} needs a gradient, but the forward ran with the flag that skips it "
+                "(call the public function, or pass the gradient flags the inputs need)"
+            )
+
+
 def scaled(grad: torch.Tensor, unit: torch.Tensor, dtype: torch.dtype | None):
     """The upstream `grad` ([B] or a scalar) times a gradient `unit` taken at unit upstream gradient
     ([B, ...] or any shape for a scalar grad), in `dtype`; None for an input without one (dtype None)."""

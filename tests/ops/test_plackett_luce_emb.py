@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import kdfast
-from kdfast.ops import plackett_luce as pl_op
 from kdfast.ops.plackett_luce.reference import plackett_luce_loss_from_embeddings as ref_emb
 from tests.conftest import backend_params
 
@@ -100,55 +99,6 @@ def test_no_grad_forward_matches(backend, device_for):
     close(a, b, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
-def test_gradcheck_float64(backend):
-    q, e, ri, ui, t = make(3, 4, 5, 3, 4, seed=12)
-    args = [x.requires_grad_() for x in (q, e, t)]
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: kdfast.plackett_luce_loss_from_embeddings(a, b, ri, ui, log_tail=c, reduction="none",
-                                                                  backend=backend), args)
-
-
-@pytest.mark.parametrize("backend", backend_params("triton"))
-def test_gradcheck_triton_float64(backend, device_for):
-    q, e, ri, ui, t = make(2, 3, 4, 2, 3, seed=13, device=device_for(backend))
-    args = [x.requires_grad_() for x in (q, e, t)]
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: kdfast.plackett_luce_loss_from_embeddings(a, b, ri, ui, log_tail=c, reduction="none",
-                                                                  backend=backend), args)
-
-
-@pytest.mark.parametrize("backend", backend_params("cpp"))
-def test_cpp_is_deterministic_and_leaves_inputs(backend):
-    q, e, ri, ui, t = make(64, 16, 20, 10, 30, dtype=torch.float32, seed=14)
-    copies = [x.clone() for x in (q, e, ri, ui, t)]
-    a = run(kd(backend), q, e, ri, ui, t, "sum", 1.0)
-    b = run(kd(backend), q, e, ri, ui, t, "sum", 1.0)
-    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
-    assert all(torch.equal(x, y) for x, y in zip((q, e, ri, ui, t), copies))
-
-
-@pytest.mark.parametrize("backend", backend_params("cpp"))
-def test_compile_fullgraph_and_opcheck(backend):
-    q, e, ri, ui, t = make(4, 5, 6, 3, 5, dtype=torch.float32, seed=15)
-
-    def f(a, b, c):
-        return kdfast.plackett_luce_loss_from_embeddings(a, b, ri, ui, log_tail=c, backend=backend)
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    lc, gc = run(lambda a, b, _ri, _ui, c, r: compiled(a, b, c), q, e, ri, ui, t, "sum", 1.0)
-    le, ge = run(lambda a, b, _ri, _ui, c, r: f(a, b, c), q, e, ri, ui, t, "sum", 1.0)
-    torch.testing.assert_close(lc, le)
-    for x, y in zip(gc, ge):
-        torch.testing.assert_close(x, y)
-    torch.library.opcheck(pl_op._emb_op, (q.requires_grad_(), e, ri, ui, t, None, True, backend))
-    rows = torch.tensor([3, 0, 3], device=q.device)
-    torch.library.opcheck(pl_op._emb_op, (q, e, ri, ui, t, rows, True, backend))
-    _, d_r, d_u, _, gq = pl_op._emb_op(q.detach(), e, ri, ui, t, rows, True, backend)
-    args = (torch.ones(3), q.detach(), e, ri, ui, rows, d_r, d_u, gq, backend)
-    torch.library.opcheck(pl_op._emb_bwd_op, args)
-
-
 @pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
 @pytest.mark.parametrize("tail", [True, False])
 def test_rows_equal_gathering_first(backend, device_for, tail):
@@ -231,40 +181,6 @@ def test_property_cpp_matches_reference(B, d, N, K, L, tail, seed):
     for g, gr in zip(grads, grads_r):
         if g is not None:
             close(g, gr, 1e-8, 1e-8)
-
-
-@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
-def test_bad_inputs_raise(backend):
-    q, e, ri, ui, t = make(3, 4, 5, 3, 4, dtype=torch.float32)
-
-    def f(*a, **k):
-        return kdfast.plackett_luce_loss_from_embeddings(*a, backend=backend, **k)
-
-    bad_hi, bad_lo = ri.clone(), ui.clone()
-    bad_hi[1, 0] = 5
-    bad_lo[2, 1] = -2
-    with pytest.raises(ValueError, match="ranked_idx"):
-        f(q, e, bad_hi, ui)
-    with pytest.raises(ValueError, match="unranked_idx"):
-        f(q, e, ri, bad_lo)
-    with pytest.raises(ValueError, match="ranked_idx"):
-        f(q, e, ri[:2], ui)
-    with pytest.raises(ValueError, match="unranked_idx"):
-        f(q, e, ri, ui[:2])
-    with pytest.raises(TypeError, match="ranked_idx"):
-        f(q, e, ri.float(), ui)
-    with pytest.raises(TypeError, match="query_emb"):
-        f(q.to(torch.int64), e, ri, ui)
-    with pytest.raises(TypeError, match="dtype"):
-        f(q, e.double(), ri, ui)
-    with pytest.raises(ValueError, match="dimension"):
-        f(q, e[:, :3], ri, ui)
-    with pytest.raises(ValueError, match="log_tail"):
-        f(q, e, ri, ui, log_tail=t[:2])
-    with pytest.raises(ValueError, match="K = 0"):
-        f(q, e, ri[:, :0])
-    with pytest.raises(ValueError, match="reduction"):
-        f(q, e, ri, ui, reduction="max")
 
 
 @pytest.mark.parametrize("backend", backend_params("triton"))

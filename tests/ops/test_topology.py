@@ -124,29 +124,6 @@ def test_ftd_gram_rewrite_identity():
     torch.testing.assert_close(R.topology_loss(t, s), rhs)
 
 
-@pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
-def test_ftd_gradcheck(backend):
-    t, s = _inputs(6, 4, 3, torch.float64, "cpu", seed=6)
-    t.requires_grad_()
-    s.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: kdfast.topology_loss(a, b, backend=backend), (t, s))
-
-
-@pytest.mark.parametrize("backend", backend_params("cpp"))
-def test_ftd_deterministic_and_inputs_untouched(backend):
-    t, s = _inputs(300, 20, 6, torch.float32, "cpu", seed=7)
-    t0, s0 = t.clone(), s.clone()
-    ss = s.clone().requires_grad_()
-    l1 = kdfast.topology_loss(t, ss, backend=backend)
-    l1.backward()
-    g1 = ss.grad.clone()
-    ss.grad = None
-    l2 = kdfast.topology_loss(t, ss, backend=backend)
-    l2.backward()
-    assert torch.equal(l1, l2) and torch.equal(g1, ss.grad)
-    assert torch.equal(t, t0) and torch.equal(s, s0)
-
-
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), dt=st.integers(1, 12), ds=st.integers(1, 6), seed=st.integers(0, 10**6))
 def test_ftd_property_cpp_vs_reference(n, dt, ds, seed):
@@ -213,7 +190,7 @@ def test_grouped_teacher_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
-@pytest.mark.parametrize("filt", [True, False])
+@pytest.mark.parametrize("filt", [False])  # (with the filter: tests/ops/test_contract.py)
 def test_grouped_gradcheck(backend, filt):
     t, s = _inputs(8, 4, 3, torch.float64, "cpu", seed=9)
     s.requires_grad_()
@@ -238,55 +215,6 @@ def test_grouped_property_cpp_vs_reference(n, k, dt, ds, filt, seed):
 
 
 # ------------------------------------------------------------------ compile, bad input
-@pytest.mark.parametrize("backend", backend_params("cpp"))
-def test_compile_fullgraph(backend):
-    t, s = _inputs(20, 6, 3, torch.float32, "cpu", seed=10)
-    groups = torch.arange(20) % 3
-
-    def f(a, b):
-        return (kdfast.topology_loss(a, b, backend=backend)
-                + kdfast.grouped_topology_loss(a, b, groups, 3, backend=backend))
-
-    ss = s.clone().requires_grad_()
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(t, ss)
-    got.backward()
-    s2 = s.clone().requires_grad_()
-    want = f(t, s2)
-    want.backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(ss.grad, s2.grad)
-
-
-def test_bad_inputs():
-    t, s = torch.randn(5, 4), torch.randn(5, 2)
-    g = torch.zeros(5, dtype=torch.int64)
-    with pytest.raises(ValueError, match="rows"):
-        kdfast.topology_loss(t, s[:4])
-    with pytest.raises(ValueError, match="teacher must be 2-D"):
-        kdfast.topology_loss(t[0], s)
-    with pytest.raises(TypeError, match="student must be a floating"):
-        kdfast.topology_loss(t, s.to(torch.int64))
-    with pytest.raises(ValueError, match="reduction"):
-        kdfast.topology_loss(t, s, reduction="none")
-    with pytest.raises(ValueError, match="backend"):
-        kdfast.topology_loss(t, s, backend="cuda")
-    with pytest.raises(ValueError, match="groups holds ids outside"):
-        kdfast.grouped_topology_loss(t, s, g + 3, 3)
-    with pytest.raises(ValueError, match="groups holds ids outside"):
-        kdfast.grouped_topology_loss(t, s, g - 1, 3)
-    with pytest.raises(ValueError, match="n_groups must be >= 1"):
-        kdfast.grouped_topology_loss(t, s, g, 0)
-    with pytest.raises(ValueError, match="groups must have one entry per row"):
-        kdfast.grouped_topology_loss(t, s, g[:4], 1)
-    with pytest.raises(TypeError, match="groups must be an integer"):
-        kdfast.grouped_topology_loss(t, s, g.float(), 1)
-    with pytest.raises(TypeError, match="teacher_cos_filter"):
-        kdfast.grouped_topology_loss(t, s, g, 1, teacher_cos_filter=1)
-    if kdfast.backends()["cpp"][0]:  # the teacher is taken in the student's dtype on every backend
-        torch.testing.assert_close(kdfast.topology_loss(t, s.double(), backend="cpp"),
-                                   kdfast.topology_loss(t.double(), s.double(), backend="torch"))
-
-
 def test_empty_input():
     t, s = torch.zeros(0, 4), torch.zeros(0, 2, requires_grad=True)
     for backend in ("torch", "cpp") if kdfast.backends()["cpp"][0] else ("torch",):

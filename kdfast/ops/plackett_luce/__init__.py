@@ -23,7 +23,7 @@ import torch
 
 from ..._core import backend as _backend
 from ..._core import checks
-from ..._core.autodiff import differentiable, requires_grad, scaled
+from ..._core.autodiff import check_kept, differentiable, requires_grad, scaled
 from ..._core.numerics import acc_dtype, reduce_rows
 from . import cpu, reference
 from .rows import add_rows
@@ -74,13 +74,15 @@ def _(ranked, unranked, log_tail, need_grad, backend):
 
 
 def _scores_setup(ctx, inputs, output):
-    ranked, unranked, log_tail, _, _ = inputs
+    ranked, unranked, log_tail, need_grad, _ = inputs
     ctx.set_materialize_grads(False)  # the auxiliary outputs get no gradient: no zero tensors for them
     ctx.dtypes = (ranked.dtype, _dtype_of(unranked), _dtype_of(log_tail))
+    ctx.need_grad = need_grad
     ctx.save_for_backward(*output[1:])
 
 
 def _scores_backward(ctx, g_loss, *unused, bwd):
+    check_kept(ctx, {0: ctx.need_grad, 1: ctx.need_grad, 2: ctx.need_grad}, "plackett_luce_loss")
     if g_loss is None:
         return None, None, None, None, None
     grads = (scaled(g_loss, d, dt) for d, dt in zip(ctx.saved_tensors, ctx.dtypes))
@@ -218,15 +220,17 @@ def _(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, g
 
 
 def _emb_setup(ctx, inputs, output):
-    query, item, ranked_idx, unranked_idx, log_tail, rows, _, backend = inputs
+    query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad, backend = inputs
     _, d_r, d_u, d_t, gq = output
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, item, ranked_idx, unranked_idx, rows, d_r, d_u, d_t, gq)
     ctx.dtypes = (query.dtype, item.dtype, _dtype_of(log_tail))
-    ctx.backend = backend
+    ctx.backend, ctx.need_grad = backend, need_grad
 
 
 def _emb_backward(ctx, g_loss, *unused, bwd):
+    kept = ctx.need_grad
+    check_kept(ctx, {0: kept, 1: kept, 4: kept}, "plackett_luce_loss_from_embeddings")
     if g_loss is None:
         return (None,) * 8
     query, item, ranked_idx, unranked_idx, rows, d_r, d_u, d_t, gq = ctx.saved_tensors

@@ -19,7 +19,7 @@ import torch
 
 from ..._core import backend as _backend
 from ..._core import checks
-from ..._core.autodiff import differentiable, requires_grad, scaled
+from ..._core.autodiff import check_kept, differentiable, requires_grad, scaled
 from ..._core.numerics import acc_dtype
 from . import cpu, reference
 
@@ -66,6 +66,7 @@ def _ftd_setup(ctx, inputs, output):
 
 
 def _ftd_backward(ctx, g_loss, *unused, bwd):
+    check_kept(ctx, {0: ctx.dtypes[0] is not None, 1: ctx.dtypes[1] is not None}, "topology_loss")
     if g_loss is None:
         return None, None, None, None, None
     (gt, gs), (t_dt, s_dt) = ctx.saved_tensors, ctx.dtypes
@@ -174,6 +175,7 @@ def _grouped_setup(ctx, inputs, output):
 
 
 def _grouped_backward(ctx, g_loss, *unused, bwd):
+    check_kept(ctx, {1: ctx.dtype is not None}, "grouped_topology_loss")
     if g_loss is None:
         return (None,) * 7
     (gs,) = ctx.saved_tensors

@@ -1,4 +1,5 @@
-"""`kdfast distill`: train (or load) a teacher, distill one student per KD method, report and plot.
+"""`kdfast distill`: train (or load) a teacher, distill one student per KD method, report and plot
+(through the pipeline of kdfast.experiment).
 
     kdfast distill --data synthetic --protocol loo --teacher-dim 200 --student-dim 20 \
         --methods none,de,rrd --epochs 100 --seed 0 --out runs/demo
@@ -14,10 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
-
-SUMMARY = {"loo": ("HR@10", "NDCG@10", "MRR@10", "NDCG@20"), "full": ("Recall@20", "NDCG@20", "Recall@50", "NDCG@50")}
 
 
 def add_arguments(p) -> None:
@@ -64,9 +62,9 @@ class UsageError(Exception):
 
 
 def parse_methods(text: str):
-    """[(name, class or None, default options)] for a comma-separated list; UsageError on unknown or
-    unavailable names."""
-    from ..methods.base import METHODS, method_class
+    """[(name, default options)] for a comma-separated list ("none" has none); UsageError on unknown
+    or unavailable names."""
+    from ..methods.registry import METHODS, method_class
 
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not names:
@@ -79,13 +77,13 @@ def parse_methods(text: str):
     out = []
     for m in names:
         if m == "none":
-            out.append((m, None, {}))
+            out.append((m, {}))
             continue
         try:
-            cls, opts = method_class(m)
+            _, opts = method_class(m)
         except (ImportError, AttributeError) as exc:
             raise UsageError(f"method {m!r} is not available in this installation ({exc})") from None
-        out.append((m, cls, opts))
+        out.append((m, opts))
     return out
 
 
@@ -108,6 +106,16 @@ def parse_options(items, methods):
     return out
 
 
+def _validated(name, options):
+    """The method's options checked by the registry (names and values) before any training."""
+    from ..methods.registry import validate_options
+
+    try:
+        return validate_options(name, options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--option {name}: {exc}") from None
+
+
 def _check_writable(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +128,7 @@ def _check_writable(folder: Path, what: str) -> None:
 
 def _check_args(args) -> None:
     for name in ("teacher_dim", "student_dim", "epochs", "eval_every", "patience", "batch_size", "n_neg",
-                 "synthetic_users", "synthetic_items"):
+                 "synthetic_users", "synthetic_items"):  # fmt: skip
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
@@ -129,30 +137,20 @@ def _check_args(args) -> None:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
-def _fmt_table(rows, header):
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    out = [line, "-" * len(line)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(out)
-
-
 def report_table(results: dict, protocol: str, monitor: str) -> str:
     """The printed summary: teacher and one row per student, with the change of `monitor` relative to
     the no-KD student ("none") when it ran."""
-    cols = list(SUMMARY[protocol])
-    if monitor not in cols:
-        cols.append(monitor)
+    from ..experiment import format_table, summary_columns, summary_rows
+
+    cols = summary_columns(protocol, monitor)
+    t, students = results["teacher"], results["students"]
+    rows = summary_rows(t["test"], students, cols, monitor)
+    sec = t.get("seconds_per_epoch")
+    rows[0] += ["", str(t.get("best_epoch", "")), f"{sec:.2f}" if sec and not t.get("loaded") else "loaded"]
+    for row, r in zip(rows[1:], students.values()):
+        row += [str(r["best_epoch"]), f"{r['seconds_per_epoch']:.2f}"]
     header = ["model"] + cols + [f"{monitor} vs none", "best epoch", "s/epoch"]
-    rows = []
-    t = results["teacher"]
-    rows.append(["teacher"] + [f"{t['test'][c]:.4f}" for c in cols] + ["", str(t.get("best_epoch", "")),
-                 f"{t['seconds_per_epoch']:.2f}" if t.get("seconds_per_epoch") else "loaded"])
-    base = results["students"].get("none", {}).get("test", {}).get(monitor)
-    for name, r in results["students"].items():
-        rel = "" if not base else f"{100.0 * (r['test'][monitor] / base - 1.0):+.1f}%"
-        rows.append([name] + [f"{r['test'][c]:.4f}" for c in cols] + [rel, str(r["best_epoch"]), f"{r['seconds_per_epoch']:.2f}"])
-    return _fmt_table(rows, header)
+    return format_table(rows, header)
 
 
 def plot(results: dict, monitor: str, path: Path) -> None:
@@ -172,7 +170,10 @@ def plot(results: dict, monitor: str, path: Path) -> None:
     cfg = results["config"]
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {monitor}")
-    ax.set_title(f"{cfg['data']['name']} ({cfg['protocol']}): student dim {cfg['student_dim']}, teacher dim {cfg['teacher_dim']}")
+    ax.set_title(
+        f"{cfg['data']['name']} ({cfg['protocol']}): student dim {cfg['student_dim']}, "
+        f"teacher dim {cfg['teacher_dim']}"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -194,19 +195,37 @@ def run(args) -> int:
         return 2
 
 
+def _specs(args):
+    """The pipeline's specs from the command line."""
+    from ..experiment import DataSpec, TeacherSpec, TrainSpec
+
+    data = DataSpec(
+        data=args.data, fmt=args.format, min_interactions=args.min_interactions,
+        threshold=args.threshold, synthetic_users=args.synthetic_users,
+        synthetic_items=args.synthetic_items, synthetic_seed=args.synthetic_seed,
+        protocol=args.protocol, n_neg=args.n_neg, split_seed=args.split_seed,
+    )  # fmt: skip
+    train = TrainSpec(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, patience=args.patience, monitor=args.monitor, seed=args.seed,
+        progress=not args.no_progress, backend=args.backend, device=args.device,
+    )  # fmt: skip
+    return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
+
+
 def _run(args) -> int:
+    import dataclasses
+
     import torch
 
-    from .. import metrics
+    from .. import experiment, metrics
     from .._core import backend as _backend
-    from .. import data as kdata
-    from ..models import build_model, load_teacher, save_teacher
-    from ..train import DEFAULT_MONITOR, Trainer
 
     _check_args(args)
     methods = parse_methods(args.methods)
-    overrides = parse_options(args.option, [m for m, _, _ in methods])
-    methods = [(m, cls, {**opts, **overrides.get(m, {})}) for m, cls, opts in methods]
+    overrides = parse_options(args.option, [m for m, _ in methods])
+    methods = [(m, {**opts, **overrides.get(m, {})}) for m, opts in methods]
+    methods = [(m, _validated(m, opts) if m != "none" else {}) for m, opts in methods]
     out = Path(args.out)
     _check_writable(out, "--out folder")
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
@@ -223,15 +242,13 @@ def _run(args) -> int:
         _backend.resolve(args.backend, device)
     except (ValueError, RuntimeError) as exc:
         raise UsageError(f"--backend: {exc}") from None
-    monitor = args.monitor or DEFAULT_MONITOR[args.protocol]
+    data_spec, teacher_spec, train = _specs(args)
+    monitor = train.monitor_for(args.protocol)
     if monitor not in metrics.metric_names(args.protocol):
         raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
-                         f"{', '.join(metrics.metric_names(args.protocol))}")
+                         f"{', '.join(metrics.metric_names(args.protocol))}")  # fmt: skip
     try:
-        options = {"n_users": args.synthetic_users, "n_items": args.synthetic_items} if args.data == "synthetic" else {}
-        dataset = kdata.load(args.data, fmt=args.format, min_user_interactions=args.min_interactions,
-                             threshold=args.threshold, seed=args.synthetic_seed, **options)
-        split = kdata.make_split(dataset, args.protocol, seed=args.split_seed, n_neg=args.n_neg)
+        dataset, split = experiment.load_split(data_spec)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--data {args.data}: {exc}") from None
     log = print
@@ -239,56 +256,26 @@ def _run(args) -> int:
     log(f"split: {split.describe()}")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config.update({"data": dataset.describe(), "split": split.describe(), "monitor": monitor,
-                   "methods": [m for m, _, _ in methods], "method_options": {m: o for m, _, o in methods if o},
-                   "teacher_file": str(teacher_path)})
+                   "methods": [m for m, _ in methods],
+                   "method_options": {m: o for m, o in methods if o},
+                   "teacher_file": str(teacher_path)})  # fmt: skip
     results = {"config": config, "teacher": {}, "students": {}}
-
-    expect = {"data_fingerprint": dataset.fingerprint(), "protocol": args.protocol, "split_seed": args.split_seed,
-              "model": args.teacher_model, "dim": args.teacher_dim}
-    if args.protocol == "loo":
-        expect["n_neg"] = args.n_neg
-    if teacher_path.exists():
-        try:
-            t_user, t_item, meta = load_teacher(teacher_path, expect=expect)
-            t_user, t_item = t_user.to(device), t_item.to(device)
-        except (OSError, ValueError, RuntimeError) as exc:
+    teacher_train = dataclasses.replace(train, epochs=args.teacher_epochs or args.epochs)
+    try:
+        teacher = experiment.get_teacher(dataset, split, data_spec, teacher_spec, teacher_train,
+                                         path=teacher_path, log=log)  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as exc:
+        if teacher_path.exists():
             raise UsageError(str(exc)) from None
-        log(f"teacher: loaded {teacher_path} (trained {meta.get('epochs_run')} epochs, best {meta.get('best_epoch')})")
-        results["teacher"] = {"loaded": True, "file": str(teacher_path), "best_epoch": meta.get("best_epoch"),
-                              "seconds_per_epoch": meta.get("seconds_per_epoch"),
-                              "valid": metrics.evaluate(t_user, t_item, split, "valid", backend=args.backend),
-                              "test": metrics.evaluate(t_user, t_item, split, "test", backend=args.backend),
-                              "history": meta.get("history", [])}
-    else:
-        gen = torch.Generator().manual_seed(args.seed)
-        teacher = build_model(args.teacher_model, split.n_users, split.n_items, args.teacher_dim, split.train,
-                              generator=gen).to(device)
-        r = Trainer(teacher, split, epochs=args.teacher_epochs or args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience, monitor=monitor,
-                    seed=args.seed, progress=not args.no_progress, name="teacher", backend=args.backend).fit()
-        with torch.no_grad():
-            t_user, t_item = (e.detach().clone() for e in teacher.embeddings())
-        meta = dict(expect, seed=args.seed, data_name=dataset.name, best_epoch=r["best_epoch"], epochs_run=r["epochs_run"],
-                    seconds_per_epoch=r["seconds_per_epoch"], valid=r["valid"], test=r["test"], monitor=monitor,
-                    history=r["history"], args={k: v for k, v in vars(args).items() if k != "func"})
-        save_teacher(teacher_path, t_user, t_item, meta)
-        log(f"teacher: saved {teacher_path}")
-        results["teacher"] = {"loaded": False, "file": str(teacher_path), **{k: r[k] for k in ("best_epoch", "seconds_per_epoch", "epochs_run", "valid", "test", "history")}}
+        raise
+    results["teacher"] = experiment.teacher_summary(teacher, split, backend=args.backend)
     _write_json(results, out / "results.json")
 
-    for name, cls, opts in methods:
-        gen = torch.Generator().manual_seed(args.seed)
-        student = build_model(args.student_model, split.n_users, split.n_items, args.student_dim, split.train,
-                              generator=gen).to(device)
-        method = None
-        if cls is not None:
-            method = cls.build(t_user, t_item, split.train, args.student_dim, generator=gen, **opts).to(device)
-        t0 = time.perf_counter()
-        r = Trainer(student, split, method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    weight_decay=args.weight_decay, eval_every=args.eval_every, patience=args.patience, monitor=monitor,
-                    seed=args.seed, progress=not args.no_progress, name=f"student {name}", backend=args.backend).fit()
-        r["wall_seconds"] = time.perf_counter() - t0
-        results["students"][name] = r
+    for name, opts in methods:
+        results["students"][name] = experiment.train_student(
+            split, teacher, name, opts, student_model=args.student_model,
+            student_dim=args.student_dim, train=train, log=log,
+        )  # fmt: skip
         _write_json(results, out / "results.json")
 
     plot(results, monitor, out / "validation.png")

@@ -1,0 +1,7 @@
+"""`python -m kdfast ...`: the kdfast command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+"""The `kdfast` command: `kdfast distill` (kdfast/cli/distill.py) and `kdfast topk` (kdfast/cli/topk.py).
+Each subcommand module has add_arguments(parser) and run(args) -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import distill, topk
+
+COMMANDS = {
+    "topk": (topk, "top-K keys per query from embedding files (a teacher's ranking), written to .npz"),
+    "distill": (
+        distill,
+        "train a teacher, distill students with chosen KD methods, report and plot the metrics",
+    ),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kdfast", description="Fast knowledge distillation for recommender systems."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return int(COMMANDS[args.command][0].run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
