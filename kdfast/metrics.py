@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._core.csr import concat_rows, has_pair, pair_keys, select_rows
+
 LOO_NS = (5, 10, 20)
 FULL_KS = (10, 20, 50)
 
@@ -55,30 +57,6 @@ def loo_metrics(ranks: torch.Tensor, ns=LOO_NS) -> dict:
     return out
 
 
-def subset_csr(csr, rows: torch.Tensor):
-    """The rows `rows` (int64 [n]) of a CSR pair, as a new CSR pair with n rows."""
-    indptr, indices = csr
-    start, end = indptr[rows], indptr[rows + 1]
-    counts = end - start
-    new_indptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
-    new_indptr[1:] = torch.cumsum(counts, 0)
-    nnz = int(new_indptr[-1])
-    offs = torch.arange(nnz, dtype=torch.int64) - torch.repeat_interleave(new_indptr[:-1], counts)
-    return new_indptr, indices[torch.repeat_interleave(start, counts) + offs]
-
-
-def union_csr(a, b):
-    """Row-wise concatenation of two CSR pairs with the same rows (ids of a, then of b, per row)."""
-    n = a[0].numel() - 1
-    ca, cb = a[0][1:] - a[0][:-1], b[0][1:] - b[0][:-1]
-    rows = torch.cat([torch.repeat_interleave(torch.arange(n), ca), torch.repeat_interleave(torch.arange(n), cb)])
-    ids = torch.cat([a[1], b[1]])
-    order = torch.sort(rows, stable=True).indices
-    indptr = torch.zeros(n + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(ca + cb, 0)
-    return indptr, ids[order]
-
-
 def full_topk(user_emb, item_emb, users, exclude, k: int, *, batch: int = 1024, backend: str = "auto") -> torch.Tensor:
     """Top-k item ids (int64 [n, k], -1 where fewer remain) of each user in `users` by <e_u, e_i>,
     excluding the items of `exclude` (a CSR pair over all users), via kdfast.topk_scores in batches
@@ -90,7 +68,7 @@ def full_topk(user_emb, item_emb, users, exclude, k: int, *, batch: int = 1024, 
         ue, ie = user_emb.detach(), item_emb.detach()
         for b0 in range(0, users.numel(), batch):
             ub = users[b0:b0 + batch]
-            ex = subset_csr(exclude, ub)
+            ex = select_rows(*exclude, ub)
             _, idx = topk_scores(ue[ub.to(ue.device)], ie, k, exclude=ex, backend=backend)
             out[b0:b0 + batch] = idx.cpu()
     return out
@@ -109,11 +87,8 @@ def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
     sizes = (indptr[1:] - indptr[:-1]).to(torch.float64)
     if bool((sizes == 0).any()):
         raise ValueError("truth has users with no relevant items")
-    rows = torch.repeat_interleave(torch.arange(n), indptr[1:] - indptr[:-1])
-    gt_keys = torch.sort(rows * n_items + indices).values
-    keys = torch.arange(n).unsqueeze(1) * n_items + topk
-    pos = torch.searchsorted(gt_keys, keys.reshape(-1)).clamp_max(max(gt_keys.numel() - 1, 0)).reshape(n, kmax)
-    hits = ((gt_keys[pos] == keys) & (topk >= 0)).to(torch.float64)
+    gt_keys = pair_keys(indptr, indices, n_items)
+    hits = (has_pair(gt_keys, torch.arange(n).unsqueeze(1) * n_items + topk) & (topk >= 0)).to(torch.float64)
     disc = 1.0 / torch.log2(torch.arange(kmax, dtype=torch.float64) + 2)
     out = {}
     for k in ks:
@@ -140,6 +115,6 @@ def evaluate(user_emb, item_emb, split, part: str = "valid", *, ns=LOO_NS, ks=FU
     truth_all = split.valid if part == "valid" else split.test
     counts = truth_all[0][1:] - truth_all[0][:-1]
     users = torch.nonzero(counts > 0).flatten()
-    exclude = split.train if part == "valid" else union_csr(split.train, split.valid)
+    exclude = split.train if part == "valid" else concat_rows(split.train, split.valid)
     top = full_topk(user_emb, item_emb, users, exclude, max(ks), backend=backend)
-    return full_metrics(top, subset_csr(truth_all, users), split.n_items, ks)
+    return full_metrics(top, select_rows(*truth_all, users), split.n_items, ks)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from ._core.csr import row_ids
 
 
 class BPRMF(torch.nn.Module):
@@ -46,8 +47,7 @@ def normalized_adjacency(train, n_users: int, n_items: int) -> torch.Tensor:
     """The symmetric-normalised bipartite adjacency D^-1/2 A D^-1/2 of the training graph, as a sparse
     tensor of size (U + I) x (U + I) (float32, coalesced COO). train: int64 CSR pair users -> items."""
     indptr, indices = train
-    counts = indptr[1:] - indptr[:-1]
-    rows = torch.repeat_interleave(torch.arange(n_users), counts)
+    rows = row_ids(indptr)
     cols = indices + n_users
     deg = torch.zeros(n_users + n_items, dtype=torch.float64)
     deg.index_add_(0, rows, torch.ones(rows.numel(), dtype=torch.float64))

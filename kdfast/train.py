@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from ._core.csr import has_pair, pair_keys, row_ids
 
 DEFAULT_MONITOR = {"loo": "NDCG@10", "full": "Recall@50"}
 
@@ -41,9 +42,7 @@ def sample_negatives(users: torch.Tensor, train_keys: torch.Tensor, n_items: int
     neg = torch.randint(0, n_items, (users.numel(),), generator=generator)
     todo = torch.arange(users.numel())
     for _ in range(1000):
-        keys = users[todo] * n_items + neg[todo]
-        pos = torch.searchsorted(train_keys, keys).clamp_max(train_keys.numel() - 1)
-        bad = train_keys[pos] == keys
+        bad = has_pair(train_keys, users[todo] * n_items + neg[todo])
         if not bool(bad.any()):
             return neg
         todo = todo[bad]
@@ -118,8 +117,8 @@ class Trainer:
         split = self.split
         indptr, items = split.train
         n_items = split.n_items
-        users_all = torch.repeat_interleave(torch.arange(split.n_users), indptr[1:] - indptr[:-1])
-        train_keys = users_all * n_items + items  # rows and ids sorted -> keys sorted
+        users_all = row_ids(indptr)
+        train_keys = pair_keys(indptr, items, n_items)
         n = items.numel()
         if n == 0:
             raise ValueError("the split has no training interactions")

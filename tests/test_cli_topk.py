@@ -106,7 +106,7 @@ def test_users_dat_errors_name_the_line(data, capsys):
     assert "line 5" in _err(capsys, base + ["--exclude", str(tmp / "bad1.dat")])
     lines[4] = "3 1 2"
     (tmp / "bad2.dat").write_text("\n".join(lines) + "\n")
-    assert "line 5: count 3 but 2 ids" in _err(capsys, base + ["--exclude", str(tmp / "bad2.dat")])
+    assert "line 5: the count says 3 ids but 2 ids follow" in _err(capsys, base + ["--exclude", str(tmp / "bad2.dat")])
     lines[4] = "1 57"
     (tmp / "bad3.dat").write_text("\n".join(lines) + "\n")
     assert "outside" in _err(capsys, base + ["--exclude", str(tmp / "bad3.dat")])

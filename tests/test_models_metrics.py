@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kdfast import data as kd
+from kdfast._core.csr import concat_rows, select_rows
 from kdfast import metrics
 from kdfast.models import BPRMF, LightGCN, build_model, load_teacher, normalized_adjacency, save_teacher
 
@@ -107,8 +108,8 @@ def test_full_metrics_hand_computed():
 def test_csr_helpers():
     a = csr([[1, 2], [], [0]])
     b = csr([[5], [3, 4], []])
-    assert metrics.subset_csr(a, torch.tensor([2, 0, 2]))[1].tolist() == [0, 1, 2, 0]
-    indptr, ids = metrics.union_csr(a, b)
+    assert select_rows(*a, torch.tensor([2, 0, 2]))[1].tolist() == [0, 1, 2, 0]
+    indptr, ids = concat_rows(a, b)
     assert indptr.tolist() == [0, 3, 5, 6] and ids.tolist() == [1, 2, 5, 3, 4, 0]
 
 
@@ -126,7 +127,7 @@ def brute_force(user, item, split, part):
         scores[rows, ids] = -math.inf
     users = torch.nonzero(truth[0][1:] > truth[0][:-1]).flatten()
     order = torch.sort(-scores[users], dim=1, stable=True).indices[:, :50]
-    return metrics.full_metrics(order, metrics.subset_csr(truth, users), split.n_items)
+    return metrics.full_metrics(order, select_rows(*truth, users), split.n_items)
 
 
 @pytest.mark.parametrize("protocol", ["loo", "full"])

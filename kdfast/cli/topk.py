@@ -30,7 +30,8 @@ def add_arguments(p):
     src.add_argument("--seed", type=int, default=0, help="seed for --demo (default 0)")
     src.add_argument("--exclude", metavar="X",
                      help="keys each query must not get: a scipy.sparse .npz (rows = queries), an .npz with "
-                          "'indptr' and 'indices', or a users.dat text file (line r: 'count id id ...')")
+                          "'indptr' and 'indices', or a users.dat text file (line r: 'count id id ...', "
+                          "'0' for none)")
     p.add_argument("-k", "--k", type=int, default=100, help="keys per query (default 100)")
     p.add_argument("--item-side", action="store_true", help="also each key's top-k queries (transposed exclusions)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
@@ -67,26 +68,6 @@ def load_embeddings(path: str, name: str) -> torch.Tensor:
     return x
 
 
-def read_users_dat(path: str):
-    """CSR (indptr, indices) of a users.dat file: line r is 'count id id ...' for query row r."""
-    indptr, indices = [0], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:  # a blank line: a query with nothing excluded
-                indptr.append(indptr[-1])
-                continue
-            try:
-                nums = [int(t) for t in parts]
-            except ValueError:
-                raise CommandError(f"--exclude: {path} line {lineno}: expected integers, got {line.strip()[:60]!r}") from None
-            if nums[0] != len(nums) - 1:
-                raise CommandError(f"--exclude: {path} line {lineno}: count {nums[0]} but {len(nums) - 1} ids follow")
-            indices.extend(nums[1:])
-            indptr.append(len(indices))
-    return np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64)
-
-
 def load_exclude(path: str, n_q: int, n_k: int):
     import kdfast
     if not os.path.isfile(path):
@@ -102,10 +83,12 @@ def load_exclude(path: str, n_q: int, n_k: int):
         except Exception as exc:  # noqa: BLE001
             raise CommandError(f"--exclude: cannot read {path}: {exc}") from None
     else:
-        ip, ix = read_users_dat(path)
-        while len(ip) - 1 > n_q and ip[-1] == ip[-2]:  # trailing blank lines
-            ip = ip[:-1]
-        obj = (ip, ix)
+        from ..data import read_users_dat
+
+        try:
+            obj = read_users_dat(path)
+        except ValueError as exc:
+            raise CommandError(f"--exclude: {exc}") from None
     n_rows = (len(obj[0]) - 1) if isinstance(obj, tuple) else obj.shape[0]
     if n_rows != n_q:
         raise CommandError(f"--exclude: {path} has {n_rows} rows but there are {n_q} queries")

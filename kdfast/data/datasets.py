@@ -127,31 +127,39 @@ def _read_lines(path):
             raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from None
 
 
-def load_users_dat(path, *, name: str = "citeulike-t", min_user_interactions: int = 5) -> Interactions:
-    """Load a CiteULike-style users.dat: line u (0-based user u) is "count item item ..." with
-    `count` item ids after it. Empty trailing lines are ignored; users with zero items may appear.
+def read_users_dat(path):
+    """The CSR (indptr, indices), int64 numpy arrays, of a users.dat file: line r (0-based row r) is
+    "count id id ..." with `count` ids after it ("0" for a row without ids). Trailing empty lines are
+    ignored. The one parser of the format (data sets and `kdfast topk --exclude`).
 
-    Raises ValueError naming the file and line for a count that does not match, a non-integer or
-    negative id, or an empty line inside the file.
+    Raises FileNotFoundError for a missing file and ValueError naming the file and line for a count
+    that does not match, a non-integer or negative id, an empty line inside the file, or no line.
     """
     lines = _read_lines(path)
     while lines and not lines[-1].strip():
         lines.pop()
-    users, items = [], []
+    if not lines:
+        raise ValueError(f"{path}: the file is empty")
+    indptr, indices = [0], []
     for lineno, line in enumerate(lines, start=1):
         toks = line.split()
         if not toks:
-            raise _bad(path, lineno, "empty line (expected 'count item item ...')")
+            raise _bad(path, lineno, "empty line (expected 'count id id ...'; write 0 for no ids)")
         count = _int_token(toks[0], path, lineno, "count")
-        ids = [_int_token(t, path, lineno, "item id") for t in toks[1:]]
+        ids = [_int_token(t, path, lineno, "id") for t in toks[1:]]
         if len(ids) != count:
-            raise _bad(path, lineno, f"the count says {count} items but {len(ids)} item ids follow")
-        users.extend([lineno - 1] * count)
-        items.extend(ids)
-    if not lines:
-        raise ValueError(f"{path}: the file is empty")
-    return from_pairs(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64), name=name,
-                      source=str(path), min_user_interactions=min_user_interactions)
+            raise _bad(path, lineno, f"the count says {count} ids but {len(ids)} ids follow")
+        indices.extend(ids)
+        indptr.append(len(indices))
+    return np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64)
+
+
+def load_users_dat(path, *, name: str = "citeulike-t", min_user_interactions: int = 5) -> Interactions:
+    """Load a CiteULike-style users.dat (see read_users_dat): line u is user u's items. Users with zero
+    items may appear."""
+    indptr, items = read_users_dat(path)
+    users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    return from_pairs(users, items, name=name, source=str(path), min_user_interactions=min_user_interactions)
 
 
 def load_movielens(path, *, threshold: float = 4.0, min_user_interactions: int = 5) -> Interactions:

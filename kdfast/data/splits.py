@@ -15,14 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._core.csr import from_lists
 from .datasets import Interactions
-
-
-def _csr_from_rows(rows, n_rows):
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum([len(r) for r in rows])
-    indices = np.concatenate([np.sort(np.asarray(r, dtype=np.int64)) for r in rows]) if rows else np.zeros(0, np.int64)
-    return torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -108,8 +102,8 @@ def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Spl
         tc.append(np.concatenate([[t], _sample_unobserved(rng, data.n_items, items, n_neg)]))
     if not eval_users:
         raise ValueError("leave_one_out: no user has >= 3 interactions")
-    return Split("loo", data.n_users, data.n_items, _csr_from_rows(train_rows, data.n_users),
-                 _csr_from_rows(valid_rows, data.n_users), _csr_from_rows(test_rows, data.n_users),
+    return Split("loo", data.n_users, data.n_items, from_lists(train_rows, data.n_users),
+                 from_lists(valid_rows, data.n_users), from_lists(test_rows, data.n_users),
                  torch.tensor(eval_users, dtype=torch.int64), seed, data.fingerprint(),
                  torch.from_numpy(np.stack(vc).astype(np.int64)), torch.from_numpy(np.stack(tc).astype(np.int64)))
 
@@ -135,8 +129,8 @@ def random_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0
             eval_users.append(u)
     if not eval_users:
         raise ValueError("random_split: no user has a test item")
-    return Split("full", data.n_users, data.n_items, _csr_from_rows(tr, data.n_users), _csr_from_rows(va, data.n_users),
-                 _csr_from_rows(te, data.n_users), torch.tensor(eval_users, dtype=torch.int64), seed, data.fingerprint())
+    return Split("full", data.n_users, data.n_items, from_lists(tr, data.n_users), from_lists(va, data.n_users),
+                 from_lists(te, data.n_users), torch.tensor(eval_users, dtype=torch.int64), seed, data.fingerprint())
 
 
 def make_split(data: Interactions, protocol: str, *, seed: int = 0, n_neg: int = 499) -> Split:
