@@ -1,49 +1,119 @@
-"""The interface between the trainer and every KD method, and the registry of method names.
+"""The interface between the trainer and every KD method, and what the methods share.
 
-A method is a torch.nn.Module (its own trainable parts - DE's experts, HTD's group assigners - are its
-parameters; the trainer optimises them with the student and drops them after training):
+A method is a torch.nn.Module (its own trainable parts - DE's experts, HTD's group assigners - are
+its parameters; the trainer optimises them with the student and drops them after training):
 
     method = Cls.build(teacher_user, teacher_item, train, student_dim, generator=g, **options)
     method.start_epoch(epoch, max_epoch, student_user, student_item)   # resampling, annealing
     loss = method(student_user, student_item, users, pos, neg)          # weighted KD loss (scalar)
 
 teacher_user [U, d_t], teacher_item [I, d_t]: the frozen teacher's embeddings (BPR-MF scores are dot
-products); train: the training interactions as an int64 CSR pair (indptr [U+1], item ids), users -> items;
-student_user [U, d_s], student_item [I, d_s]: the student's embedding tables (weights of its
-nn.Embedding, with gradient); users, pos, neg: int64 [B] - the batch of BPR triples. The returned loss is
-already multiplied by the method's lambda and sum-reduced like the base BPR loss (docs/METHODS.md section 1).
+products); train: the training interactions as an int64 CSR pair (indptr [U+1], item ids), users ->
+items; student_user [U, d_s], student_item [I, d_s]: the student's embedding tables (weights of its
+nn.Embedding, with gradient); users, pos, neg: int64 [B] - the batch of BPR triples. The returned
+loss is already multiplied by the method's lambda and sum-reduced like the base BPR loss
+(docs/METHODS.md section 1).
+
+Options: a method's options are the keyword arguments of its build (after `generator`), with their
+defaults there. The class declares the rule of each option once in `option_rules` (name -> check
+from kdfast._core.checks, or `optional` / `choice` of them) and the rules that tie options together
+in `check_relations`; `check_options` applies both, and `@checked_options` runs it on every build
+call, so the registry (kdfast.methods.registry.validate_options) and build check with the same
+rules. Rules that need the data (N larger than the candidates of some user) stay in build.
+
+Shared here: the one teacher-table check (`check_teacher`), the frozen-teacher holder
+(`FrozenTeacher`), the one batch check (`KDMethod.check_batch`), the teacher's top-N lists
+(`teacher_top`), `unique_ids`, `row_scores`, `batch_entities`, `entity_weighted`, `sampler_backend`.
 """
+
 from __future__ import annotations
 
-import importlib
+import functools
+import inspect
+import numbers
 
 import torch
 
-# name on the command line -> ("module:Class", default options)
-METHODS = {
-    "de": ("kdfast.methods.latent:DE", {}),
-    "phr": ("kdfast.methods.latent:PHR", {}),
-    "ftd": ("kdfast.methods.topology:FTD", {}),
-    "htd": ("kdfast.methods.topology:HTD", {}),
-    "rrd": ("kdfast.methods.ranking:RRD", {}),
-    "rrd-full": ("kdfast.methods.ranking:RRD", {"sampling": False}),
-    "ir-rrd": ("kdfast.methods.ranking:IRRRD", {}),
-    "hetcomp": ("kdfast.methods.hetcomp:HetComp", {}),
-    # peers the papers compare with (docs/METHODS.md section 8)
-    "rd": ("kdfast.methods.rd:RD", {}),
-    "cd": ("kdfast.methods.cd:CD", {}),
-    "dcd": ("kdfast.methods.dcd:DCD", {}),
-    "unkd": ("kdfast.methods.unkd:UnKD", {}),
-}
+from .._core import backend as _backend
+from .._core import checks
+from ..ops.topk import topk_scores
 
 
+# ------------------------------------------------------------------------------------ option rules
+def optional(check):
+    """The rule `check`, or None (an option whose None default means "derived from another one")."""
+
+    def rule(v, name):
+        return None if v is None else check(v, name)
+
+    return rule
+
+
+def choice(*allowed):
+    """The rule: one of the given names."""
+
+    def rule(v, name):
+        return checks.one_of(v, name, allowed)
+
+    return rule
+
+
+#: the rule of every method's `backend` option
+BACKEND = choice(*_backend.NAMES)
+
+# the type a default asks of a value (bool before int: a bool is an int to Python)
+_KINDS = (
+    (bool, lambda v: isinstance(v, bool), "True or False"),
+    (int, lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an int"),
+    (float, lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    (str, lambda v: isinstance(v, str), "a string"),
+)
+
+
+def like_default(v, name, default):
+    """v must have the type of the option's default: bool for bool, int for int, a number for float,
+    a string for str; a None default (or one of another type) leaves the value to the option's rule.
+    """
+    for kind, ok, what in _KINDS:
+        if isinstance(default, kind):
+            if not ok(v):
+                raise TypeError(f"{name} must be {what} (default {default!r}), got {v!r}")
+            return v
+    return v
+
+
+def checked_options(build):
+    """Decorator of a KDMethod's build (under @classmethod): the call's options go through
+    cls.check_options before the body runs, which gets the checked values."""
+    sig = inspect.signature(build)
+
+    @functools.wraps(build)
+    def wrapper(cls, *args, **kwargs):
+        bound = sig.bind(cls, *args, **kwargs)
+        bound.apply_defaults()
+        names = cls.option_defaults()
+        given = {k: v for k, v in bound.arguments.items() if k in names}
+        bound.arguments.update(cls.check_options(given))
+        return build(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------- the interface
 class KDMethod(torch.nn.Module):
     """Base class: subclasses implement build, forward and (if they need it) start_epoch."""
 
     name = "kd"
-    #: False: the trainer minimises the method's loss alone, without the BPR base loss (HetComp's authors
-    #: train the student with the KD loss only)
+    #: False: the trainer minimises the method's loss alone, without the BPR base loss (HetComp's
+    #: authors train the student with the KD loss only)
     uses_base_loss = True
+    #: option name -> rule(value, name) returning the checked value (kdfast._core.checks and
+    #: optional / choice); an option without a rule is only checked against its default's type
+    option_rules: dict = {}
+    #: the sizes every batch is checked against (set by build); student_dim None: any width
+    n_users: int
+    n_items: int
+    student_dim: int | None = None
 
     @classmethod
     def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, **options):
@@ -53,18 +123,166 @@ class KDMethod(torch.nn.Module):
         """Per-epoch work (sampling, temperature annealing); default: nothing."""
 
     def status(self) -> str | None:
-        """A short line on the method's state for the training log and history (e.g. HetComp's phase);
-        default: None."""
+        """A short line on the method's state for the training log and history (e.g. HetComp's
+        phase); default: None."""
         return None
 
     def forward(self, student_user, student_item, users, pos, neg):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- options -----------------------------------------------------------------------------------
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """{option: default}: build's keyword-only arguments but `generator`."""
+        params = inspect.signature(cls.build).parameters.values()
+        return {
+            p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "generator"
+        }
 
-def method_class(name: str):
-    """(class, default options) for a registered method name; ValueError listing the known names."""
-    if name not in METHODS:
-        raise ValueError(f"unknown KD method {name!r}; known: none, {', '.join(sorted(METHODS))}")
-    target, defaults = METHODS[name]
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls), dict(defaults)
+    @classmethod
+    def check_options(cls, options: dict, label: str | None = None) -> dict:
+        """The given options checked: names against build's signature, each value against its
+        default's type and its rule in option_rules, then check_relations on the options with the
+        defaults filled in. Returns the given options with their checked values; TypeError or
+        ValueError names `label` (default: the method's name) and the option."""
+        label = label or cls.name
+        defaults = cls.option_defaults()
+        params = inspect.signature(cls.build).parameters.values()
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in params)  # build(..., **options)
+        unknown = sorted(k for k in options if k not in defaults)
+        if unknown and not open_ended:
+            valid = ", ".join(sorted(defaults))
+            raise ValueError(f"{label}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
+        out = {}
+        for key, value in options.items():
+            name = f"{label}: {key}"
+            value = like_default(value, name, defaults.get(key))
+            rule = cls.option_rules.get(key)
+            out[key] = value if rule is None else rule(value, name)
+        cls.check_relations({**defaults, **out}, label)
+        return out
+
+    @classmethod
+    def check_relations(cls, options: dict, label: str) -> None:
+        """Rules that tie options together (e.g. N >= K), on checked options with the defaults
+        filled in; ValueError naming `label`. Default: none."""
+
+    # -- the batch ---------------------------------------------------------------------------------
+    def check_batch(self, student_user, student_item, users, pos, neg) -> None:
+        """The batch check of every method: floating 2-D student tables of n_users and n_items rows
+        and one width (student_dim when set), users, pos and neg integer 1-D of one length, their
+        ids in range."""
+        checks.floating(student_user, "student_user", ndim=2)
+        checks.floating(student_item, "student_item", ndim=2)
+        dim = student_user.shape[1] if self.student_dim is None else self.student_dim
+        if student_user.shape != (self.n_users, dim) or student_item.shape != (self.n_items, dim):
+            cols = "d" if self.student_dim is None else str(dim)
+            raise ValueError(
+                f"student tables must be [{self.n_users}, {cols}] and [{self.n_items}, {cols}], "
+                f"got {tuple(student_user.shape)} and {tuple(student_item.shape)}"
+            )
+        for name, t in (("users", users), ("pos", pos), ("neg", neg)):
+            checks.integer(t, name, ndim=1)
+        if not users.shape[0] == pos.shape[0] == neg.shape[0]:
+            raise ValueError(
+                f"users, pos and neg must have the same length, got {users.shape[0]}, "
+                f"{pos.shape[0]}, {neg.shape[0]}"
+            )
+        if users.numel() == 0:
+            return
+        # one device round trip when every id is in range; the checks name the culprit otherwise
+        ends = torch.stack([users.min(), users.max(), pos.min(), pos.max(), neg.min(), neg.max()])
+        lo_u, hi_u, lo_p, hi_p, lo_n, hi_n = ends.tolist()
+        if min(lo_u, lo_p, lo_n) < 0 or hi_u >= self.n_users or max(hi_p, hi_n) >= self.n_items:
+            checks.index_range(users, "users", self.n_users)
+            checks.index_range(pos, "pos", self.n_items)
+            checks.index_range(neg, "neg", self.n_items)
+
+
+# ------------------------------------------------------------------------------------- the teacher
+def check_teacher(teacher_user, teacher_item) -> tuple[int, int]:
+    """The teacher-table check of every method: floating 2-D tables of one width.
+
+    Returns (n_users, n_items)."""
+    checks.floating(teacher_user, "teacher_user", ndim=2)
+    checks.floating(teacher_item, "teacher_item", ndim=2)
+    checks.same_dim(teacher_user, "teacher_user", teacher_item, "teacher_item")
+    return teacher_user.shape[0], teacher_item.shape[0]
+
+
+class FrozenTeacher(KDMethod):
+    """Base of the methods that read the teacher's tables at every step (DE, PHR, FTD, HTD): checks
+    them once and keeps them as non-persistent buffers, dropped with the method after training (the
+    method never stores the student, so the student alone remains)."""
+
+    def __init__(self, teacher_user, teacher_item, student_dim: int | None = None):
+        super().__init__()
+        self.n_users, self.n_items = check_teacher(teacher_user, teacher_item)
+        if student_dim is not None:
+            self.student_dim = checks.positive_int(student_dim, "student_dim")
+        self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
+        self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
+
+
+def teacher_top(queries, keys, n: int, exclude, backend, *, depth: int | None = None, what="N"):
+    """The teacher's top-`depth` (default n) key ids per query, training interactions (`exclude`, a
+    CSR pair) excluded, -1 padding; ValueError naming the option `what` when some query has fewer
+    than n candidates. Runs without gradient."""
+    with torch.no_grad():
+        _, idx = topk_scores(
+            queries.detach(), keys.detach(), depth or n, exclude=exclude, backend=backend
+        )
+    if bool((idx[:, :n] < 0).any()):
+        counts = exclude[0][1:] - exclude[0][:-1]
+        short = keys.shape[0] - int(counts.max())
+        raise ValueError(
+            f"{what} = {n} is larger than the number of unobserved candidates of some row "
+            f"(as few as {short}); lower {what}"
+        )
+    return idx
+
+
+def sampler_backend(backend: str) -> str:
+    """The samplers' backend for a method's `backend` option: they have torch and cpp backends; any
+    other request samples with "auto"."""
+    return backend if backend in ("torch", "cpp") else "auto"
+
+
+# ---------------------------------------------------------------------------------------- the batch
+def unique_ids(ids, n):
+    """The sorted distinct ids of an int64 vector with values in [0, n) (a bincount, not a sort)."""
+    return torch.nonzero(torch.bincount(ids, minlength=n)).flatten()
+
+
+def batch_entities(users, pos, neg):
+    """(unique users, unique items of pos and neg) of a batch."""
+    return torch.unique(users), torch.unique(torch.cat([pos, neg]))
+
+
+def entity_weighted(loss_of, users, pos, neg, item_weight: float):
+    """sum_{unique users} l + item_weight * (sum_{unique pos} l + sum_{unique neg} l), with
+    l = loss_of(side, ids) summed over ids (DE's and PHR's weighting of the batch's entities)."""
+    return loss_of("user", torch.unique(users)) + item_weight * (
+        loss_of("item", torch.unique(pos)) + loss_of("item", torch.unique(neg))
+    )
+
+
+# rows per block when scoring [rows, m] id lists (bounds the gathered [rows, m, d] tensor)
+_BLOCK_ELEMS = 1 << 24
+
+
+def row_scores(q_emb, k_emb, ids):
+    """s[r, j] = <q_emb[r], k_emb[ids[r, j]]> for every row r of ids [R, m] (ids >= 0), blocked over
+    rows so that the gathered rows never exceed 2^24 elements. For per-epoch work without gradient
+    (RD's rank estimate, DCD's ranks within the teacher list)."""
+    rows, m = ids.shape
+    step = max(1, _BLOCK_ELEMS // max(1, m * q_emb.shape[1]))
+    out = [
+        torch.einsum("ud,umd->um", q_emb[lo : lo + step], k_emb[ids[lo : lo + step]])
+        for lo in range(0, rows, step)
+    ]
+    return torch.cat(out) if out else q_emb.new_zeros((0, m))
+
+
+# the registry, where it always was (kdfast.methods.registry holds it)
+from .registry import METHODS, method_class, validate_options  # noqa: E402, F401

@@ -1,101 +1,147 @@
 """CD - Collaborative Distillation (Lee et al., ICDM'19), teacher-guided; docs/METHODS.md section 8.
 
-Every epoch, for every user u, K items are sampled rank-aware from the teacher's top-N unobserved items
-(training items excluded; the list is computed once in build):
+Every epoch, for every user u, K items are sampled rank-aware from the teacher's top-N unobserved
+items (training items excluded; the list is computed once in build):
     positions r_1 < ... < r_K drawn WITHOUT replacement from ranks 1..N with p(r) ~ exp(-r / T)
-    (kdfast.sampling.rank_discounted_sample: successive draws, i.e. a Plackett-Luce sample; kept sorted,
-    so the K items are in teacher order). N is capped at the fewest unobserved items of any user.
+    (kdfast.sampling.rank_discounted_sample: successive draws, i.e. a Plackett-Luce sample; kept
+    sorted, so the K items are in teacher order). N is capped at the fewest unobserved items of
+    any user.
 Each sampled item gets the teacher's soft label
     q_{u,i} = sigmoid(t_{u,i} / T_label),   t_{u,i} = <teacher_user[u], teacher_item[i]>,
-and the student fits it with a binary cross-entropy on its logit s_{u,i} = <student_user[u], student_item[i]>:
+and the student fits it with a binary cross-entropy on its logit
+s_{u,i} = <student_user[u], student_item[i]>:
     L_CD = lam * sum_{u in unique(batch users)} sum_{k=1..K} BCE(sigmoid(s_{u,i_k}), q_{u,i_k})
     BCE(p, q) = -(q log p + (1 - q) log(1 - p)), evaluated as binary_cross_entropy_with_logits(s, q)
 (the stable logits form; its value at q in (0, 1) is >= the entropy of q, not 0).
 
-Defaults: N=3000 (docs/METHODS.md; capped as above), K=10 samples per user and epoch, T=None (= N / 10
-with N after capping: 300 for N=3000), T_label=2.0, lam=0.1, backend="auto" (for the teacher top-N and the
-sampler, as in RRD).
+Defaults: N=3000 (docs/METHODS.md; capped as above), K=10 samples per user and epoch, T=None
+(= N / 10 with N after capping: 300 for N=3000), T_label=2.0, lam=0.1, backend="auto" (for the
+teacher top-N and the sampler, as in RRD).
 
-Choices the sources leave open (docs/METHODS.md tags CD as read from a third-party reimplementation):
-  * T = N / 10: the paper samples from a top-3000 list, which only matters if the samples reach deep into
-    it; with T = N / 10 the last rank has e^-10 times the weight of the first, so the K samples spread
-    over the whole list (the median sampled rank is about 0.7 T). RRD's T = 10 would keep nearly every
-    sample in the top 50: on CiteULike-t (leave-one-out, BPR 200 -> 20, 60 epochs, validation
-    NDCG@10 at epoch 60; no KD 0.305) T=10 gave 0.301 (peak 0.311 at epoch 35, then falling),
-    T=100 0.338, T=300 0.345 (lam = 0.1 throughout).
-  * lam=0.1: the KD loss is SUM-reduced over K = 10 items of each unique batch user, so lam * K = 1 makes
-    a user's KD term weigh like one pair of the sum-reduced BPR base loss (each user has about one pair
-    in a 1024-pair CiteULike batch): base and KD loss of the same per-user scale (the paper's own weight
-    could not be checked here). lam was not tuned: at T=100, lam=0.3 scored higher on validation (0.354).
-  * Only the teacher-guided variant is implemented (the paper's student-guided variant samples from the
-    student's ranking instead).
-  * The soft labels use the teacher scores that topk_scores returns for the top-N (float32, the same dot
-    products up to summation order).
+Choices the sources leave open (docs/METHODS.md tags CD as read from a third-party
+reimplementation):
+  * T = N / 10: the paper samples from a top-3000 list, which only matters if the samples reach
+    deep into it; with T = N / 10 the last rank has e^-10 times the weight of the first, so the K
+    samples spread over the whole list (the median sampled rank is about 0.7 T). RRD's T = 10
+    would keep nearly every sample in the top 50: on CiteULike-t (leave-one-out, BPR 200 -> 20,
+    60 epochs, validation NDCG@10 at epoch 60; no KD 0.305) T=10 gave 0.301 (peak 0.311 at
+    epoch 35, then falling), T=100 0.338, T=300 0.345 (lam = 0.1 throughout).
+  * lam=0.1: the KD loss is SUM-reduced over K = 10 items of each unique batch user, so
+    lam * K = 1 makes a user's KD term weigh like one pair of the sum-reduced BPR base loss (each
+    user has about one pair in a 1024-pair CiteULike batch): base and KD loss of the same per-user
+    scale (the paper's own weight could not be checked here). lam was not tuned: at T=100,
+    lam=0.3 scored higher on validation (0.354).
+  * Only the teacher-guided variant is implemented (the paper's student-guided variant samples
+    from the student's ranking instead).
+  * The soft labels use the teacher scores that topk_scores returns for the top-N (float32, the
+    same dot products up to summation order).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .._core import checks as _checks
+from .._core import checks
 from .._core.csr import as_csr
 from ..ops.topk import topk_scores
 from ..sampling import exclusion_keys, rank_discounted_sample
-from .base import KDMethod
-from .ranking import _check_batch, _finite_positive, _unique_ids
+from .base import (
+    BACKEND,
+    KDMethod,
+    check_teacher,
+    checked_options,
+    optional,
+    sampler_backend,
+    unique_ids,
+)
 
 
 class CD(KDMethod):
     """Collaborative Distillation (ICDM'19), teacher-guided: soft-label BCE on rank-aware samples.
 
-    Per epoch: K positions per user from the teacher's top-N (p(r) ~ exp(-r/T), without replacement, sorted);
-    forward: lam * sum over the batch's unique users and their K sampled items of
-    BCE(sigmoid(s_ui), sigmoid(t_ui / T_label)). See the module docstring for the defaults' rationale.
+    Per epoch: K positions per user from the teacher's top-N (p(r) ~ exp(-r/T), without
+    replacement, sorted); forward: lam * sum over the batch's unique users and their K sampled
+    items of BCE(sigmoid(s_ui), sigmoid(t_ui / T_label)). See the module docstring for the
+    defaults' rationale.
 
-    Options (defaults): N=3000 (capped at the fewest unobserved items of a user), K=10, T=None (N / 10),
-    T_label=2.0, lam=0.1, backend="auto".
-    Attributes: top [U, N] teacher items in order, top_scores [U, N] their teacher scores; after each
-    (re)sampling: positions [U, K] (0-based ranks), items [U, K] and labels [U, K] (q).
+    Options (defaults): N=3000 (capped at the fewest unobserved items of a user), K=10,
+    T=None (N / 10), T_label=2.0, lam=0.1, backend="auto".
+    Attributes: top [U, N] teacher items in order, top_scores [U, N] their teacher scores; after
+    each (re)sampling: positions [U, K] (0-based ranks), items [U, K] and labels [U, K] (q).
     """
 
     name = "cd"
+    option_rules = {
+        "N": checks.positive_int,
+        "K": checks.positive_int,
+        "T": optional(checks.finite_positive),
+        "T_label": checks.finite_positive,
+        "lam": checks.finite_positive,
+        "backend": BACKEND,
+    }
 
     def __init__(self, top, top_scores, n_users, n_items, K, T, T_label, lam, backend, generator):
         super().__init__()
         self.top, self.top_scores, self.n_users, self.n_items = top, top_scores, n_users, n_items
         self.N, self.K, self.T, self.T_label, self.lam = top.shape[1], K, T, T_label, lam
-        self.sampler_backend = backend if backend in ("torch", "cpp") else "auto"
+        self.sampler_backend = sampler_backend(backend)
         self.generator = generator
         self.positions = self.items = self.labels = None
 
     @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, N=3000, K=10, T=None,
-              T_label=2.0, lam=0.1, backend="auto"):
-        _checks.floating(teacher_user, "teacher_user", ndim=2)
-        _checks.floating(teacher_item, "teacher_item", ndim=2)
-        n_users, n_items = teacher_user.shape[0], teacher_item.shape[0]
-        N, K = _checks.positive_int(N, "N"), _checks.positive_int(K, "K")
-        T = None if T is None else _finite_positive(T, "T")
-        T_label = _finite_positive(T_label, "T_label")
-        lam = _finite_positive(lam, "lam")
+    def check_relations(cls, options, label):
+        if options["K"] > options["N"]:
+            raise ValueError(f"{label}: K ({options['K']}) must be <= N ({options['N']})")
+
+    @classmethod
+    @checked_options
+    def build(
+        cls,
+        teacher_user,
+        teacher_item,
+        train,
+        student_dim,
+        *,
+        generator=None,
+        N=3000,
+        K=10,
+        T=None,
+        T_label=2.0,
+        lam=0.1,
+        backend="auto",
+    ):
+        n_users, n_items = check_teacher(teacher_user, teacher_item)
         device = teacher_user.device
         excl = as_csr(train, "train", n_users, n_items, device=device, validate=True)
-        counts = exclusion_keys(n_users, n_items, excl, device=device)[1]  # distinct training items per user
+        # distinct training items per user
+        counts = exclusion_keys(n_users, n_items, excl, device=device)[1]
         avail = n_items - int(counts.max()) if n_users else n_items
         N = min(N, avail)
         if N < K:
-            raise ValueError(f"K = {K} is larger than N = {N} (the teacher list, capped at the {avail} unobserved "
-                             "items of some user); lower K")
+            raise ValueError(
+                f"K = {K} is larger than N = {N} (the teacher list, capped at the {avail} "
+                "unobserved items of some user); lower K"
+            )
         T = N / 10.0 if T is None else T
         with torch.no_grad():
-            vals, top = topk_scores(teacher_user.detach(), teacher_item.detach(), N, exclude=excl, backend=backend)
+            vals, top = topk_scores(
+                teacher_user.detach(), teacher_item.detach(), N, exclude=excl, backend=backend
+            )
         method = cls(top, vals, n_users, n_items, K, T, T_label, lam, backend, generator)
         method._resample()
         return method
 
     def _resample(self):
-        self.positions = rank_discounted_sample(self.n_users, self.N, self.K, self.T, generator=self.generator,
-                                                device=self.top.device, backend=self.sampler_backend)
+        self.positions = rank_discounted_sample(
+            self.n_users,
+            self.N,
+            self.K,
+            self.T,
+            generator=self.generator,
+            device=self.top.device,
+            backend=self.sampler_backend,
+        )
         self.items = torch.gather(self.top, 1, self.positions)
         self.labels = torch.sigmoid(torch.gather(self.top_scores, 1, self.positions) / self.T_label)
 
@@ -103,8 +149,8 @@ class CD(KDMethod):
         self._resample()
 
     def forward(self, student_user, student_item, users, pos, neg):
-        _check_batch(student_user, student_item, users, pos, neg, self.n_users, self.n_items)
-        ub = _unique_ids(users, self.n_users)
+        self.check_batch(student_user, student_item, users, pos, neg)
+        ub = unique_ids(users, self.n_users)
         s = torch.einsum("ud,ukd->uk", student_user[ub], student_item[self.items[ub]])
         q = self.labels[ub].to(s.dtype)
         return self.lam * F.binary_cross_entropy_with_logits(s, q, reduction="sum")

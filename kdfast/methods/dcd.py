@@ -1,75 +1,93 @@
-"""DCD - Dual Correction strategy for ranking Distillation (Lee & Kim, CIKM'21); docs/METHODS.md section 8.
+"""DCD - Dual Correction strategy for ranking Distillation (Lee & Kim, CIKM'21); docs/METHODS.md
+section 8.
 
-Knowledge: the frozen teacher's top-N list per user (and, on the item side, per item: its top-N users),
-training interactions excluded, computed once at build. Every epoch (start_epoch), from the student's
-current tables:
+Knowledge: the frozen teacher's top-N list per user (and, on the item side, per item: its top-N
+users), training interactions excluded, computed once at build. Every epoch (start_epoch), from the
+student's current tables:
 
-  rank_T(u, i)  = position of i in u's teacher list (0-based; ties to the lower id, as kdfast.topk_scores);
-  rank_S(u, i)  = the student's 0-based rank of i among u's unobserved items = the number of unobserved
-                  items the student scores strictly higher (ties to the lower id)      [rank="catalog"]
-                  or the position of i in the teacher list re-sorted by the student's
-                  scores (the authors' code)                                           [rank="list"];
-  d(u, i)       = rank_S - rank_T.
+  rank_T(u, i) = position of i in u's teacher list (0-based; ties to the lower id, as
+                 kdfast.topk_scores);
+  rank_S(u, i) = [rank="catalog"] the student's 0-based rank of i among u's unobserved items = the
+                 number of unobserved items the student scores strictly higher (ties to the lower
+                 id), or [rank="list"] the position of i in the teacher list re-sorted by the
+                 student's scores (the authors' code);
+  d(u, i)      = rank_S - rank_T.
 
   under-estimated candidates: the N teacher items, p_under(i) = tanh(max(d / eps, 0));
-  over-estimated candidates:  the N teacher items, p_over(i) = tanh(max(-d / eps, 0))        [over="teacher"]
-                              or the student's own top-N items j (rank_S(j) = 0..N-1) with
+  over-estimated candidates:  [over="teacher"] the N teacher items,
+                              p_over(i) = tanh(max(-d / eps, 0)),
+                              or [over="student"] the student's own top-N items j
+                              (rank_S(j) = 0..N-1) with
                               p_over(j) = tanh(max((rank_T(j) - rank_S(j)) / eps, 0)),
-                              rank_T the teacher's rank of j among u's unobserved items    [over="student"].
+                              rank_T the teacher's rank of j among u's unobserved items.
 
-K items are drawn per side WITHOUT replacement with probability proportional to p (successive draws, the
-law of torch.multinomial(p, K, replacement=False), which the authors call), by Gumbel-top-K: the K largest
-log p + Gumbel noise, entries with p = 0 excluded. A row with fewer than K positive entries gets all of
-them and -1 padding; a row with none contributes nothing. The under-estimated sample is kept in teacher
-order. Per batch, for the batch's unique users (and, on the item side, the batch's unique positive items,
-as in the authors' code):
+K items are drawn per side WITHOUT replacement with probability proportional to p (successive draws,
+the law of torch.multinomial(p, K, replacement=False), which the authors call), by Gumbel-top-K: the
+K largest log p + Gumbel noise, entries with p = 0 excluded. A row with fewer than K positive
+entries gets all of them and -1 padding; a row with none contributes nothing. The under-estimated
+sample is kept in teacher order. Per batch, for the batch's unique users (and, on the item side, the
+batch's unique positive items, as in the authors' code):
 
-  L_UCD(u) = relaxed Plackett-Luce loss putting u's under-estimated items (in teacher order) above its
-             over-estimated items (an unordered tail):
+  L_UCD(u) = relaxed Plackett-Luce loss putting u's under-estimated items (in teacher order) above
+             its over-estimated items (an unordered tail):
              - sum_k [ s_k - log( sum_{j>=k} exp(s_j) + sum_l exp(sbar_l) ) ]
-  L = lam * sum_u L_UCD(u) + lam_item * sum_i L_ICD(i)        (L_ICD: the same, users and items swapped)
+  L = lam * sum_u L_UCD(u) + lam_item * sum_i L_ICD(i)   (L_ICD: the same, users and items swapped)
 
 computed by kdfast.plackett_luce_loss_from_embeddings exactly as RRD does.
 
-How rank_S is computed (rank="catalog") without a U x I sort: the student's top-M unobserved items per row,
-M = N + ceil(10 eps), come from kdfast.topk_scores (training items excluded, no score matrix in memory);
-an item's rank is its position in that list, or M when it is absent (its true rank is then >= M). This
-gives exactly the probabilities of the full ranking: with rank_T < N, a clamped rank makes
-(rank_S - rank_T) / eps >= 10 whether clamped or not, and tanh(x) is exactly 1.0 in float32 for x >= 9.1
-(p is computed in float32); over-estimated teacher items have rank_S < rank_T < N < M, never clamped.
-over="student" uses the same clamp on the teacher's side: the teacher list is kept to length
-N + ceil(10 eps) at build, so no teacher scores are recomputed per epoch.
+How rank_S is computed (rank="catalog") without a U x I sort: the student's top-M unobserved items
+per row, M = N + ceil(10 eps), come from kdfast.topk_scores (training items excluded, no score
+matrix in memory); an item's rank is its position in that list, or M when it is absent (its true
+rank is then >= M). This gives exactly the probabilities of the full ranking: with rank_T < N, a
+clamped rank makes (rank_S - rank_T) / eps >= 10 whether clamped or not, and tanh(x) is exactly 1.0
+in float32 for x >= 9.1 (p is computed in float32); over-estimated teacher items have
+rank_S < rank_T < N < M, never clamped. over="student" uses the same clamp on the teacher's side:
+the teacher list is kept to length N + ceil(10 eps) at build, so no teacher scores are recomputed
+per epoch.
 
 Sources and deviations (the paper body could not be consulted; the authors' code was,
 github.com/dudwns511/DCD_CIKM21, run_dcd.py):
-- The authors' code ranks the student WITHIN the teacher's top list (rank="list" here) and draws both the
-  under- and the over-estimated items from the teacher's top list; docs/METHODS.md asks for the student's
-  rank among all unobserved items, so the default is rank="catalog", over="teacher". over="student" is
-  the reading "the student's own top-N items that the teacher ranks lower" (needs rank="catalog").
-- The authors write tanh(max(ep * d, 0)); eps here is 1 / ep. Their ep, sample count and loss weights are
-  command-line values whose defaults are not in the published code. Defaults here: eps = 10 (ep = 0.1,
-  RD's mu, whose dynamic weight tanh(mu (rhat - r)) DCD's weighting mirrors), K = 30, lam = 1e-3 (RRD's
-  weight for the same sum-reduced listwise loss), lam_item = 5e-4 (IR-RRD's item-side weight; the DCD code
-  base is DE-RRD/IR-RRD's).
-- The authors use N = 500 (their teacher list length) and draw new samples every batch, refreshing the
-  ranks every 3 epochs; here N defaults to 100, samples are drawn once per epoch (the kdfast convention,
-  as RRD) and the ranks are recomputed every `rank_every` epochs (default 1; 3 is the authors' schedule).
-- Cost: rank="catalog" runs kdfast.topk_scores over the whole U x I (and I x U) score matrix with k = depth
-  at every rank refresh: about 2-4 s per epoch for CiteULike-t on one CPU thread (a BPR epoch alone: 0.17
-  s), most of it the item side (25k rows); rank="list" only scores the N listed items.
+- The authors' code ranks the student WITHIN the teacher's top list (rank="list" here) and draws
+  both the under- and the over-estimated items from the teacher's top list; docs/METHODS.md asks
+  for the student's rank among all unobserved items, so the default is rank="catalog",
+  over="teacher". over="student" is the reading "the student's own top-N items that the teacher
+  ranks lower" (needs rank="catalog").
+- The authors write tanh(max(ep * d, 0)); eps here is 1 / ep. Their ep, sample count and loss
+  weights are command-line values whose defaults are not in the published code. Defaults here:
+  eps = 10 (ep = 0.1, RD's mu, whose dynamic weight tanh(mu (rhat - r)) DCD's weighting mirrors),
+  K = 30, lam = 1e-3 (RRD's weight for the same sum-reduced listwise loss), lam_item = 5e-4
+  (IR-RRD's item-side weight; the DCD code base is DE-RRD/IR-RRD's).
+- The authors use N = 500 (their teacher list length) and draw new samples every batch, refreshing
+  the ranks every 3 epochs; here N defaults to 100, samples are drawn once per epoch (the kdfast
+  convention, as RRD) and the ranks are recomputed every `rank_every` epochs (default 1; 3 is the
+  authors' schedule).
+- Cost: rank="catalog" runs kdfast.topk_scores over the whole U x I (and I x U) score matrix with
+  k = depth at every rank refresh: about 2-4 s per epoch for CiteULike-t on one CPU thread (a BPR
+  epoch alone: 0.17 s), most of it the item side (25k rows); rank="list" only scores the N listed
+  items.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .._core import checks as _checks
+from .._core import checks
 from .._core.csr import as_csr, transpose_csr
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.topk import topk_scores
-from .base import KDMethod
-from .ranking import _as_bool, _check_batch, _finite_positive, _positive_number, _row_scores, _unique_ids
+from .base import (
+    BACKEND,
+    KDMethod,
+    check_teacher,
+    checked_options,
+    choice,
+    optional,
+    row_scores,
+    teacher_top,
+    unique_ids,
+)
 
 #: tanh(x) == 1.0 in float32 for x >= 9.1; ranks beyond N + SATURATE * eps need not be known exactly
 SATURATE = 10.0
@@ -80,20 +98,10 @@ def _depth(n: int, eps: float, n_ids: int) -> int:
     return min(n + int(math.ceil(SATURATE * eps)), n_ids)
 
 
-def _teacher_lists(queries, keys, depth, n, excl, backend, what):
-    """Teacher top-`depth` ids per query (training excluded, -1 padding); the first n must all exist."""
-    _, idx = topk_scores(queries, keys, depth, exclude=excl, backend=backend)
-    if bool((idx[:, :n] < 0).any()):
-        counts = excl[0][1:] - excl[0][:-1]
-        short = keys.shape[0] - int(counts.max())
-        raise ValueError(f"{what} = {n} is larger than the number of unobserved candidates of some row "
-                         f"(as few as {short}); lower {what}")
-    return idx
-
-
 def _positions(lists: torch.Tensor, queries: torch.Tensor, n_ids: int) -> torch.Tensor:
-    """Per row r, the position of each id queries[r, j] in lists[r] (ids, -1 padding), or lists.shape[1]
-    when it is absent (or the query is -1). Vectorised: one sort of the row-offset keys + searchsorted."""
+    """Per row r, the position of each id queries[r, j] in lists[r] (ids, -1 padding), or
+    lists.shape[1] when it is absent (or the query is -1). Vectorised: one sort of the row-offset
+    keys + searchsorted."""
     R, M = lists.shape
     rows = torch.arange(R, device=lists.device)[:, None]
     valid = lists >= 0
@@ -111,12 +119,14 @@ def _positions(lists: torch.Tensor, queries: torch.Tensor, n_ids: int) -> torch.
 
 
 def sample_without_replacement(p: torch.Tensor, k: int, generator=None) -> torch.Tensor:
-    """min(k, n) distinct column indices per row of p [R, n] (p >= 0), drawn without replacement with
-    probabilities proportional to p: the successive-draw law of torch.multinomial(p, k, replacement=False).
+    """min(k, n) distinct column indices per row of p [R, n] (p >= 0), drawn without replacement
+    with probabilities proportional to p: the successive-draw law of torch.multinomial(p, k,
+    replacement=False).
 
     Method: Gumbel-top-k - the k largest log p + Gumbel(0, 1) noise (noise drawn in float64 on the
-    generator's device); entries with p == 0 get -inf and are never drawn. Where a row has fewer than k
-    positive entries, the drawn ones come first (in draw order) and the rest is -1. Returns int64 [R, k'].
+    generator's device); entries with p == 0 get -inf and are never drawn. Where a row has fewer
+    than k positive entries, the drawn ones come first (in draw order) and the rest is -1. Returns
+    int64 [R, k'].
     """
     R, n = p.shape
     k = min(k, n)
@@ -124,13 +134,16 @@ def sample_without_replacement(p: torch.Tensor, k: int, generator=None) -> torch
     u = torch.rand((R, n), generator=generator, dtype=torch.float64, device=dev).to(p.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     pd = p.to(torch.float64)
-    keys = torch.where(pd > 0, torch.log(pd.clamp_min(1e-300)) + gumbel, torch.full_like(gumbel, -math.inf))
+    keys = torch.where(
+        pd > 0, torch.log(pd.clamp_min(1e-300)) + gumbel, torch.full_like(gumbel, -math.inf)
+    )
     val, idx = torch.topk(keys, k, dim=1)
     return torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
 
 
 def _take(cand: torch.Tensor, pos: torch.Tensor, ordered: bool) -> torch.Tensor:
-    """Ids cand[r, pos[r, j]] (-1 where pos is -1); ordered: positions sorted ascending first, padding last."""
+    """Ids cand[r, pos[r, j]] (-1 where pos is -1); ordered: positions sorted ascending first,
+    padding last."""
     n = cand.shape[1]
     if ordered:
         pos = torch.sort(torch.where(pos < 0, torch.full_like(pos, n), pos), dim=1).values
@@ -145,79 +158,113 @@ def _tanh_weight(diff: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _DCDSide:
-    """One side (users -> items, or items -> users) of DCD: the teacher lists and the per-epoch samples.
+    """One side (users -> items, or items -> users) of DCD: the teacher lists and the per-epoch
+    samples.
 
-    teacher [R, D] ids, the teacher's top-D (D = N, or N + ceil(10 eps) for over="student"), -1 padding
-    after column N; excl: the rows' training CSR; n_ids: number of ids ranked (items, or users).
-    After resample(): rank_s [R, N] (the student's rank of the N teacher items, clamped at `depth` =
-    min(N + ceil(10 eps), n_ids) for rank="catalog"), p_under [R, N], over_cand [R, N] and p_over [R, N],
-    under [R, K] and over_ids [R, K] (sampled ids, -1 padding; under in teacher order).
+    teacher [R, D] ids, the teacher's top-D (D = N, or N + ceil(10 eps) for over="student"), -1
+    padding after column N; excl: the rows' training CSR; n_ids: number of ids ranked (items, or
+    users). After resample(): rank_s [R, N] (the student's rank of the N teacher items, clamped at
+    `depth` = min(N + ceil(10 eps), n_ids) for rank="catalog"), p_under [R, N], over_cand [R, N] and
+    p_over [R, N], under [R, K] and over_ids [R, K] (sampled ids, -1 padding; under in teacher
+    order).
     """
 
     def __init__(self, teacher, excl, n_ids, n, k, eps, rank, over):
         self.teacher, self.excl, self.n_ids = teacher, excl, n_ids
         self.n, self.k, self.eps, self.rank, self.over = n, k, eps, rank, over
         self.depth = _depth(n, eps, n_ids)  # the student's ranks are known exactly below this
-        self.rank_s = self.p_under = self.over_cand = self.p_over = self.under = self.over_ids = None
+        self.rank_s = self.p_under = self.over_cand = self.p_over = self.under = self.over_ids = (
+            None
+        )
 
     def resample(self, q_emb, k_emb, generator, backend, rerank=True):
-        """New samples; rerank=True first recomputes the ranks and probabilities from the given tables."""
+        """New samples; rerank=True first recomputes the ranks and probabilities from the given
+        tables."""
         if rerank or self.p_under is None:
             self._rerank(q_emb, k_emb, backend)
-        cand = self.teacher[:, :self.n]
-        self.under = _take(cand, sample_without_replacement(self.p_under, self.k, generator), ordered=True)
-        self.over_ids = _take(self.over_cand, sample_without_replacement(self.p_over, self.k, generator),
-                              ordered=False)
+        cand = self.teacher[:, : self.n]
+        self.under = _take(
+            cand, sample_without_replacement(self.p_under, self.k, generator), ordered=True
+        )
+        self.over_ids = _take(
+            self.over_cand,
+            sample_without_replacement(self.p_over, self.k, generator),
+            ordered=False,
+        )
 
     def _rerank(self, q_emb, k_emb, backend):
-        cand = self.teacher[:, :self.n]
+        cand = self.teacher[:, : self.n]
         rank_t = torch.arange(self.n, device=cand.device).expand_as(cand)
         if self.rank == "list":
-            scores = _row_scores(q_emb, k_emb, cand)
+            scores = row_scores(q_emb, k_emb, cand)
             order = torch.sort(scores, dim=1, descending=True, stable=True).indices
             rank_s = torch.empty_like(order).scatter_(1, order, rank_t.contiguous())
             student_top = None
         else:
-            _, student_top = topk_scores(q_emb, k_emb, self.depth, exclude=self.excl, backend=backend)
+            _, student_top = topk_scores(
+                q_emb, k_emb, self.depth, exclude=self.excl, backend=backend
+            )
             rank_s = _positions(student_top, cand, self.n_ids)
         self.rank_s = rank_s
         self.p_under = _tanh_weight(rank_s - rank_t, self.eps)
         if self.over == "teacher":
             self.over_cand, self.p_over = cand, _tanh_weight(rank_t - rank_s, self.eps)
-        else:  # the student's own top-N against the teacher's rank of them (clamped at the list depth)
-            own = student_top[:, :self.n]
+        else:
+            # the student's own top-N against the teacher's rank of them (clamped at the list depth)
+            own = student_top[:, : self.n]
             t_rank = _positions(self.teacher, own, self.n_ids)
             self.over_cand = own
-            self.p_over = torch.where(own >= 0, _tanh_weight(t_rank - rank_t, self.eps),
-                                      torch.zeros(own.shape, device=own.device))
+            self.p_over = torch.where(
+                own >= 0,
+                _tanh_weight(t_rank - rank_t, self.eps),
+                torch.zeros(own.shape, device=own.device),
+            )
 
     def loss(self, q_emb, k_emb, rows):
-        return plackett_luce_loss_from_embeddings(q_emb, k_emb, self.under, self.over_ids, rows=rows,
-                                                  reduction="sum")
+        return plackett_luce_loss_from_embeddings(
+            q_emb, k_emb, self.under, self.over_ids, rows=rows, reduction="sum"
+        )
 
 
 class DCD(KDMethod):
     """Dual Correction strategy for ranking Distillation (user side, plus the item side by default).
 
-    Options and defaults (see the module docstring for the formulas and where each default comes from):
+    Options and defaults (see the module docstring for the formulas and where each default comes
+    from):
       N=100        teacher list length (candidates of both samples on the teacher side);
       K=30         under-estimated and over-estimated items drawn per user (each);
       eps=10.0     p = tanh(max(d / eps, 0)) (the authors' ep = 1 / eps);
       lam=1e-3     weight of the user side (sum over the batch's unique users);
       item_side=True, N_I=None (-> N), K_I=None (-> K), lam_item=5e-4: the item side (each item's
                    teacher top-N_I users; the batch's unique positive items), as the paper's L_ICD;
-      rank="catalog" ("list": the authors' within-teacher-list rank), over="teacher" ("student": the
-                   student's own top-N, needs rank="catalog");
-      rank_every=1 recompute the student's ranks every that many epochs (the authors: 3); the samples are
-                   drawn anew every epoch from the latest probabilities;
+      rank="catalog" ("list": the authors' within-teacher-list rank), over="teacher" ("student":
+                   the student's own top-N, needs rank="catalog");
+      rank_every=1 recompute the student's ranks every that many epochs (the authors: 3); the
+                   samples are drawn anew every epoch from the latest probabilities;
       backend="auto" for kdfast.topk_scores and the listwise loss.
     start_epoch must run before forward (the samples need the student's ranks).
     forward returns lam * sum_u L_UCD(u) + lam_item * sum_i L_ICD(i).
     """
 
     name = "dcd"
+    option_rules = {
+        "N": checks.positive_int,
+        "K": checks.positive_int,
+        "eps": checks.finite_positive,
+        "lam": checks.positive_number,
+        "item_side": checks.boolean,
+        "N_I": optional(checks.positive_int),
+        "K_I": optional(checks.positive_int),
+        "lam_item": checks.positive_number,
+        "rank": choice("catalog", "list"),
+        "over": choice("teacher", "student"),
+        "rank_every": checks.positive_int,
+        "backend": BACKEND,
+    }
 
-    def __init__(self, user_side, item_side, n_users, n_items, lam, lam_item, rank_every, backend, generator):
+    def __init__(
+        self, user_side, item_side, n_users, n_items, lam, lam_item, rank_every, backend, generator
+    ):
         super().__init__()
         self.user_side, self.item_side = user_side, item_side
         self.n_users, self.n_items = n_users, n_items
@@ -225,42 +272,55 @@ class DCD(KDMethod):
         self.backend, self.generator = backend, generator
 
     @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, N=100, K=30, eps=10.0,
-              lam=1e-3, item_side=True, N_I=None, K_I=None, lam_item=5e-4, rank="catalog", over="teacher",
-              rank_every=1, backend="auto"):
-        _checks.floating(teacher_user, "teacher_user", ndim=2)
-        _checks.floating(teacher_item, "teacher_item", ndim=2)
-        n_users, n_items = teacher_user.shape[0], teacher_item.shape[0]
-        N, K = _checks.positive_int(N, "N"), _checks.positive_int(K, "K")
-        N_I = N if N_I is None else _checks.positive_int(N_I, "N_I")
-        K_I = K if K_I is None else _checks.positive_int(K_I, "K_I")
-        eps = _finite_positive(eps, "eps")
-        lam = _positive_number(lam, "lam")
-        item_side = _as_bool(item_side, "item_side")
-        lam_item = _positive_number(lam_item, "lam_item")
-        rank_every = _checks.positive_int(rank_every, "rank_every")
-        if rank not in ("catalog", "list"):
-            raise ValueError(f"rank must be 'catalog' or 'list', got {rank!r}")
-        if over not in ("teacher", "student"):
-            raise ValueError(f"over must be 'teacher' or 'student', got {over!r}")
-        if over == "student" and rank != "catalog":
-            raise ValueError("over='student' needs rank='catalog' (the student's own top-N list)")
+    def check_relations(cls, options, label):
+        if options["over"] == "student" and options["rank"] != "catalog":
+            raise ValueError(
+                f"{label}: over='student' needs rank='catalog' (the student's own top-N list)"
+            )
+
+    @classmethod
+    @checked_options
+    def build(
+        cls,
+        teacher_user,
+        teacher_item,
+        train,
+        student_dim,
+        *,
+        generator=None,
+        N=100,
+        K=30,
+        eps=10.0,
+        lam=1e-3,
+        item_side=True,
+        N_I=None,
+        K_I=None,
+        lam_item=5e-4,
+        rank="catalog",
+        over="teacher",
+        rank_every=1,
+        backend="auto",
+    ):
+        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        N_I = N if N_I is None else N_I
+        K_I = K if K_I is None else K_I
         if N > n_items or (item_side and N_I > n_users):
-            raise ValueError(f"N ({N}) must be <= the number of items ({n_items}) and N_I ({N_I}) <= the number "
-                             f"of users ({n_users})")
+            raise ValueError(
+                f"N ({N}) must be <= the number of items ({n_items}) and N_I ({N_I}) <= "
+                f"the number of users ({n_users})"
+            )
         excl = as_csr(train, "train", n_users, n_items, device=teacher_user.device, validate=True)
-        tu, ti = teacher_user.detach(), teacher_item.detach()
 
         def side(q, k, excl_, n_ids, n, k_, what):
             depth = _depth(n, eps, n_ids) if over == "student" else n
-            with torch.no_grad():
-                top = _teacher_lists(q, k, depth, n, excl_, backend, what)
+            top = teacher_top(q, k, n, excl_, backend, depth=depth, what=what)
             return _DCDSide(top, excl_, n_ids, n, k_, eps, rank, over)
 
-        user = side(tu, ti, excl, n_items, N, K, "N")
+        user = side(teacher_user, teacher_item, excl, n_items, N, K, "N")
         item = None
         if item_side:
-            item = side(ti, tu, transpose_csr(excl, n_items, n_users), n_users, N_I, K_I, "N_I")
+            excl_t = transpose_csr(excl, n_items, n_users)
+            item = side(teacher_item, teacher_user, excl_t, n_users, N_I, K_I, "N_I")
         return cls(user, item, n_users, n_items, lam, lam_item, rank_every, backend, generator)
 
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
@@ -272,13 +332,14 @@ class DCD(KDMethod):
                 self.item_side.resample(si, su, self.generator, self.backend, rerank)
 
     def forward(self, student_user, student_item, users, pos, neg):
-        _check_batch(student_user, student_item, users, pos, neg, self.n_users, self.n_items)
+        self.check_batch(student_user, student_item, users, pos, neg)
         if self.user_side.under is None:
-            raise RuntimeError("DCD.start_epoch must run before forward (the samples need the student's ranks)")
-        ub = _unique_ids(users, self.n_users)
+            raise RuntimeError(
+                "DCD.start_epoch must run before forward (the samples need the student's ranks)"
+            )
+        ub = unique_ids(users, self.n_users)
         loss = self.lam * self.user_side.loss(student_user, student_item, ub)
         if self.item_side is not None:
-            _checks.index_range(pos, "pos", self.n_items)
-            items = _unique_ids(pos, self.n_items)
+            items = unique_ids(pos, self.n_items)
             loss = loss + self.lam_item * self.item_side.loss(student_item, student_user, items)
         return loss

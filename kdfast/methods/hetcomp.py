@@ -1,53 +1,58 @@
-"""HetComp (Kang et al., WWW'23): distilling an ensemble of heterogeneous teachers through their training
-trajectories; docs/METHODS.md section 7.
+"""HetComp (Kang et al., WWW'23): distilling an ensemble of heterogeneous teachers through their
+training trajectories; docs/METHODS.md section 7.
 
-The knowledge: each teacher x brings checkpoints v = 0 .. V_x - 1 along its training (the last one is the
-final model). Per user u and teacher x one checkpoint v[x, u] is selected (0 at the start). The ensemble's
-target list for u is
+The knowledge: each teacher x brings checkpoints v = 0 .. V_x - 1 along its training (the last one
+is the final model). Per user u and teacher x one checkpoint v[x, u] is selected (0 at the start).
+The ensemble's target list for u is
     pi_t(u) = the top K items by  sum_x  imp_{x, v[x,u]}(u, i),   imp(u, i) = exp(-r / T_imp)
-over the positions r = 0 .. K-1 of i in that checkpoint's top-K list of unobserved items (0 elsewhere;
-ties to the lower item id), and pi_o(u) = the user's observed (training) items in the final checkpoints'
-ensemble order, the first P of them (fixed during training).
+over the positions r = 0 .. K-1 of i in that checkpoint's top-K list of unobserved items (0
+elsewhere; ties to the lower item id), and pi_o(u) = the user's observed (training) items in the
+final checkpoints' ensemble order, the first P of them (fixed during training).
 
-Phase 1 (while the selections still move), the set-level loss with the catalog tail
+Phase 1 (while the selections still move), the set-level loss with the catalog tail (weight lam1)
     E_u = sum of exp(S_uj) over unobserved items j not in pi_t(u),   S = clamp(<e_u, e_j>, -c, c),
-    L1 = - sum_u sum_{i in pi_o U pi_t} [ S_ui - log(exp(S_ui) + E_u) ]                 (weight lam1)
+    L1 = - sum_u sum_{i in pi_o U pi_t} [ S_ui - log(exp(S_ui) + E_u) ]
 phase 2 (once every teacher's selections reach the final checkpoint), listwise with constant tails
-    L2 = ListMLE_{C50}(S[pi_o]) + 0.5 (ListMLE_{C50}(S[pi_t[:50]]) + ListMLE_{C10}(S[pi_t[:10]]))   (weight lam2)
-with C_n = sum of exp(S) over the unobserved items outside pi_t[:n]. Both are computed without the B x I
-score matrix: the catalog tails come from kdfast.full_catalog_set_loss / full_catalog_log_tail (fused
-GEMM + masked exp-sum, backward recomputes the tiles), and log C10 = logaddexp(log C50, logsumexp S[pi_t[10:50]]).
+(weight lam2)
+    L2 = ListMLE_{C50}(S[pi_o]) + 0.5 (ListMLE_{C50}(S[pi_t[:50]]) + ListMLE_{C10}(S[pi_t[:10]]))
+with C_n = sum of exp(S) over the unobserved items outside pi_t[:n]. Both are computed without the
+B x I score matrix: the catalog tails come from kdfast.full_catalog_set_loss /
+full_catalog_log_tail (fused GEMM + masked exp-sum, backward recomputes the tiles), and
+log C10 = logaddexp(log C50, logsumexp S[pi_t[10:50]]).
 
-Dynamic knowledge construction (DKC): after every `period`-th completed epoch from `start` on, the student's
-top-50 unobserved items per user are compared with checkpoint lists: D(v) = 1 - NDCG(student top-50 vs the
-checkpoint's top-50), with gain 2^{exp(-p/10)} - 1 at the student's 0-based position p. The first call only
-records last = D(v + 1). Later calls, with th = alpha * decay^(epoch // period): for every (x, u) not at its
-final checkpoint, if last / D(v+1) > th or last / D(v+1) < 1, v advances by one and last = D(min(v + 2, final))
-(as in the authors' code); pi_t is rebuilt after each call. Phase 2 starts once, for every teacher, the mean
-selected index rounded to two decimals equals its final index (the authors' test).
+Dynamic knowledge construction (DKC): after every `period`-th completed epoch from `start` on, the
+student's top-50 unobserved items per user are compared with checkpoint lists:
+D(v) = 1 - NDCG(student top-50 vs the checkpoint's top-50), with gain 2^{exp(-p/10)} - 1 at the
+student's 0-based position p. The first call only records last = D(v + 1). Later calls, with
+th = alpha * decay^(epoch // period): for every (x, u) not at its final checkpoint, if
+last / D(v+1) > th or last / D(v+1) < 1, v advances by one and last = D(min(v + 2, final)) (as in
+the authors' code); pi_t is rebuilt after each call. Phase 2 starts once, for every teacher, the
+mean selected index rounded to two decimals equals its final index (the authors' test).
 
 Deviations from the authors' code, all documented here:
-- Log space: every loss term is a log-sum-exp, so the authors' clamp of each denominator at 1e-5 before the
-  log (which only matters when a denominator underflows in their raw-exp form) is not applied.
-- `max_users`: the authors use every unique user of each 1024-interaction batch (a user's loss then enters
-  once per batch the user appears in, many times per epoch). max_users=M takes at most M of them per step
-  (drawn with the method's generator), which bounds the per-step catalog GEMM; None (the default) keeps
-  the authors' choice.
+- Log space: every loss term is a log-sum-exp, so the authors' clamp of each denominator at 1e-5
+  before the log (which only matters when a denominator underflows in their raw-exp form) is not
+  applied.
+- `max_users`: the authors use every unique user of each 1024-interaction batch (a user's loss then
+  enters once per batch the user appears in, many times per epoch). max_users=M takes at most M of
+  them per step (drawn with the method's generator), which bounds the per-step catalog GEMM; None
+  (the default) keeps the authors' choice.
 - The importance vectors: exp(-rank/10) over each checkpoint's top-K (docs/METHODS.md marks this
   reconstruction [paper?]); the authors load precomputed importance matrices.
-- pi_o: per final checkpoint, each observed item's 0-based rank among the user's observed items by the
-  teacher's score, importance exp(-rank / T_imp), summed over teachers (the authors load a precomputed
-  order).
+- pi_o: per final checkpoint, each observed item's 0-based rank among the user's observed items by
+  the teacher's score, importance exp(-rank / T_imp), summed over teachers (the authors load a
+  precomputed order).
 
-Training setting: the authors train the HetComp student with Adam (lr 1e-3) and weight decay 1e-5, not the
-1e-3 of the other methods' BPR setting (`kdfast distill --weight-decay 1e-5`): with the KD loss alone, a
-1e-3 L2 term on every embedding outweighs the loss's gradient late in training.
+Training setting: the authors train the HetComp student with Adam (lr 1e-3) and weight decay 1e-5,
+not the 1e-3 of the other methods' BPR setting (`kdfast distill --weight-decay 1e-5`): with the KD
+loss alone, a 1e-3 L2 term on every embedding outweighs the loss's gradient late in training.
 
-Teachers are given as embedding tables (score = dot product, as for every kdfast model); what HetComp keeps
-of each checkpoint is `checkpoint_knowledge`: its top-K list per user and its scores of the training pairs.
-The trainer minimises the HetComp loss alone
-(uses_base_loss False), as the authors do; base_loss=True adds the BPR loss.
+Teachers are given as embedding tables (score = dot product, as for every kdfast model); what
+HetComp keeps of each checkpoint is `checkpoint_knowledge`: its top-K list per user and its scores
+of the training pairs. The trainer minimises the HetComp loss alone (uses_base_loss False), as the
+authors do; base_loss=True adds the BPR loss.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,20 +61,19 @@ from pathlib import Path
 
 import torch
 
-from .._core import checks as _checks
-from .._core.csr import as_csr, row_ids
+from .._core import checks
+from .._core.csr import as_csr, row_ids, select_rows
 from ..ops.full_catalog import full_catalog_log_tail, full_catalog_set_loss, gathered_scores
 from ..ops.plackett_luce import plackett_luce_loss
 from ..ops.topk import topk_scores
-from .base import KDMethod
-from .ranking import _csr_rows, _nonneg_int, _positive_number, _unique_ids
+from .base import BACKEND, KDMethod, check_teacher, checked_options, optional, unique_ids
 
 TRAJECTORY_FORMAT = "kdfast-trajectories-1"
 
 
 def train_fingerprint(train, n_users: int, n_items: int) -> str:
-    """A short hash of a training CSR (its canonical row/item pairs), stored with trajectories so that a
-    trajectory is never used with another split."""
+    """A short hash of a training CSR (its canonical row/item pairs), stored with trajectories so
+    that a trajectory is never used with another split."""
     indptr, indices = as_csr(train, "train", n_users, n_items, device="cpu", canonical=True)
     h = hashlib.sha256()
     h.update(f"{n_users}x{n_items}:".encode())
@@ -78,16 +82,25 @@ def train_fingerprint(train, n_users: int, n_items: int) -> str:
     return h.hexdigest()[:16]
 
 
-def save_trajectories(path, teachers, *, train, n_users: int, n_items: int, meta: dict | None = None) -> None:
+def save_trajectories(
+    path, teachers, *, train, n_users: int, n_items: int, meta: dict | None = None
+) -> None:
     """Save teachers' checkpoints for HetComp.
 
-    teachers: a list, one entry per teacher: {"name": str, "checkpoints": [(user [U, d], item [I, d]), ...]}
-    (checkpoints in training order, the last one final; d may differ between teachers), optionally with
-    "epochs" (the epoch of each checkpoint) and any other JSON-able entries. The file records the training
-    CSR's fingerprint; load_trajectories(..., train=...) refuses another split.
+    teachers: a list, one entry per teacher:
+    {"name": str, "checkpoints": [(user [U, d], item [I, d]), ...]} (checkpoints in training order,
+    the last one final; d may differ between teachers), optionally with "epochs" (the epoch of each
+    checkpoint) and any other JSON-able entries. The file records the training CSR's fingerprint;
+    load_trajectories(..., train=...) refuses another split.
     """
-    blob = {"format": TRAJECTORY_FORMAT, "train_fingerprint": train_fingerprint(train, n_users, n_items),
-            "n_users": n_users, "n_items": n_items, "meta": dict(meta or {}), "teachers": []}
+    blob = {
+        "format": TRAJECTORY_FORMAT,
+        "train_fingerprint": train_fingerprint(train, n_users, n_items),
+        "n_users": n_users,
+        "n_items": n_items,
+        "meta": dict(meta or {}),
+        "teachers": [],
+    }
     for t in _check_teachers(teachers, n_users, n_items):
         entry = {k: v for k, v in t.items() if k != "checkpoints"}
         entry["user"] = torch.stack([u.detach().float().cpu() for u, _ in t["checkpoints"]])
@@ -101,19 +114,23 @@ def save_trajectories(path, teachers, *, train, n_users: int, n_items: int, meta
 
 
 def load_trajectories(path, *, train=None, n_users: int | None = None, n_items: int | None = None):
-    """Teachers saved by save_trajectories: a list of {"name", "checkpoints": [(user, item), ...], ...}.
-    With train (and n_users, n_items), a file made on another split raises ValueError."""
+    """Teachers saved by save_trajectories: a list of {"name", "checkpoints": [(user, item), ...],
+    ...}. With train (and n_users, n_items), a file made on another split raises ValueError."""
     blob = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != TRAJECTORY_FORMAT:
         raise ValueError(f"{path} is not a kdfast trajectory file")
     if train is not None:
         if (n_users, n_items) != (blob["n_users"], blob["n_items"]):
-            raise ValueError(f"trajectory file {path} is for {blob['n_users']} users x {blob['n_items']} items, "
-                             f"this run has {n_users} x {n_items}")
+            raise ValueError(
+                f"trajectory file {path} is for {blob['n_users']} users x {blob['n_items']} items, "
+                f"this run has {n_users} x {n_items}"
+            )
         fp = train_fingerprint(train, n_users, n_items)
         if fp != blob["train_fingerprint"]:
-            raise ValueError(f"trajectory file {path} was made on another training split "
-                             f"(fingerprint {blob['train_fingerprint']}, this run {fp})")
+            raise ValueError(
+                f"trajectory file {path} was made on another training split "
+                f"(fingerprint {blob['train_fingerprint']}, this run {fp})"
+            )
     out = []
     for t in blob["teachers"]:
         entry = {k: v for k, v in t.items() if k not in ("user", "item")}
@@ -127,22 +144,40 @@ def _check_teachers(teachers, n_users, n_items):
         raise ValueError("trajectories must be a non-empty list of teachers")
     for x, t in enumerate(teachers):
         if not isinstance(t, dict) or "checkpoints" not in t or not t["checkpoints"]:
-            raise ValueError(f"trajectories[{x}] must be a dict with a non-empty 'checkpoints' list")
+            raise ValueError(
+                f"trajectories[{x}] must be a dict with a non-empty 'checkpoints' list"
+            )
         for v, ck in enumerate(t["checkpoints"]):
             if not isinstance(ck, (tuple, list)) or len(ck) != 2:
-                raise ValueError(f"trajectories[{x}]['checkpoints'][{v}] must be a (user, item) pair of tables")
+                raise ValueError(
+                    f"trajectories[{x}]['checkpoints'][{v}] must be a (user, item) pair of tables"
+                )
             u, i = ck
-            _checks.floating(u, f"trajectories[{x}] checkpoint {v} user table", ndim=2)
-            _checks.floating(i, f"trajectories[{x}] checkpoint {v} item table", ndim=2)
+            checks.floating(u, f"trajectories[{x}] checkpoint {v} user table", ndim=2)
+            checks.floating(i, f"trajectories[{x}] checkpoint {v} item table", ndim=2)
             if u.shape[0] != n_users or i.shape[0] != n_items or u.shape[1] != i.shape[1]:
-                raise ValueError(f"trajectories[{x}] checkpoint {v}: tables {tuple(u.shape)} and {tuple(i.shape)} "
-                                 f"do not match {n_users} users x {n_items} items with one dimension")
+                raise ValueError(
+                    f"trajectories[{x}] checkpoint {v}: tables {tuple(u.shape)} and "
+                    f"{tuple(i.shape)} do not match {n_users} users x {n_items} items with one "
+                    "dimension"
+                )
     return teachers
 
 
+def _trajectories(v, name):
+    """The trajectories option: None, a file path (str or Path) or a list of teachers (checked
+    against the data in build)."""
+    if v is not None and not isinstance(v, (str, Path, list, tuple)):
+        raise TypeError(
+            f"{name} must be None, a file path or a list of teachers, got {type(v).__name__}"
+        )
+    return v
+
+
 def checkpoint_knowledge(user_emb, item_emb, excl, K: int, backend="auto"):
-    """One checkpoint's knowledge: its top-K unobserved items per user [U, K] (teacher order, -1 where a
-    user has fewer than K unobserved items) and its scores of the training pairs in CSR order [nnz]."""
+    """One checkpoint's knowledge: its top-K unobserved items per user [U, K] (teacher order, -1
+    where a user has fewer than K unobserved items) and its scores of the training pairs in CSR
+    order [nnz]."""
     with torch.no_grad():
         _, top = topk_scores(user_emb, item_emb, K, exclude=excl, backend=backend)
         rows = row_ids(excl[0])
@@ -152,20 +187,29 @@ def checkpoint_knowledge(user_emb, item_emb, excl, K: int, backend="auto"):
 
 def ensemble_top(tops, K: int, n_items: int, temperature: float):
     """The ensemble list: tops is a list of [U, K_x] id lists (-1 padding); each contributes
-    exp(-r / temperature) at its 0-based position r; returns the top K ids per user by the summed importance
-    (ties to the lower id; -1 where fewer than K distinct ids exist)."""
+    exp(-r / temperature) at its 0-based position r; returns the top K ids per user by the summed
+    importance (ties to the lower id; -1 where fewer than K distinct ids exist)."""
     ids = torch.cat(tops, 1)
-    w = torch.cat([torch.exp(-torch.arange(t.shape[1], dtype=torch.float32, device=t.device) / temperature)
-                   .expand(t.shape[0], -1) for t in tops], 1)
+    w = torch.cat(
+        [
+            torch.exp(
+                -torch.arange(t.shape[1], dtype=torch.float32, device=t.device) / temperature
+            ).expand(t.shape[0], -1)
+            for t in tops
+        ],
+        1,
+    )
     w = torch.where(ids >= 0, w, torch.zeros_like(w))
     key = torch.where(ids >= 0, ids, torch.full_like(ids, n_items))  # padding sorts last
     sid, order = torch.sort(key, 1)
     sw = torch.gather(w, 1, order)
     new = torch.ones_like(sid, dtype=torch.bool)
     new[:, 1:] = sid[:, 1:] != sid[:, :-1]
-    group = torch.cumsum(new.to(torch.int64), 1) - 1  # group index of each entry, ascending id order
+    # group index of each entry, ascending id order
+    group = torch.cumsum(new.to(torch.int64), 1) - 1
     total = torch.zeros_like(sw).scatter_add_(1, group, sw)
-    gid = torch.full_like(sid, n_items).scatter_(1, group, sid)  # the id of each group (n_items: unused)
+    # the id of each group (n_items: unused)
+    gid = torch.full_like(sid, n_items).scatter_(1, group, sid)
     total = torch.where(gid < n_items, total, torch.full_like(total, -1.0))
     # descending by importance, stable so that equal sums keep ascending ids
     order = torch.sort(total, dim=1, descending=True, stable=True).indices[:, :K]
@@ -177,20 +221,23 @@ def ensemble_top(tops, K: int, n_items: int, temperature: float):
 
 
 def observed_order(excl, obs_scores, n_first: int, temperature: float):
-    """pi_o: each user's training items ordered by the summed importance exp(-rank / temperature) of their
-    rank among the user's training items under each teacher's scores (obs_scores: a list of [nnz] score
-    vectors in CSR order); the first n_first per user, -1 padding. Ties to the lower item id."""
+    """pi_o: each user's training items ordered by the summed importance exp(-rank / temperature) of
+    their rank among the user's training items under each teacher's scores (obs_scores: a list of
+    [nnz] score vectors in CSR order); the first n_first per user, -1 padding. Ties to the lower
+    item id."""
     indptr, items = excl
     n_rows = indptr.numel() - 1
     counts = indptr[1:] - indptr[:-1]
     width = max(int(counts.max()) if counts.numel() else 0, 1)
     rows = row_ids(indptr)
     col = torch.arange(items.numel(), device=items.device) - indptr[rows]
-    # the rows' ids side by side (-1 padding), and the permutation that sorts each row by id (padding last):
-    # a stable descending sort after it breaks score ties towards the lower id
+    # the rows' ids side by side (-1 padding), and the permutation that sorts each row by id
+    # (padding last): a stable descending sort after it breaks score ties towards the lower id
     idd = torch.full((n_rows, width), -1, dtype=torch.int64, device=items.device)
     idd[rows, col] = items
-    by_id = torch.sort(torch.where(idd >= 0, idd, torch.full_like(idd, 1 << 62)), dim=1, stable=True).indices
+    by_id = torch.sort(
+        torch.where(idd >= 0, idd, torch.full_like(idd, 1 << 62)), dim=1, stable=True
+    ).indices
 
     def descending(values):
         o2 = torch.sort(torch.gather(values, 1, by_id), dim=1, descending=True, stable=True).indices
@@ -201,7 +248,8 @@ def observed_order(excl, obs_scores, n_first: int, temperature: float):
     for s in obs_scores:
         dense = torch.full((n_rows, width), -math.inf, dtype=torch.float32, device=items.device)
         dense[rows, col] = s.float()
-        rank = torch.empty_like(by_id).scatter_(1, descending(dense), positions)  # rank among the row's items
+        # rank among the row's items
+        rank = torch.empty_like(by_id).scatter_(1, descending(dense), positions)
         total += torch.exp(-rank.float() / temperature)
     total = torch.where(idd >= 0, total, torch.full_like(total, -1.0))
     out = torch.gather(idd, 1, descending(total)[:, :n_first])
@@ -211,8 +259,9 @@ def observed_order(excl, obs_scores, n_first: int, temperature: float):
 
 
 def top_ndcg(student_top, teacher_top, k: int = 50, temperature: float = 10.0):
-    """Per row, NDCG of the student's list against membership in the teacher's first k ids, with gain
-    2^{exp(-p / temperature)} - 1 at the student's 0-based position p (HetComp's DKC distance is 1 - this)."""
+    """Per row, NDCG of the student's list against membership in the teacher's first k ids, with
+    gain 2^{exp(-p / temperature)} - 1 at the student's 0-based position p (HetComp's DKC distance
+    is 1 - this)."""
     s = student_top[:, :k]
     t = teacher_top[:, :k]
     t_sorted = torch.sort(torch.where(t >= 0, t, torch.full_like(t, -2)), 1).values
@@ -224,23 +273,42 @@ def top_ndcg(student_top, teacher_top, k: int = 50, temperature: float = 10.0):
 
 
 class HetComp(KDMethod):
-    """HetComp: the ensemble's easy-to-hard ranking knowledge (see the module docstring for the math).
+    """HetComp: the ensemble's easy-to-hard ranking knowledge (the math: the module docstring).
 
     Options (docs/METHODS.md section 7 defaults): trajectories (a list of teachers as for
-    save_trajectories, or the path of a file it wrote; None: the teacher given to build, as one teacher
-    with one checkpoint), K=100 (list length of pi_t and of each checkpoint's list), n_observed=10 (P, the
-    length of pi_o), T_imp=10.0 (importance temperature), period=10 and start=10 (DKC every `period`
-    completed epochs from epoch `start`), alpha=1.05, decay=0.995 (the DKC threshold), lam1=0.01 (phase 1),
-    lam2=0.005 (phase 2), clamp=40.0, dcg_k=50 (the DKC lists' length), max_users=None (at most this many
-    of a batch's users per step; None: all), base_loss=False (True: the trainer adds the BPR loss),
-    backend="auto" (top-K and the catalog tails).
+    save_trajectories, or the path of a file it wrote; None: the teacher given to build, as one
+    teacher with one checkpoint), K=100 (list length of pi_t and of each checkpoint's list),
+    n_observed=10 (P, the length of pi_o), T_imp=10.0 (importance temperature), period=10 and
+    start=10 (DKC every `period` completed epochs from epoch `start`), alpha=1.05, decay=0.995 (the
+    DKC threshold), lam1=0.01 (phase 1), lam2=0.005 (phase 2), clamp=40.0, dcg_k=50 (the DKC lists'
+    length), max_users=None (at most this many of a batch's users per step; None: all),
+    base_loss=False (True: the trainer adds the BPR loss), backend="auto" (top-K and the catalog
+    tails).
     """
 
     name = "hetcomp"
+    option_rules = {
+        "trajectories": _trajectories,
+        "K": checks.positive_int,
+        "n_observed": checks.positive_int,
+        "T_imp": checks.positive_number,
+        "period": checks.positive_int,
+        "start": checks.nonneg_int,
+        "alpha": checks.positive_number,
+        "decay": checks.positive_number,
+        "lam1": checks.positive_number,
+        "lam2": checks.positive_number,
+        "clamp": checks.positive_number,
+        "dcg_k": checks.positive_int,
+        "max_users": optional(checks.positive_int),
+        "base_loss": checks.boolean,
+        "backend": BACKEND,
+    }
 
     def __init__(self, knowledge, excl, pi_o, n_users, n_items, opts, generator):
         super().__init__()
-        self.knowledge = [torch.stack(lists) for lists in knowledge]  # per teacher: [V, U, K] top lists
+        # per teacher: [V, U, K] top lists
+        self.knowledge = [torch.stack(lists) for lists in knowledge]
         self.excl, self.pi_o = excl, pi_o
         self.n_users, self.n_items = n_users, n_items
         self.opts, self.generator = opts, generator
@@ -256,35 +324,70 @@ class HetComp(KDMethod):
         self.pi_t = self._ensemble()
 
     @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, trajectories=None, K=100,
-              n_observed=10, T_imp=10.0, period=10, start=10, alpha=1.05, decay=0.995, lam1=0.01, lam2=0.005,
-              clamp=40.0, dcg_k=50, max_users=None, base_loss=False, backend="auto"):
-        _checks.floating(teacher_user, "teacher_user", ndim=2)
-        _checks.floating(teacher_item, "teacher_item", ndim=2)
-        n_users, n_items = teacher_user.shape[0], teacher_item.shape[0]
+    def check_relations(cls, options, label):
+        if options["K"] < 50:
+            raise ValueError(
+                f"{label}: K must be >= 50 (phase 2 uses the first 50 items of pi_t), "
+                f"got {options['K']}"
+            )
+        if options["dcg_k"] > options["K"]:
+            raise ValueError(f"{label}: dcg_k ({options['dcg_k']}) must be <= K ({options['K']})")
+
+    @classmethod
+    @checked_options
+    def build(
+        cls,
+        teacher_user,
+        teacher_item,
+        train,
+        student_dim,
+        *,
+        generator=None,
+        trajectories=None,
+        K=100,
+        n_observed=10,
+        T_imp=10.0,
+        period=10,
+        start=10,
+        alpha=1.05,
+        decay=0.995,
+        lam1=0.01,
+        lam2=0.005,
+        clamp=40.0,
+        dcg_k=50,
+        max_users=None,
+        base_loss=False,
+        backend="auto",
+    ):
+        n_users, n_items = check_teacher(teacher_user, teacher_item)
         device = teacher_user.device
-        K = _checks.positive_int(K, "K")
-        n_observed = _checks.positive_int(n_observed, "n_observed")
-        period = _checks.positive_int(period, "period")
-        dcg_k = _checks.positive_int(dcg_k, "dcg_k")
-        start = _nonneg_int(start, "start")
-        if K < 50:
-            raise ValueError(f"K must be >= 50 (phase 2 uses the first 50 items of pi_t), got {K}")
-        if dcg_k > K:
-            raise ValueError(f"dcg_k ({dcg_k}) must be <= K ({K})")
-        if max_users is not None:
-            max_users = _checks.positive_int(max_users, "max_users")
-        opts = {"K": K, "n_observed": n_observed, "T_imp": _positive_number(T_imp, "T_imp"), "period": period,
-                "start": start, "alpha": _positive_number(alpha, "alpha"), "decay": _positive_number(decay, "decay"),
-                "lam1": _positive_number(lam1, "lam1"), "lam2": _positive_number(lam2, "lam2"),
-                "clamp": _positive_number(clamp, "clamp"), "dcg_k": dcg_k, "max_users": max_users,
-                "base_loss": bool(base_loss), "backend": backend}
-        excl = as_csr(train, "train", n_users, n_items, device=device, canonical=True, validate=True)
+        opts = {
+            "K": K,
+            "n_observed": n_observed,
+            "T_imp": T_imp,
+            "period": period,
+            "start": start,
+            "alpha": alpha,
+            "decay": decay,
+            "lam1": lam1,
+            "lam2": lam2,
+            "clamp": clamp,
+            "dcg_k": dcg_k,
+            "max_users": max_users,
+            "base_loss": base_loss,
+            "backend": backend,
+        }
+        excl = as_csr(
+            train, "train", n_users, n_items, device=device, canonical=True, validate=True
+        )
         if trajectories is None:
-            teachers = [{"name": "teacher", "checkpoints": [(teacher_user.detach(), teacher_item.detach())]}]
+            teachers = [
+                {"name": "teacher", "checkpoints": [(teacher_user.detach(), teacher_item.detach())]}
+            ]
         elif isinstance(trajectories, (str, Path)):
-            teachers = load_trajectories(trajectories, train=(excl[0].cpu(), excl[1].cpu()), n_users=n_users,
-                                         n_items=n_items)
+            teachers = load_trajectories(
+                trajectories, train=(excl[0].cpu(), excl[1].cpu()), n_users=n_users, n_items=n_items
+            )
         else:
             teachers = _check_teachers(trajectories, n_users, n_items)
         knowledge, obs_scores = [], []
@@ -311,12 +414,16 @@ class HetComp(KDMethod):
         return out
 
     def _ensemble(self):
-        return ensemble_top(self._selected_lists(), self.opts["K"], self.n_items, self.opts["T_imp"])
+        return ensemble_top(
+            self._selected_lists(), self.opts["K"], self.n_items, self.opts["T_imp"]
+        )
 
     def _distance(self, student_top, offset):
         """[X, U] float64: 1 - NDCG(student top vs the checkpoint min(v + offset, final))."""
         k = self.opts["dcg_k"]
-        return torch.stack([1.0 - top_ndcg(student_top, t, k) for t in self._selected_lists(offset)])
+        return torch.stack(
+            [1.0 - top_ndcg(student_top, t, k) for t in self._selected_lists(offset)]
+        )
 
     def _update_phase(self):
         means = self.selected.to(torch.float64).mean(1)
@@ -324,16 +431,23 @@ class HetComp(KDMethod):
         self.phase = 2 if done else 1
 
     def dkc(self, epoch: int, student_user, student_item) -> None:
-        """One dynamic-knowledge-construction step (see the module docstring) with the student's tables."""
+        """One dynamic-knowledge-construction step (see the module docstring) with the student's
+        tables."""
         with torch.no_grad():
-            _, student_top = topk_scores(student_user, student_item, self.opts["dcg_k"], exclude=self.excl,
-                                         backend=self.opts["backend"])
+            _, student_top = topk_scores(
+                student_user,
+                student_item,
+                self.opts["dcg_k"],
+                exclude=self.excl,
+                backend=self.opts["backend"],
+            )
             if self.last_dist is None:
                 self.last_dist = self._distance(student_top, 1)
             else:
                 th = self.opts["alpha"] * self.opts["decay"] ** (epoch // self.opts["period"])
                 nxt = self._distance(student_top, 1)
-                ratio = self.last_dist / nxt  # inf / nan where the next distance is 0, as in the authors' code
+                # inf / nan where the next distance is 0, as in the authors' code
+                ratio = self.last_dist / nxt
                 move = (self.selected < self.final[:, None]) & ((ratio > th) | (ratio < 1))
                 after = self._distance(student_top, 2)
                 self.selected = torch.where(move, self.selected + 1, self.selected)
@@ -349,43 +463,52 @@ class HetComp(KDMethod):
 
     def status(self) -> str:
         means = self.selected.to(torch.float64).mean(1).tolist()
-        names = ", ".join(f"{n} {m:.2f}/{int(f)}" for n, m, f in zip(self.names, means, self.final.tolist()))
+        names = ", ".join(
+            f"{n} {m:.2f}/{int(f)}" for n, m, f in zip(self.names, means, self.final.tolist())
+        )
         return f"phase {self.phase}, DKC calls {self.dkc_calls}, mean checkpoint {names}"
 
-    # -- the loss ------------------------------------------------------------------------------------
+    # -- the loss
+    # ------------------------------------------------------------------------------------
     def loss_for_users(self, student_user, student_item, ub):
         """The weighted HetComp loss (current phase) of the users ub (int64 ids)."""
         o = self.opts
-        excl = _csr_rows(self.excl[0], self.excl[1], ub)
+        excl = select_rows(self.excl[0], self.excl[1], ub)
         ue = student_user[ub]
         pi_o, pi_t = self.pi_o[ub], self.pi_t[ub]
         if self.phase == 1:
             pos = torch.cat([pi_o, pi_t], 1)
-            return o["lam1"] * full_catalog_set_loss(ue, student_item, pos, exclude=excl, clamp=o["clamp"],
-                                                     reduction="sum", backend=o["backend"])
+            return o["lam1"] * full_catalog_set_loss(
+                ue,
+                student_item,
+                pos,
+                exclude=excl,
+                clamp=o["clamp"],
+                reduction="sum",
+                backend=o["backend"],
+            )
         top50 = pi_t[:, :50]
-        lt50 = full_catalog_log_tail(ue, student_item, top50, exclude=excl, clamp=o["clamp"], backend=o["backend"])
+        lt50 = full_catalog_log_tail(
+            ue, student_item, top50, exclude=excl, clamp=o["clamp"], backend=o["backend"]
+        )
         s_top, _ = gathered_scores(ue, student_item, top50, o["clamp"])
         s_obs, _ = gathered_scores(ue, student_item, pi_o, o["clamp"])
         lt10 = torch.logaddexp(lt50, torch.logsumexp(s_top[:, 10:50], 1))
         pl = plackett_luce_loss
-        loss = (pl(s_obs, None, log_tail=lt50, reduction="sum")
-                + 0.5 * (pl(s_top, None, log_tail=lt50, reduction="sum")
-                         + pl(s_top[:, :10], None, log_tail=lt10, reduction="sum")))
+        loss = pl(s_obs, None, log_tail=lt50, reduction="sum") + 0.5 * (
+            pl(s_top, None, log_tail=lt50, reduction="sum")
+            + pl(s_top[:, :10], None, log_tail=lt10, reduction="sum")
+        )
         return o["lam2"] * loss
 
     def forward(self, student_user, student_item, users, pos, neg):
-        _checks.floating(student_user, "student_user", ndim=2)
-        _checks.floating(student_item, "student_item", ndim=2)
-        if student_user.shape[0] != self.n_users or student_item.shape[0] != self.n_items:
-            raise ValueError(f"student tables must have {self.n_users} users and {self.n_items} items, got "
-                             f"{tuple(student_user.shape)} and {tuple(student_item.shape)}")
-        _checks.integer(users, "users", ndim=1)
-        _checks.index_range(users, "users", self.n_users)
-        ub = _unique_ids(users, self.n_users)
+        self.check_batch(student_user, student_item, users, pos, neg)
+        ub = unique_ids(users, self.n_users)
         m = self.opts["max_users"]
         if m is not None and ub.numel() > m:
             g = self.generator
-            perm = torch.randperm(ub.numel(), generator=g, device=g.device if g is not None else "cpu")
+            perm = torch.randperm(
+                ub.numel(), generator=g, device=g.device if g is not None else "cpu"
+            )
             ub = ub[perm[:m].to(ub.device)].sort().values
         return self.loss_for_users(student_user, student_item, ub)

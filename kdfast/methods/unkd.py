@@ -1,21 +1,23 @@
-"""UnKD - Unbiased Knowledge Distillation for recommendation (Chen et al., WSDM'23); docs/METHODS.md section 8.
+"""UnKD - Unbiased Knowledge Distillation for recommendation (Chen et al., WSDM'23); docs/METHODS.md
+section 8.
 
-Popularity groups (build): items are sorted by their number of training interactions c_i (descending,
-ties to the lower id) and cut into G groups of (about) equal interaction mass: with C_before(i) the total
-count of the items before i in that order and C the total, item i is in group floor(G * C_before(i) / C)
-(at most G - 1). A group can be empty (one item holding more than 1/G of the mass); items without training
-interactions fall in the last group.
+Popularity groups (build): items are sorted by their number of training interactions c_i
+(descending, ties to the lower id) and cut into G groups of (about) equal interaction mass: with
+C_before(i) the total count of the items before i in that order and C the total, item i is in group
+floor(G * C_before(i) / C) (at most G - 1). A group can be empty (one item holding more than 1/G of
+the mass); items without training interactions fall in the last group.
 
-Teacher knowledge (build): per user u and group g, the teacher's ranking of the group's items the user has
-not interacted with, top n (kdfast.topk_scores with the keys restricted to the group's items and the
-user's training items of the group excluded); L_ug = its length (min(n, unobserved items of the group)).
+Teacher knowledge (build): per user u and group g, the teacher's ranking of the group's items the
+user has not interacted with, top n (kdfast.topk_scores with the keys restricted to the group's
+items and the user's training items of the group excluded); L_ug = its length (min(n, unobserved
+items of the group)).
 
-Samples (every epoch, start_epoch): per user, S pairs in all, S_g = S // G (+1 for the first S % G groups)
-in group g. A pair is two positions r1, r2 drawn independently from p(r) ~ exp(-(r + 1) / T) on
-0..L_ug - 1, redrawn while r1 == r2, then ordered so that r1 < r2 (the authors draw whole vectors of pairs
-with torch.multinomial(replacement=True) and redraw the vector while a pair is tied: the same law). Each
-draw is the inverse CDF of the truncated geometric law (float64). A group with L_ug < 2 gives no pair.
-The pair's items are i = top_ug[r1] (teacher-preferred) and j = top_ug[r2].
+Samples (every epoch, start_epoch): per user, S pairs in all, S_g = S // G (+1 for the first S % G
+groups) in group g. A pair is two positions r1, r2 drawn independently from p(r) ~ exp(-(r + 1) / T)
+on 0..L_ug - 1, redrawn while r1 == r2, then ordered so that r1 < r2 (the authors draw whole vectors
+of pairs with torch.multinomial(replacement=True) and redraw the vector while a pair is tied: the
+same law). Each draw is the inverse CDF of the truncated geometric law (float64). A group with
+L_ug < 2 gives no pair. The pair's items are i = top_ug[r1] (teacher-preferred) and j = top_ug[r2].
 
 Loss, for the batch's unique users U_b (those with at least one pair), B = the batch's number of
 interactions (len(users)):
@@ -25,47 +27,49 @@ interactions (len(users)):
   L   = lam * sum_{u in U_b} sum_pairs     reduction="sum"
 The authors' KD loss is MEAN-reduced (sample.py, UnKD.sample_diff: torch.mean(..., dim=-1), then
 torch.mean over the batch), unlike every other kdfast method, and so is their BPR loss (model.py,
-BPRMF.create_bpr_loss: torch.mean): their kd_weight 1.0 weighs a mean KD loss against a MEAN BPR loss.
-kdfast's BPR loss is a SUM over the batch's B interactions (docs/METHODS.md section 1), so the authors'
-balance is B times their KD mean: reduction="batch", the default. The literal "mean" with lam = 1.0 leaves
-the KD term about B = 1024 times weaker than in the authors' runs: on CiteULike-t (leave-one-out, 60
-epochs) it changed nothing (validation NDCG@10 0.3051 vs 0.3052 without KD), "batch" gave 0.3342.
-Over 200 epochs, though, lam = 1.0 ("batch") levels off at validation NDCG@10 0.339 (epoch 80) below the
-no-KD student (0.365), while lam = 0.3 reaches 0.373 and lam = 0.1 0.386 (results/README.md): the default
-keeps the authors' balance, and on CiteULike-t a smaller lam, chosen on validation, works better.
+BPRMF.create_bpr_loss: torch.mean): their kd_weight 1.0 weighs a mean KD loss against a MEAN BPR
+loss. kdfast's BPR loss is a SUM over the batch's B interactions (docs/METHODS.md section 1), so the
+authors' balance is B times their KD mean: reduction="batch", the default. The literal "mean" with
+lam = 1.0 leaves the KD term about B = 1024 times weaker than in the authors' runs: on CiteULike-t
+(leave-one-out, 60 epochs) it changed nothing (validation NDCG@10 0.3051 vs 0.3052 without KD),
+"batch" gave 0.3342. Over 200 epochs, though, lam = 1.0 ("batch") levels off at validation NDCG@10
+0.339 (epoch 80) below the no-KD student (0.365), while lam = 0.3 reaches 0.373 and lam = 0.1 0.386
+(results/README.md): the default keeps the authors' balance, and on CiteULike-t a smaller lam,
+chosen on validation, works better.
 
-Sources (the authors' code, github.com/chengang95/UnKD: sample.py class UnKD, dataloader.py splitGroup,
-parse.py) and deviations:
+Sources (the authors' code, github.com/chengang95/UnKD: sample.py class UnKD, dataloader.py
+splitGroup, parse.py) and deviations:
 - defaults from the code: S = 30 (sample_num), T = 20 (exp(-(r+1)/20)), n = 1000 (negItems[:1000]),
   lam = 1.0 (kd_weight); G = 4 as docs/METHODS.md (the code's split_group default is 2).
-- the authors split each user's S pairs over the groups in proportion to a group weight raised to a power
-  `lamda` whose default 0 makes the split even; with their rounding, S = 30 and G = 4 gives 8 pairs per
-  group (32); here the split is exactly S in total (8, 8, 7, 7).
-- the authors' group cut is greedy (a group closes when its running count passes C / G, restarting the
-  count) and leaves items without training interactions out of every group; here the cut is by the
-  cumulative count as above and those items join the last group.
-- the authors' batch mean runs over the batch's interactions (a user counted once per interaction); here
-  over the batch's unique users, as kdfast's other methods.
-Cost (CiteULike-t, one CPU thread): build about 3 s (G top-n calls), top lists U * G * n int32 (83 MB
-with the defaults), sampling about 0.02 s per epoch, about 5 ms per training step.
+- the authors split each user's S pairs over the groups in proportion to a group weight raised to a
+  power `lamda` whose default 0 makes the split even; with their rounding, S = 30 and G = 4 gives 8
+  pairs per group (32); here the split is exactly S in total (8, 8, 7, 7).
+- the authors' group cut is greedy (a group closes when its running count passes C / G, restarting
+  the count) and leaves items without training interactions out of every group; here the cut is by
+  the cumulative count as above and those items join the last group.
+- the authors' batch mean runs over the batch's interactions (a user counted once per interaction);
+  here over the batch's unique users, as kdfast's other methods.
+Cost (CiteULike-t, one CPU thread): build about 3 s (G top-n calls), top lists U * G * n int32
+(83 MB with the defaults), sampling about 0.02 s per epoch, about 5 ms per training step.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .._core import checks as _checks
-from .._core.csr import as_csr, row_ids
+from .._core import checks
+from .._core.csr import as_csr, map_ids
 from ..ops.topk import topk_scores
-from .base import KDMethod
-from .ranking import _check_batch, _positive_number, _unique_ids
+from .base import BACKEND, KDMethod, check_teacher, checked_options, choice, unique_ids
 
 _MAX_ROUNDS = 1000
 
 
 def popularity_groups(train_items: torch.Tensor, n_items: int, n_groups: int) -> torch.Tensor:
-    """Group id (0 = most popular) of every item: equal interaction mass per group (see the module docstring).
+    """Group id (0 = most popular) of every item: equal interaction mass per group (see the module
+    docstring).
 
     train_items: int64 ids of all training interactions. Returns int64 [n_items] in [0, n_groups).
     """
@@ -80,26 +84,19 @@ def popularity_groups(train_items: torch.Tensor, n_items: int, n_groups: int) ->
     return groups
 
 
-def _restrict_csr(indptr, indices, local):
-    """The CSR with each row's ids mapped through `local` (global id -> local id or -1), -1s dropped."""
-    loc = local[indices]
-    keep = loc >= 0
-    rows = row_ids(indptr)[keep]
-    new_ptr = torch.zeros_like(indptr)
-    new_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=indptr.numel() - 1), 0)
-    return new_ptr, loc[keep]
-
-
 def truncated_geometric(lengths: torch.Tensor, q: float, size: int, generator=None) -> torch.Tensor:
-    """Positions r in 0..L-1 with p(r) ~ q^r per row (L = lengths[row] >= 1), `size` iid draws per row.
+    """Positions r in 0..L-1 with p(r) ~ q^r per row (L = lengths[row] >= 1), `size` iid draws per
+    row.
 
     Inverse CDF in float64: r = floor(log(1 - u (1 - q^L)) / log q), u ~ U[0, 1), clamped to L - 1.
     Rows with L = 0 get 0 (callers mask them). Returns int64 [rows, size].
     """
     dev = lengths.device if generator is None else torch.device(generator.device)
-    u = torch.rand((lengths.numel(), size), generator=generator, dtype=torch.float64, device=dev).to(lengths.device)
+    u = torch.rand(
+        (lengths.numel(), size), generator=generator, dtype=torch.float64, device=dev
+    ).to(lengths.device)
     L = lengths.to(torch.float64)[:, None]
-    r = torch.floor(torch.log1p(-u * (1.0 - q ** L)) / math.log(q))
+    r = torch.floor(torch.log1p(-u * (1.0 - q**L)) / math.log(q))
     return torch.minimum(r, (L - 1).clamp_min(0)).to(torch.int64)
 
 
@@ -107,41 +104,67 @@ class UnKD(KDMethod):
     """Unbiased Knowledge Distillation (popularity-group-wise pairwise ranking distillation).
 
     Options (defaults; see the module docstring for the formulas and sources):
-      G=4 popularity groups of equal interaction mass; n=1000 teacher positions kept per user and group;
-      S=30 pairs per user per epoch in all (split evenly over the groups); T=20.0 (p(r) ~ exp(-(r+1)/T));
-      lam=1.0; reduction="batch" (the authors' mean over pairs and users times the batch's number of
-      interactions: the authors' KD-to-BPR balance under kdfast's sum-reduced BPR), "mean" (the authors'
-      literal mean, about 1000 times weaker here) or "sum";
+      G=4 popularity groups of equal interaction mass; n=1000 teacher positions kept per user and
+      group; S=30 pairs per user per epoch in all (split evenly over the groups); T=20.0 (p(r) ~
+      exp(-(r+1)/T)); lam=1.0; reduction="batch" (the authors' mean over pairs and users times the
+      batch's number of interactions: the authors' KD-to-BPR balance under kdfast's sum-reduced
+      BPR), "mean" (the authors' literal mean, about 1000 times weaker here) or "sum";
       backend="auto" for kdfast.topk_scores.
-    Attributes after build: groups [I] (group of each item), top [U, G, n] (teacher's within-group order,
-    int32 ids, -1 padding), lengths [U, G]; after every start_epoch (and at build): pos_items, neg_items
-    [U, S] (int64, -1 where the user's group has no pair), pair_group [S] and pair_rank (r1, r2) [U, S] each.
+    Attributes after build: groups [I] (group of each item), top [U, G, n] (teacher's within-group
+    order, int32 ids, -1 padding), lengths [U, G]; after every start_epoch (and at build):
+    pos_items, neg_items [U, S] (int64, -1 where the user's group has no pair), pair_group [S] and
+    pair_rank (r1, r2) [U, S] each.
     """
 
     name = "unkd"
+    option_rules = {
+        "G": checks.positive_int,
+        "n": checks.positive_int,
+        "S": checks.positive_int,
+        "T": checks.finite_positive,
+        "lam": checks.positive_number,
+        "reduction": choice("mean", "batch", "sum"),
+        "backend": BACKEND,
+    }
 
-    def __init__(self, groups, top, lengths, per_group, n_users, n_items, T, lam, reduction, generator):
+    def __init__(
+        self, groups, top, lengths, per_group, n_users, n_items, T, lam, reduction, generator
+    ):
         super().__init__()
         self.groups, self.top, self.lengths, self.per_group = groups, top, lengths, per_group
-        self.n_users, self.n_items, self.T, self.lam, self.reduction = n_users, n_items, T, lam, reduction
+        self.n_users, self.n_items, self.T, self.lam, self.reduction = (
+            n_users,
+            n_items,
+            T,
+            lam,
+            reduction,
+        )
         self.generator = generator
-        self.pair_group = torch.repeat_interleave(torch.arange(len(per_group), device=top.device),
-                                                  torch.tensor(per_group, device=top.device))
+        self.pair_group = torch.repeat_interleave(
+            torch.arange(len(per_group), device=top.device),
+            torch.tensor(per_group, device=top.device),
+        )
         self.pos_items = self.neg_items = self.pair_rank = None
 
     @classmethod
-    def build(cls, teacher_user, teacher_item, train, student_dim, *, generator=None, G=4, n=1000, S=30, T=20.0,
-              lam=1.0, reduction="batch", backend="auto"):
-        _checks.floating(teacher_user, "teacher_user", ndim=2)
-        _checks.floating(teacher_item, "teacher_item", ndim=2)
-        n_users, n_items = teacher_user.shape[0], teacher_item.shape[0]
-        G, n, S = _checks.positive_int(G, "G"), _checks.positive_int(n, "n"), _checks.positive_int(S, "S")
-        T = _positive_number(T, "T")
-        if not math.isfinite(T):
-            raise ValueError(f"T must be finite, got {T!r}")
-        lam = _positive_number(lam, "lam")
-        if reduction not in ("mean", "batch", "sum"):
-            raise ValueError(f"reduction must be 'mean', 'batch' or 'sum', got {reduction!r}")
+    @checked_options
+    def build(
+        cls,
+        teacher_user,
+        teacher_item,
+        train,
+        student_dim,
+        *,
+        generator=None,
+        G=4,
+        n=1000,
+        S=30,
+        T=20.0,
+        lam=1.0,
+        reduction="batch",
+        backend="auto",
+    ):
+        n_users, n_items = check_teacher(teacher_user, teacher_item)
         if n_items >= 2**31:
             raise ValueError(f"UnKD stores item ids as int32; got {n_items} items")
         device = teacher_user.device
@@ -157,18 +180,24 @@ class UnKD(KDMethod):
                 local = torch.full((n_items,), -1, dtype=torch.int64, device=device)
                 local[members] = torch.arange(members.numel(), device=device)
                 k = min(n, members.numel())
-                _, idx = topk_scores(tu, ti[members], k, exclude=_restrict_csr(indptr, indices, local),
-                                     backend=backend)
-                top[:, g, :k] = torch.where(idx >= 0, members[idx.clamp_min(0)], idx).to(torch.int32)
+                _, idx = topk_scores(
+                    tu, ti[members], k, exclude=map_ids(indptr, indices, local), backend=backend
+                )
+                top[:, g, :k] = torch.where(idx >= 0, members[idx.clamp_min(0)], idx).to(
+                    torch.int32
+                )
         lengths = (top >= 0).sum(2)
         per_group = [S // G + (1 if g < S % G else 0) for g in range(G)]
-        method = cls(groups, top, lengths, per_group, n_users, n_items, T, lam, reduction, generator)
+        method = cls(
+            groups, top, lengths, per_group, n_users, n_items, T, lam, reduction, generator
+        )
         method._resample()
         return method
 
     def _resample(self):
         U = self.n_users
-        L = self.lengths[:, self.pair_group].reshape(-1)  # [U * S]: the length of each pair's group list
+        # [U * S]: the length of each pair's group list
+        L = self.lengths[:, self.pair_group].reshape(-1)
         q = math.exp(-1.0 / self.T)
         r1 = truncated_geometric(L, q, 1, self.generator).flatten()
         r2 = truncated_geometric(L, q, 1, self.generator).flatten()
@@ -191,14 +220,17 @@ class UnKD(KDMethod):
         neg = self.top[urow, g, hi].to(torch.int64)
         self.pos_items = torch.where(ok, pos, torch.full_like(pos, -1))
         self.neg_items = torch.where(ok, neg, torch.full_like(neg, -1))
-        self.pair_rank = (torch.where(ok, lo, torch.full_like(lo, -1)), torch.where(ok, hi, torch.full_like(hi, -1)))
+        self.pair_rank = (
+            torch.where(ok, lo, torch.full_like(lo, -1)),
+            torch.where(ok, hi, torch.full_like(hi, -1)),
+        )
 
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self._resample()
 
     def forward(self, student_user, student_item, users, pos, neg):
-        _check_batch(student_user, student_item, users, pos, neg, self.n_users, self.n_items)
-        ub = _unique_ids(users, self.n_users)
+        self.check_batch(student_user, student_item, users, pos, neg)
+        ub = unique_ids(users, self.n_users)
         i, j = self.pos_items[ub], self.neg_items[ub]
         valid = i >= 0
         eu = student_user[ub][:, None, :]

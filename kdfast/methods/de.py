@@ -1,0 +1,94 @@
+"""DE - Distillation Experts (Kang et al., CIKM'20); docs/METHODS.md section 2.
+
+Per side (users, items) M experts map the student's representation h_s to the frozen teacher's h_t,
+chosen by a selection network on the TEACHER representation through a Gumbel-softmax whose
+temperature is annealed over the epochs:
+
+    alpha_e = softmax(W h_t_e + b)
+    z_e = softmax((log(alpha_e + 1e-10) + g) / tau),   g ~ Gumbel(0, 1) i.i.d.
+    hhat_e = sum_m z_em E_m(h_s_e);   l(e) = ||h_t_e - hhat_e||^2
+    L = lambda_de * (sum_{unique users} l + 0.5 (sum_{unique pos} l + sum_{unique neg} l))
+
+E_m: two-layer experts (kdfast.methods.experts.ExpertBank); tau = temperature(epoch, max_epoch,
+tau0, tau_end) = tau0 * tau_end^(epoch / max_epoch) (the authors' schedule with the defaults), set
+by start_epoch (tau0 before the first call). The experts and selectors exist only during training:
+the trainer optimises them with the student and drops the method afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core import checks
+from .base import checked_options, entity_weighted
+from .experts import (
+    AnnealedMethod,
+    ExpertBank,
+    gumbel_softmax,
+    make_linear,
+    noise_generator,
+    per_side,
+)
+
+
+class DE(AnnealedMethod):
+    """Distillation Experts: the teacher's representations regressed through Gumbel-selected
+    experts.
+
+    Options (defaults): n_experts M (30), lambda_de (0.01), tau0 (1.0), tau_end (1e-10),
+    select_only_below: when set and tau < it, each row evaluates only its argmax expert, weighted by
+    its z (an approximation that drops the other experts' z, all below exp(-gap / tau)); None (the
+    default) evaluates the exact mixture.
+    """
+
+    name = "de"
+    option_rules = {
+        **AnnealedMethod.option_rules,
+        "n_experts": checks.positive_int,
+        "lambda_de": checks.positive_number,
+    }
+
+    @classmethod
+    @checked_options
+    def build(
+        cls,
+        teacher_user,
+        teacher_item,
+        train,
+        student_dim,
+        *,
+        generator=None,
+        n_experts=30,
+        lambda_de=0.01,
+        tau0=1.0,
+        tau_end=1e-10,
+        select_only_below=None,
+    ):
+        method = cls(teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below)
+        method.lambda_de = lambda_de
+        d_t, d_s = teacher_user.shape[1], method.student_dim
+        # drawn in this order from the generator: experts (user, item), selectors, the noise seed
+        method.experts = per_side(lambda: ExpertBank(n_experts, d_s, d_t, generator))
+        method.selectors = per_side(lambda: make_linear(d_t, n_experts, generator))
+        method._noise = noise_generator(generator, "cpu")
+        return method
+
+    def reconstruct(self, side: str, h_t: torch.Tensor, h_s: torch.Tensor) -> torch.Tensor:
+        """hhat for rows of one side ("user" or "item"): [B, d_t]."""
+        alpha = torch.softmax(self.selectors[side](h_t), dim=-1)
+        z = gumbel_softmax(alpha, self.tau, self._noise)
+        return self.experts[side].mixture(h_s, z, self.selected_only())
+
+    def forward(self, student_user, student_item, users, pos, neg):
+        self.check_batch(student_user, student_item, users, pos, neg)
+        tables = {
+            "user": (self.teacher_user, student_user),
+            "item": (self.teacher_item, student_item),
+        }
+
+        def loss_of(side, ids):
+            t, s = tables[side]
+            h_t = t[ids].to(s.dtype)
+            return ((h_t - self.reconstruct(side, h_t, s[ids])) ** 2).sum()
+
+        return self.lambda_de * entity_weighted(loss_of, users, pos, neg, 0.5)

@@ -1,0 +1,157 @@
+"""What DE, PHR and HTD share: reproducible initialisation of their maps, the bank of two-layer
+experts, the Gumbel-softmax with its private noise generator, and the annealed temperature (DE,
+HTD).
+
+Initialisation draws from the method's generator in a fixed order (build's order of construction),
+so a seeded build gives the same maps on every run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._core import checks
+from .base import FrozenTeacher, optional
+
+
+def temperature(epoch: int, max_epoch: int, tau0: float = 1.0, tau_end: float = 1e-10) -> float:
+    """Gumbel-softmax temperature of an epoch: tau0 * tau_end^(epoch / max_epoch), floored at
+    tau_end.
+
+    With the defaults this is the authors' schedule tau_e = 1.0 * (1e-10)^(e / max_epoch).
+    """
+    if max_epoch < 1:
+        raise ValueError(f"max_epoch must be >= 1, got {max_epoch}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return max(tau0 * tau_end ** (epoch / max_epoch), tau_end)
+
+
+def uniform_init_(t: torch.Tensor, fan_in: int, generator=None) -> torch.Tensor:
+    """nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) init, reproducible through
+    `generator`."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        noise = torch.rand(t.shape, generator=generator, dtype=t.dtype)
+        t.copy_((noise * 2 - 1) * bound)
+    return t
+
+
+def make_linear(d_in: int, d_out: int, generator=None) -> nn.Linear:
+    """nn.Linear(d_in, d_out) with weight, then bias, drawn by uniform_init_ from `generator`."""
+    lin = nn.Linear(d_in, d_out)
+    uniform_init_(lin.weight, d_in, generator)
+    uniform_init_(lin.bias, d_in, generator)
+    return lin
+
+
+def gumbel_softmax(probs: torch.Tensor, tau: float, generator=None) -> torch.Tensor:
+    """softmax((log(probs + 1e-10) + g) / tau), g ~ Gumbel(0, 1) i.i.d. (the authors' form)."""
+    gen_device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape, generator=generator, device=gen_device, dtype=probs.dtype)
+    u = u.to(probs.device)
+    g = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+    return torch.softmax((torch.log(probs + 1e-10) + g) / tau, dim=-1)
+
+
+def noise_generator(generator, device):
+    """A private generator for the Gumbel noise, seeded from `generator` (None: the global RNG)."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def per_side(make) -> nn.ModuleDict:
+    """{"user": make(), "item": make()} as an nn.ModuleDict, built (and so drawn) in that order."""
+    return nn.ModuleDict({side: make() for side in ("user", "item")})
+
+
+class ExpertBank(nn.Module):
+    """M two-layer experts E_m(x) = W2_m relu(W1_m x + b1_m) + b2_m (d_in -> (d_in+d_out)//2 ->
+    d_out), stored as stacked weights and evaluated together with two einsums (no Python loop over
+    experts).
+    """
+
+    def __init__(self, n_experts: int, d_in: int, d_out: int, generator=None):
+        super().__init__()
+        hidden = (d_in + d_out) // 2
+
+        def init(shape, fan_in):
+            return nn.Parameter(uniform_init_(torch.empty(*shape), fan_in, generator))
+
+        self.w1 = init((n_experts, d_in, hidden), d_in)
+        self.b1 = init((n_experts, hidden), d_in)
+        self.w2 = init((n_experts, hidden, d_out), hidden)
+        self.b2 = init((n_experts, d_out), hidden)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_m weights[:, m] E_m(x[b]): x [B, d_in], weights [B, M] -> [B, d_out]."""
+        hid = torch.relu(torch.einsum("bi,mih->bmh", x, self.w1) + self.b1)
+        out = torch.einsum("bmh,mho->bmo", hid, self.w2) + self.b2
+        return torch.einsum("bm,bmo->bo", weights, out)
+
+    def mixture(
+        self, x: torch.Tensor, weights: torch.Tensor, selected_only: bool = False
+    ) -> torch.Tensor:
+        """forward(x, weights); with selected_only, only each row's largest-weight expert is
+        evaluated (weights[b, m*] E_m*(x[b]), m* = argmax_m weights[b, m]): M times cheaper, and
+        equal to forward when the weights are one-hot (the Gumbel-softmax at a small temperature).
+        """
+        if selected_only:
+            w, idx = weights.max(dim=-1)
+            return self.forward_selected(x, idx, w)
+        return self(x, weights)
+
+    def forward_selected(
+        self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """weight[b] E_{index[b]}(x[b]): only the selected expert of each row is evaluated.
+
+        Rows are grouped by expert (one stable sort) and each present expert runs one matmul over
+        its rows: reading each expert's weights once, instead of gathering a [B, d_in, hidden] copy.
+        """
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=self.w1.shape[0]).tolist()
+        xs = x[order]
+        parts = []
+        start = 0
+        for m, c in enumerate(counts):
+            if c:
+                h = torch.relu(xs[start : start + c] @ self.w1[m] + self.b1[m])
+                parts.append(h @ self.w2[m] + self.b2[m])
+                start += c
+        out = torch.empty((x.shape[0], self.w2.shape[2]), dtype=x.dtype, device=x.device)
+        out = out.index_copy(0, order, torch.cat(parts)) if parts else out
+        return weight[:, None] * out
+
+
+class AnnealedMethod(FrozenTeacher):
+    """A FrozenTeacher with a Gumbel-softmax temperature annealed per epoch (DE, HTD):
+    tau = temperature(epoch, max_epoch, tau0, tau_end), set by start_epoch (tau0 before the first
+    call); select_only_below: once tau < it, expert mixtures evaluate only each row's selected
+    expert.
+    """
+
+    option_rules = {
+        "tau0": checks.positive_number,
+        "tau_end": checks.positive_number,
+        "select_only_below": optional(checks.positive_number),
+    }
+
+    def __init__(self, teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below):
+        super().__init__(teacher_user, teacher_item, student_dim)
+        self.tau0, self.tau_end, self.select_only_below = tau0, tau_end, select_only_below
+        self.tau = tau0
+
+    def start_epoch(self, epoch, max_epoch, student_user, student_item):
+        self.tau = temperature(epoch, max_epoch, self.tau0, self.tau_end)
+
+    def selected_only(self) -> bool:
+        """Whether to evaluate only the selected expert: tau fell below select_only_below."""
+        return self.select_only_below is not None and self.tau < self.select_only_below
