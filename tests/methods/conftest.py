@@ -1,11 +1,13 @@
 """Fixtures shared by the method tests."""
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
 def _torch_topk(monkeypatch):
-    # the teacher (and student) top lists go through kdfast.topk_scores; keep it on the reference here
+    # the teacher (and student) top lists go through kdfast.topk_scores; keep it on the reference
+    # here
     monkeypatch.setenv("KDFAST_BACKEND", "torch")
 
 

@@ -1,47 +1,65 @@
 """HetComp: the ensemble lists, pi_o, the DKC distance and rule, both phases' losses against dense
-formulas, trajectories on disk, the trainer hook, errors, and that the loss alone teaches the ranking."""
+formulas, trajectories on disk, the trainer hook, errors, and that the loss alone teaches the
+ranking."""
+
 import math
 
 import pytest
 import torch
 
 import kdfast
-from kdfast.methods.hetcomp import (HetComp, ensemble_top, load_trajectories, observed_order, save_trajectories,
-                                    top_ndcg)
+from kdfast.methods.hetcomp import (
+    HetComp,
+    ensemble_top,
+    load_trajectories,
+    observed_order,
+    save_trajectories,
+    top_ndcg,
+)
 
 
-def _train(U, I, per_user, g):
-    items = torch.cat([torch.randperm(I, generator=g)[:per_user] for _ in range(U)])
-    return torch.arange(0, per_user * U + 1, per_user), items
+def _train(n_users, n_items, per_user, g):
+    items = torch.cat([torch.randperm(n_items, generator=g)[:per_user] for _ in range(n_users)])
+    return torch.arange(0, per_user * n_users + 1, per_user), items
 
 
-def _teachers(U, I, g, n_teachers=2, n_ckpt=3, d=8):
+def _teachers(n_users, n_items, g, n_teachers=2, n_ckpt=3, d=8):
     out = []
     for x in range(n_teachers):
-        final_u, final_i = torch.randn(U, d, generator=g), torch.randn(I, d, generator=g)
+        final_u, final_i = (
+            torch.randn(n_users, d, generator=g),
+            torch.randn(n_items, d, generator=g),
+        )
         ck = []
         for v in range(n_ckpt):  # checkpoints drift towards the final one
             a = (v + 1) / n_ckpt
-            ck.append((a * final_u + (1 - a) * torch.randn(U, d, generator=g),
-                       a * final_i + (1 - a) * torch.randn(I, d, generator=g)))
+            ck.append(
+                (
+                    a * final_u + (1 - a) * torch.randn(n_users, d, generator=g),
+                    a * final_i + (1 - a) * torch.randn(n_items, d, generator=g),
+                )
+            )
         out.append({"name": f"t{x}", "checkpoints": ck})
     return out
 
 
 def test_ensemble_top_matches_dense_sum():
     g = torch.Generator().manual_seed(0)
-    U, I, K = 7, 40, 6
-    tops = [torch.stack([torch.randperm(I, generator=g)[:K] for _ in range(U)]) for _ in range(3)]
+    n_users, n_items, K = 7, 40, 6
+    tops = [
+        torch.stack([torch.randperm(n_items, generator=g)[:K] for _ in range(n_users)])
+        for _ in range(3)
+    ]
     tops[1][2, 4:] = -1  # padding
-    got = ensemble_top(tops, K, I, 10.0)
-    dense = torch.zeros(U, I, dtype=torch.float64)
+    got = ensemble_top(tops, K, n_items, 10.0)
+    dense = torch.zeros(n_users, n_items, dtype=torch.float64)
     for t in tops:
-        for u in range(U):
+        for u in range(n_users):
             for r, i in enumerate(t[u].tolist()):
                 if i >= 0:
                     dense[u, i] += math.exp(-r / 10.0)
-    for u in range(U):
-        cand = [i for i in range(I) if dense[u, i] > 0]
+    for u in range(n_users):
+        cand = [i for i in range(n_items) if dense[u, i] > 0]
         want = sorted(cand, key=lambda i: (-dense[u, i].item(), i))[:K]
         assert got[u].tolist() == want
 
@@ -53,19 +71,19 @@ def test_ensemble_top_pads_when_too_few_ids():
 
 def test_observed_order_matches_loop():
     g = torch.Generator().manual_seed(1)
-    U, I = 6, 30
+    n_users, n_items = 6, 30
     counts = torch.tensor([1, 4, 7, 2, 5, 3])
-    indptr = torch.zeros(U + 1, dtype=torch.int64)
+    indptr = torch.zeros(n_users + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(counts, 0)
-    items = torch.cat([torch.randperm(I, generator=g)[:c] for c in counts.tolist()])
+    items = torch.cat([torch.randperm(n_items, generator=g)[:c] for c in counts.tolist()])
     scores = [torch.randn(items.numel(), generator=g) for _ in range(2)]
     scores[1][2] = scores[1][3]  # a tie inside user 1
     got = observed_order((indptr, items), scores, 4, 10.0)
-    for u in range(U):
-        ids = items[indptr[u]:indptr[u + 1]].tolist()
+    for u in range(n_users):
+        ids = items[indptr[u] : indptr[u + 1]].tolist()
         tot = {i: 0.0 for i in ids}
         for s in scores:
-            sc = s[indptr[u]:indptr[u + 1]].tolist()
+            sc = s[indptr[u] : indptr[u + 1]].tolist()
             ranked = sorted(range(len(ids)), key=lambda j: (-sc[j], ids[j]))
             for r, j in enumerate(ranked):
                 tot[ids[j]] += math.exp(-r / 10.0)
@@ -93,16 +111,19 @@ def _dense_losses(m, su, si, ub):
     indptr, items = m.excl
     l1 = l2 = 0.0
     for b, u in enumerate(ub.tolist()):
-        obs = set(items[indptr[u]:indptr[u + 1]].tolist())
+        obs = set(items[indptr[u] : indptr[u + 1]].tolist())
         pi_o = [i for i in m.pi_o[u].tolist() if i >= 0]
         pi_t = m.pi_t[u].tolist()
         unobs = [j for j in range(si.shape[0]) if j not in obs]
         E = sum(math.exp(S[b, j]) for j in unobs if j not in set(pi_t))
         l1 -= sum(S[b, i] - math.log(math.exp(S[b, i]) + E) for i in pi_o + pi_t)
 
-        def listmle(lst, n):
+        def listmle(lst, n, b=b, unobs=unobs, pi_t=pi_t):  # this user's row, tail and list
             C = sum(math.exp(S[b, j]) for j in unobs if j not in set(pi_t[:n]))
-            return -sum(S[b, lst[k]] - math.log(sum(math.exp(S[b, j]) for j in lst[k:]) + C) for k in range(len(lst)))
+            return -sum(
+                S[b, lst[k]] - math.log(sum(math.exp(S[b, j]) for j in lst[k:]) + C)
+                for k in range(len(lst))
+            )
 
         l2 += listmle(pi_o, 50) + 0.5 * (listmle(pi_t[:50], 50) + listmle(pi_t[:10], 10))
     return m.opts["lam1"] * l1, m.opts["lam2"] * l2
@@ -110,28 +131,30 @@ def _dense_losses(m, su, si, ub):
 
 def _small_method(**opts):
     g = torch.Generator().manual_seed(3)
-    U, I = 9, 120
-    train = _train(U, I, 5, g)
-    teachers = _teachers(U, I, g)
+    n_users, n_items = 9, 120
+    train = _train(n_users, n_items, 5, g)
+    teachers = _teachers(n_users, n_items, g)
     tu, ti = teachers[0]["checkpoints"][-1]
-    m = HetComp.build(tu, ti, train, 4, generator=g, trajectories=teachers, K=60, n_observed=3, dcg_k=20, **opts)
-    su = torch.nn.Parameter(torch.randn(U, 4, generator=g))
-    si = torch.nn.Parameter(torch.randn(I, 4, generator=g))
+    m = HetComp.build(
+        tu, ti, train, 4, generator=g, trajectories=teachers, K=60, n_observed=3, dcg_k=20, **opts
+    )
+    su = torch.nn.Parameter(torch.randn(n_users, 4, generator=g))
+    si = torch.nn.Parameter(torch.randn(n_items, 4, generator=g))
     return m, su, si, g
 
 
 def _dense_torch(m, su, si, ub, phase):
-    """The phase's loss from the full float64 score matrix with torch ops (for autograd gradients)."""
+    """The phase's loss from the full float64 score matrix with torch ops (autograd's gradients)."""
     S = (su[ub] @ si.T).clamp(-m.opts["clamp"], m.opts["clamp"])
     indptr, items = m.excl
     total = S.new_zeros(())
     for b, u in enumerate(ub.tolist()):
         unobs = torch.ones(si.shape[0], dtype=torch.bool)
-        unobs[items[indptr[u]:indptr[u + 1]]] = False
+        unobs[items[indptr[u] : indptr[u + 1]]] = False
         pi_o = torch.tensor([i for i in m.pi_o[u].tolist() if i >= 0], dtype=torch.int64)
         pi_t = m.pi_t[u]
 
-        def tail(n):
+        def tail(n, unobs=unobs, pi_t=pi_t, b=b):  # this user's unobserved items and list
             keep = unobs.clone()
             keep[pi_t[:n]] = False
             return torch.exp(S[b][keep]).sum()
@@ -140,12 +163,15 @@ def _dense_torch(m, su, si, ub, phase):
             pos = torch.cat([pi_o, pi_t])
             total = total - (S[b, pos] - torch.log(torch.exp(S[b, pos]) + tail(pi_t.numel()))).sum()
         else:
-            def listmle(lst, n):
+
+            def listmle(lst, n, b=b, tail=tail):
                 s = S[b, lst]
                 below = torch.flip(torch.cumsum(torch.flip(torch.exp(s), [0]), 0), [0])
                 return -(s - torch.log(below + tail(n))).sum()
 
-            total = total + listmle(pi_o, 50) + 0.5 * (listmle(pi_t[:50], 50) + listmle(pi_t[:10], 10))
+            total = (
+                total + listmle(pi_o, 50) + 0.5 * (listmle(pi_t[:50], 50) + listmle(pi_t[:10], 10))
+            )
     return (m.opts["lam1"] if phase == 1 else m.opts["lam2"]) * total
 
 
@@ -160,8 +186,12 @@ def test_losses_match_dense_formulas_with_gradient(phase, backend):
     loss = m.loss_for_users(su, si, ub)
     want = _dense_losses(m, su.detach(), si.detach(), ub)[phase - 1]
     assert loss.item() == pytest.approx(want, rel=1e-4)
-    if backend != "triton":  # float64 tables: the fused tails and gathers agree with the formula to rounding
-        assert m.loss_for_users(su.detach().double(), si.detach().double(), ub).item() == pytest.approx(want, rel=1e-10)
+    if (
+        backend != "triton"
+    ):  # float64 tables: the fused tails and gathers agree with the formula to rounding
+        assert m.loss_for_users(
+            su.detach().double(), si.detach().double(), ub
+        ).item() == pytest.approx(want, rel=1e-10)
     loss.backward()
     # gradients against autograd through the dense float64 formula
     su2, si2 = su.detach().double().requires_grad_(), si.detach().double().requires_grad_()
@@ -179,7 +209,9 @@ def test_clamp_bounds_scores():
         su.mul_(50)
     loss = m.loss_for_users(su, si, torch.arange(9))
     assert bool(torch.isfinite(loss))
-    assert loss.item() == pytest.approx(_dense_losses(m, su.detach(), si.detach(), torch.arange(9))[0], rel=1e-4)
+    assert loss.item() == pytest.approx(
+        _dense_losses(m, su.detach(), si.detach(), torch.arange(9))[0], rel=1e-4
+    )
 
 
 def test_dkc_follows_the_rule():
@@ -194,15 +226,20 @@ def test_dkc_follows_the_rule():
     lists = m.knowledge  # per teacher [V, U, K]
 
     def dist(x, u, v):
-        return 1.0 - top_ndcg(stop[u:u + 1], lists[x][min(v, int(final[x]))][u:u + 1], 20).item()
+        return (
+            1.0 - top_ndcg(stop[u : u + 1], lists[x][min(v, int(final[x]))][u : u + 1], 20).item()
+        )
 
     last = {(x, u): dist(x, u, 1) for x in range(2) for u in range(9)}
-    assert torch.allclose(m.last_dist, torch.tensor([[last[x, u] for u in range(9)] for x in range(2)], dtype=torch.float64))
+    assert torch.allclose(
+        m.last_dist,
+        torch.tensor([[last[x, u] for u in range(9)] for x in range(2)], dtype=torch.float64),
+    )
     with torch.no_grad():  # move the student so that the distances change
         su.add_(torch.randn_like(su))
     _, stop = kdfast.topk_scores(su.detach(), si.detach(), 20, exclude=m.excl)
     m.start_epoch(4, 10, su.detach(), si.detach())
-    th = 1.05 * 0.995 ** 2
+    th = 1.05 * 0.995**2
     for x in range(2):
         for u in range(9):
             nxt = dist(x, u, 1)
@@ -226,28 +263,38 @@ def test_phase_two_once_all_final():
 def test_single_teacher_default_is_phase_two():
     g = torch.Generator().manual_seed(4)
     train = _train(6, 80, 3, g)
-    m = kdfast.HetComp.build(torch.randn(6, 5, generator=g), torch.randn(80, 5, generator=g), train, 3, K=50)
+    m = kdfast.HetComp.build(
+        torch.randn(6, 5, generator=g), torch.randn(80, 5, generator=g), train, 3, K=50
+    )
     assert m.phase == 2 and m.pi_t.shape == (6, 50) and m.pi_o.shape == (6, 10)
     assert not m.uses_base_loss
 
 
 def test_trajectories_roundtrip_and_split_check(tmp_path):
     g = torch.Generator().manual_seed(5)
-    U, I = 5, 70
-    train = _train(U, I, 3, g)
-    teachers = _teachers(U, I, g, n_teachers=2, n_ckpt=2)
+    n_users, n_items = 5, 70
+    train = _train(n_users, n_items, 3, g)
+    teachers = _teachers(n_users, n_items, g, n_teachers=2, n_ckpt=2)
     path = tmp_path / "traj.pt"
-    save_trajectories(path, teachers, train=train, n_users=U, n_items=I, meta={"note": "x"})
-    back = load_trajectories(path, train=train, n_users=U, n_items=I)
+    save_trajectories(
+        path, teachers, train=train, n_users=n_users, n_items=n_items, meta={"note": "x"}
+    )
+    back = load_trajectories(path, train=train, n_users=n_users, n_items=n_items)
     assert [t["name"] for t in back] == ["t0", "t1"]
     for a, b in zip(teachers, back):
         for (u1, i1), (u2, i2) in zip(a["checkpoints"], b["checkpoints"]):
             assert torch.equal(u1, u2) and torch.equal(i1, i2)
-    other = _train(U, I, 3, g)
+    other = _train(n_users, n_items, 3, g)
     with pytest.raises(ValueError, match="another training split"):
-        load_trajectories(path, train=other, n_users=U, n_items=I)
-    m = HetComp.build(teachers[0]["checkpoints"][-1][0], teachers[0]["checkpoints"][-1][1], train, 3,
-                      trajectories=str(path), K=50)
+        load_trajectories(path, train=other, n_users=n_users, n_items=n_items)
+    m = HetComp.build(
+        teachers[0]["checkpoints"][-1][0],
+        teachers[0]["checkpoints"][-1][1],
+        train,
+        3,
+        trajectories=str(path),
+        K=50,
+    )
     assert len(m.knowledge) == 2 and m.phase == 1
 
 
@@ -269,9 +316,18 @@ def test_trainer_uses_hetcomp_loss_alone():
             seen.append(out.item())
             return out
 
-    m = Spy.build(tu, ti, split.train, 4, K=50, max_users=8, generator=torch.Generator().manual_seed(1))
-    tr = Trainer(BPRMF(split.n_users, split.n_items, 4, generator=g), split, method=m, epochs=1, progress=False,
-                 log=None, batch_size=512)
+    m = Spy.build(
+        tu, ti, split.train, 4, K=50, max_users=8, generator=torch.Generator().manual_seed(1)
+    )
+    tr = Trainer(
+        BPRMF(split.n_users, split.n_items, 4, generator=g),
+        split,
+        method=m,
+        epochs=1,
+        progress=False,
+        log=None,
+        batch_size=512,
+    )
     res = tr.fit()
     assert seen and res["history"][0]["loss"] == pytest.approx(sum(seen), rel=1e-5)
 
@@ -285,12 +341,23 @@ def test_max_users_caps_the_batch():
     assert calls[0].numel() == 2 and len(set(calls[0].tolist())) == 2
 
 
-@pytest.mark.parametrize("opts,match", [({"K": 20}, "K must be >= 50"), ({"K": 60, "dcg_k": 80}, "dcg_k"),
-                                        ({"lam1": 0}, "lam1"), ({"T_imp": -1}, "T_imp"), ({"start": -1}, "start"),
-                                        ({"max_users": 0}, "max_users"), ({"period": 0}, "period"),
-                                        ({"trajectories": []}, "non-empty list"),
-                                        ({"trajectories": [{"checkpoints": [(torch.zeros(3, 2), torch.zeros(70, 2))]}]},
-                                         "do not match")])
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        ({"K": 20}, "K must be >= 50"),
+        ({"K": 60, "dcg_k": 80}, "dcg_k"),
+        ({"lam1": 0}, "lam1"),
+        ({"T_imp": -1}, "T_imp"),
+        ({"start": -1}, "start"),
+        ({"max_users": 0}, "max_users"),
+        ({"period": 0}, "period"),
+        ({"trajectories": []}, "non-empty list"),
+        (
+            {"trajectories": [{"checkpoints": [(torch.zeros(3, 2), torch.zeros(70, 2))]}]},
+            "do not match",
+        ),
+    ],
+)
 def test_bad_options(opts, match):
     g = torch.Generator().manual_seed(6)
     train = _train(5, 70, 3, g)
@@ -300,20 +367,24 @@ def test_bad_options(opts, match):
 
 def test_loss_alone_teaches_the_ensemble_ranking():
     g = torch.Generator().manual_seed(7)
-    U, I = 20, 150
-    train = _train(U, I, 4, g)
-    teachers = _teachers(U, I, g, n_teachers=2, n_ckpt=1, d=6)
-    m = HetComp.build(*teachers[0]["checkpoints"][0], train, 6, trajectories=teachers, K=50, generator=g)
-    su = torch.nn.Parameter(0.1 * torch.randn(U, 6, generator=g))
-    si = torch.nn.Parameter(0.1 * torch.randn(I, 6, generator=g))
+    n_users, n_items = 20, 150
+    train = _train(n_users, n_items, 4, g)
+    teachers = _teachers(n_users, n_items, g, n_teachers=2, n_ckpt=1, d=6)
+    m = HetComp.build(
+        *teachers[0]["checkpoints"][0], train, 6, trajectories=teachers, K=50, generator=g
+    )
+    su = torch.nn.Parameter(0.1 * torch.randn(n_users, 6, generator=g))
+    si = torch.nn.Parameter(0.1 * torch.randn(n_items, 6, generator=g))
 
     def overlap():
         _, top = kdfast.topk_scores(su.detach(), si.detach(), 10, exclude=m.excl)
-        return sum(len(set(top[u].tolist()) & set(m.pi_t[u, :10].tolist())) for u in range(U)) / (10 * U)
+        return sum(
+            len(set(top[u].tolist()) & set(m.pi_t[u, :10].tolist())) for u in range(n_users)
+        ) / (10 * n_users)
 
     before = overlap()
     opt = torch.optim.Adam([su, si], lr=0.05)
-    users = torch.arange(U)
+    users = torch.arange(n_users)
     for _ in range(60):
         opt.zero_grad()
         m(su, si, users, users, users).backward()
