@@ -23,14 +23,11 @@ reimplementation):
   * T = N / 10: the paper samples from a top-3000 list, which only matters if the samples reach
     deep into it; with T = N / 10 the last rank has e^-10 times the weight of the first, so the K
     samples spread over the whole list (the median sampled rank is about 0.7 T). RRD's T = 10
-    would keep nearly every sample in the top 50: on CiteULike-t (leave-one-out, BPR 200 -> 20,
-    60 epochs, validation NDCG@10 at epoch 60; no KD 0.305) T=10 gave 0.301 (peak 0.311 at
-    epoch 35, then falling), T=100 0.338, T=300 0.345 (lam = 0.1 throughout).
+    would keep nearly every sample in the top 50.
   * lam=0.1: the KD loss is SUM-reduced over K = 10 items of each unique batch user, so
     lam * K = 1 makes a user's KD term weigh like one pair of the sum-reduced BPR base loss (each
     user has about one pair in a 1024-pair CiteULike batch): base and KD loss of the same per-user
-    scale (the paper's own weight could not be checked here). lam was not tuned: at T=100,
-    lam=0.3 scored higher on validation (0.354).
+    scale (the paper's own weight could not be checked here). lam was not tuned.
   * Only the teacher-guided variant is implemented (the paper's student-guided variant samples
     from the student's ranking instead).
   * The soft labels use the teacher scores that topk_scores returns for the top-N (float32, the
