@@ -163,11 +163,11 @@ def build_method(name: str, teacher: Teacher, split, student_dim: int, options: 
     "none"."""
     if name == "none":
         return None
-    from .methods.registry import method_class
+    from .methods.registry import method_class, validate_options
 
-    cls, defaults = method_class(name)
+    cls, _ = method_class(name)
     return cls.build(teacher.user, teacher.item, split.train, student_dim, generator=generator,
-                     **{**defaults, **options})  # fmt: skip
+                     **validate_options(name, options))  # fmt: skip
 
 
 def train_student(split, teacher: Teacher, name: str, options: dict, *, student_model="bprmf",

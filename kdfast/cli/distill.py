@@ -113,7 +113,7 @@ def _validated(name, options):
     try:
         return validate_options(name, options)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"--option {name}: {exc}") from None
+        raise UsageError(f"--option {exc}") from None  # the message names the method
 
 
 def _check_writable(folder: Path, what: str) -> None:
