@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kdfast  # noqa: E402
-from bench.common import cpu_model, load_note, markdown_table, write_result  # noqa: E402
+from bench.harness import cpu_model, load_note, markdown_table, write_result  # noqa: E402
 from kdfast.data import datasets, splits  # noqa: E402
 from kdfast.methods.base import method_class  # noqa: E402
 from kdfast.models import BPRMF, load_teacher  # noqa: E402

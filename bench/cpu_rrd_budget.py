@@ -30,10 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kdfast  # noqa: E402
-from bench.common import cpu_model, load_note, markdown_table, write_result  # noqa: E402
 from bench.cpu_epoch import _shown_args, get_teacher, load_split, one_run  # noqa: E402
-from kdfast.cpp import plackett_luce as cpp_pl  # noqa: E402
+from bench.harness import cpu_model, load_note, markdown_table, write_result  # noqa: E402
 from kdfast.methods.ranking import RRD  # noqa: E402
+from kdfast.ops.plackett_luce import cpu as cpp_pl  # noqa: E402
 
 
 def _median_ms(fn, before, reps):
@@ -73,12 +73,13 @@ def step_parts(split, teacher, args):
     fwd = [None] * n_steps
 
     def forward(r):
-        fwd[r] = cpp_pl.emb_forward(user, item, side.interesting, side.uninteresting, None, True, batches[r])
+        fwd[r] = cpp_pl.emb_forward(user, item, side.interesting, side.uninteresting, None, batches[r], True)
 
     def backward(r):
         ones = torch.ones(batches[r].numel())
-        cpp_pl.emb_backward(ones, user, item, side.interesting, side.uninteresting, None, *fwd[r][1:],
-                            rows=batches[r])
+        _, d_ranked, d_unranked, _, grad_query = fwd[r]
+        cpp_pl.emb_backward(ones, user, item, side.interesting, side.uninteresting, batches[r], d_ranked,
+                            d_unranked, grad_query)
 
     ids = [torch.cat([side.interesting[b], side.uninteresting[b]], 1).flatten() for b in batches]
     out = torch.empty(max(i.numel() for i in ids), d)

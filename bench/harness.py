@@ -68,13 +68,15 @@ class Step:
 @dataclasses.dataclass(frozen=True)
 class Provider:
     """One implementation. make(x, p) builds the Step from the case's inputs x and parameters p.
-    kinds: the device kinds it runs on; when(p): whether it runs for a case. The name may hold
+    kinds: the device kinds it runs on; when(p): whether it runs for a case; comparable: whether its
+    result is the eager reference's quantity (the CPU runner compares them). The name may hold
     "{backend}" (the kdfast backend of the device kind: cpp, triton)."""
 
     name: str
     make: Callable[[Any, dict], Step]
     kinds: tuple = ("cpu", "cuda")
     when: Callable[[dict], bool] = lambda p: True
+    comparable: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +268,9 @@ def check_row(op, case, got, want, tol_val, tol_grad):
 
 
 def agreement(out, ref):
-    """How a provider's result agrees with the baseline's: per tensor, the share of equal entries
-    (integer tensors) or the largest absolute difference over the finite entries (floating ones)."""
+    """How a provider's result agrees with the baseline's: per tensor of the same shape, the share
+    of equal entries (integer tensors) or the largest difference over the finite entries relative
+    to the baseline's largest magnitude (floating ones)."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
     refs = ref if isinstance(ref, (tuple, list)) else (ref,)
     parts = []
@@ -285,7 +288,8 @@ def agreement(out, ref):
                 parts.append("non-finite entries differ")
             else:
                 diff = (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
-                parts.append(f"max |diff| {diff:.2e}")
+                scale = b[fin].abs().max().item() if fin.any() else 0.0
+                parts.append(f"rel. diff {diff / scale if scale else diff:.1e}")
     return ", ".join(parts)
 
 
@@ -354,7 +358,7 @@ def timing_row(bench, kind, case, provider, device, x=None):
             x = bench.inputs(params, device)
         fields, out = measure(provider.make(x, params), device)
         row.update(fields)
-        return row, out
+        return row, out if provider.comparable else None
     except Exception as exc:  # noqa: BLE001 - a failure is a result, the run goes on
         row.update(ms=float("nan"), note=f"failed: {one_line(exc)}")
         return row, None
