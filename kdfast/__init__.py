@@ -3,6 +3,7 @@
 The public API. Names are imported on first use, so `import kdfast` stays cheap and Triton is only
 imported when a Triton kernel runs.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,12 +1,13 @@
-"""The experiment pipeline: data and split, the teacher (loaded when a saved one matches, else trained and
-saved), one student per KD method, and the summary of the results.
+"""The experiment pipeline: data and split, the teacher (loaded when a saved one matches, else
+trained and saved), one student per KD method, and the summary of the results.
 
-`kdfast distill`, bench/cpu_epoch.py and results/hetcomp_teachers.py all run through these functions,
-so a teacher is never reused on other data or another split, whoever asks for it:
+`kdfast distill`, bench/cpu_epoch.py and results/hetcomp_teachers.py all run through these
+functions, so a teacher is never reused on other data or another split, whoever asks for it:
 
     dataset, split = load_split(DataSpec(data="citeulike-t", protocol="loo"))
     train = TrainSpec(epochs=200, eval_every=5)
-    teacher = get_teacher(dataset, split, data_spec, TeacherSpec(model="bprmf", dim=200), train, path="t.pt")
+    teacher = get_teacher(dataset, split, data_spec, TeacherSpec(model="bprmf", dim=200), train,
+        path="t.pt")
     result = train_student(split, teacher, "rrd", {"lam": 0.01}, student_dim=20, train=train)
 """
 
@@ -76,7 +77,8 @@ class TeacherSpec:
 
 @dataclass
 class Teacher:
-    """A teacher's score embeddings, its metadata, and whether it was loaded or trained in this run."""
+    """A teacher's score embeddings, its metadata, and whether it was loaded or trained in this
+    run."""
 
     user: torch.Tensor
     item: torch.Tensor
@@ -91,16 +93,27 @@ def load_split(spec: DataSpec):
     options = {}
     if spec.data == "synthetic":
         options = {"n_users": spec.synthetic_users, "n_items": spec.synthetic_items}
-    dataset = kdata.load(spec.data, fmt=spec.fmt, min_user_interactions=spec.min_interactions,
-                         threshold=spec.threshold, seed=spec.synthetic_seed, **options)  # fmt: skip
+    dataset = kdata.load(
+        spec.data,
+        fmt=spec.fmt,
+        min_user_interactions=spec.min_interactions,
+        threshold=spec.threshold,
+        seed=spec.synthetic_seed,
+        **options,
+    )
     split = kdata.make_split(dataset, spec.protocol, seed=spec.split_seed, n_neg=spec.n_neg)
     return dataset, split
 
 
 def teacher_fingerprint(dataset, spec: DataSpec, teacher: TeacherSpec) -> dict:
     """The metadata a saved teacher must match to be reused: data, protocol, split and model."""
-    expect = {"data_fingerprint": dataset.fingerprint(), "protocol": spec.protocol,
-              "split_seed": spec.split_seed, "model": teacher.model, "dim": teacher.dim}  # fmt: skip
+    expect = {
+        "data_fingerprint": dataset.fingerprint(),
+        "protocol": spec.protocol,
+        "split_seed": spec.split_seed,
+        "model": teacher.model,
+        "dim": teacher.dim,
+    }
     if spec.protocol == "loo":
         expect["n_neg"] = spec.n_neg
     return expect
@@ -113,49 +126,81 @@ def new_model(kind: str, dim: int, split, generator: torch.Generator, device="cp
 
 
 def fit(model, split, train: TrainSpec, *, method=None, name="model", log=print, on_epoch_end=None):
-    """Train a model (with a KD method, or plain BPR) under the TrainSpec: Trainer.fit()'s result."""
+    """Train a model (with a KD method, or plain BPR) under the TrainSpec: Trainer.fit()'s
+    result."""
     trainer = Trainer(
-        model, split, method=method, epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-        weight_decay=train.weight_decay, eval_every=train.eval_every, patience=train.patience,
-        monitor=train.monitor_for(split.protocol), seed=train.seed, progress=train.progress, log=log,
-        name=name, backend=train.backend, on_epoch_end=on_epoch_end,
-    )  # fmt: skip
+        model,
+        split,
+        method=method,
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        eval_every=train.eval_every,
+        patience=train.patience,
+        monitor=train.monitor_for(split.protocol),
+        seed=train.seed,
+        progress=train.progress,
+        log=log,
+        name=name,
+        backend=train.backend,
+        on_epoch_end=on_epoch_end,
+    )
     return trainer.fit()
 
 
-def train_model(kind: str, dim: int, split, train: TrainSpec, *, name="model", log=print,
-                on_epoch_end=None):  # fmt: skip
+def train_model(
+    kind: str, dim: int, split, train: TrainSpec, *, name="model", log=print, on_epoch_end=None
+):
     """A fresh model, initialised from a generator seeded with train.seed, trained without KD;
     returns (model, Trainer.fit()'s result)."""
     model = new_model(kind, dim, split, torch.Generator().manual_seed(train.seed), train.device)
     return model, fit(model, split, train, name=name, log=log, on_epoch_end=on_epoch_end)
 
 
-def get_teacher(dataset, split, data_spec: DataSpec, teacher: TeacherSpec, train: TrainSpec, *,
-                path=None, log=print) -> Teacher:  # fmt: skip
-    """The teacher: loaded from `path` when it exists (its fingerprint must match this data, split and
+def get_teacher(
+    dataset,
+    split,
+    data_spec: DataSpec,
+    teacher: TeacherSpec,
+    train: TrainSpec,
+    *,
+    path=None,
+    log=print,
+) -> Teacher:
+    """The teacher: loaded from `path` when it exists (its fingerprint must match this data, split
+    and
     model: ValueError otherwise), else trained and, with a path, saved there."""
     expect = teacher_fingerprint(dataset, data_spec, teacher)
     device = torch.device(train.device)
     if path is not None and Path(path).exists():
         user, item, meta = load_teacher(path, expect=expect)
         if log is not None:
-            log(f"teacher: loaded {path} (trained {meta.get('epochs_run')} epochs, "
-                f"best {meta.get('best_epoch')})")  # fmt: skip
+            log(
+                f"teacher: loaded {path} (trained {meta.get('epochs_run')} epochs, "
+                f"best {meta.get('best_epoch')})"
+            )
         return Teacher(user.to(device), item.to(device), meta, loaded=True, file=str(path))
     model, result = train_model(teacher.model, teacher.dim, split, train, name="teacher", log=log)
     with torch.no_grad():
         user, item = (e.detach().clone() for e in model.embeddings())
     monitor = train.monitor_for(split.protocol)
     keys = ("best_epoch", "epochs_run", "seconds_per_epoch", "valid", "test", "history")
-    meta = dict(expect, seed=train.seed, data_name=dataset.name, monitor=monitor,
-                train=asdict(train), **{k: result[k] for k in keys})  # fmt: skip
+    meta = dict(
+        expect,
+        seed=train.seed,
+        data_name=dataset.name,
+        monitor=monitor,
+        train=asdict(train),
+        **{k: result[k] for k in keys},
+    )
     if path is not None:
         save_teacher(path, user, item, meta)
         if log is not None:
             log(f"teacher: saved {path}")
-    return Teacher(user, item, meta, loaded=False, file=None if path is None else str(path),
-                   result=result)  # fmt: skip
+    return Teacher(
+        user, item, meta, loaded=False, file=None if path is None else str(path), result=result
+    )
 
 
 def build_method(name: str, teacher: Teacher, split, student_dim: int, options: dict, *, generator):
@@ -166,12 +211,27 @@ def build_method(name: str, teacher: Teacher, split, student_dim: int, options: 
     from .methods.registry import method_class, validate_options
 
     cls, _ = method_class(name)
-    return cls.build(teacher.user, teacher.item, split.train, student_dim, generator=generator,
-                     **validate_options(name, options))  # fmt: skip
+    return cls.build(
+        teacher.user,
+        teacher.item,
+        split.train,
+        student_dim,
+        generator=generator,
+        **validate_options(name, options),
+    )
 
 
-def train_student(split, teacher: Teacher, name: str, options: dict, *, student_model="bprmf",
-                  student_dim=20, train: TrainSpec, log=print) -> dict:  # fmt: skip
+def train_student(
+    split,
+    teacher: Teacher,
+    name: str,
+    options: dict,
+    *,
+    student_model="bprmf",
+    student_dim=20,
+    train: TrainSpec,
+    log=print,
+) -> dict:
     """A fresh student trained with the method `name`: Trainer.fit()'s result, plus "wall_seconds"
     (training and evaluation) and "setup_seconds" (building the method: the teacher's lists).
 
@@ -191,16 +251,19 @@ def train_student(split, teacher: Teacher, name: str, options: dict, *, student_
 
 
 def teacher_summary(teacher: Teacher, split, backend: str = "auto") -> dict:
-    """The teacher's entry of results.json: metrics on this split (evaluated here when it was loaded)."""
+    """The teacher's entry of results.json: metrics on this split (evaluated here when it was
+    loaded)."""
     if teacher.loaded:
         meta = teacher.meta
         return {
-            "loaded": True, "file": teacher.file, "best_epoch": meta.get("best_epoch"),
+            "loaded": True,
+            "file": teacher.file,
+            "best_epoch": meta.get("best_epoch"),
             "seconds_per_epoch": meta.get("seconds_per_epoch"),
             "valid": metrics.evaluate(teacher.user, teacher.item, split, "valid", backend=backend),
             "test": metrics.evaluate(teacher.user, teacher.item, split, "test", backend=backend),
             "history": meta.get("history", []),
-        }  # fmt: skip
+        }
     keys = ("best_epoch", "seconds_per_epoch", "epochs_run", "valid", "test", "history")
     return {"loaded": False, "file": teacher.file, **{k: teacher.result[k] for k in keys}}
 
@@ -213,7 +276,9 @@ def summary_columns(protocol: str, monitor: str) -> list:
     return cols
 
 
-def summary_rows(teacher_test: dict, students: dict, cols, monitor: str, *, teacher_label="teacher"):
+def summary_rows(
+    teacher_test: dict, students: dict, cols, monitor: str, *, teacher_label="teacher"
+):
     """Rows [label, metric values..., change of `monitor` vs the no-KD student "none", best epoch,
     s/epoch] for the teacher and each student (students: label -> result; a label's method name is
     its text before any " (" options suffix)."""

@@ -1,15 +1,16 @@
-"""Ranking metrics for the two protocols of docs/METHODS.md section 1, computed without a dense users x items matrix.
+"""Ranking metrics for the two protocols of docs/METHODS.md section 1, computed without a dense
+users x items matrix.
 
-Leave-one-out (sampled candidates): the held-out item's 0-based rank r among its candidates counts the
-    negatives scoring >= it (ties count against the model, so a constant model scores as badly as it
-    can); HR@N = [r < N], NDCG@N = [r < N] / log2(r + 2), MRR@N = [r < N] / (r + 1).
-Full ranking: each user's top-K over all items except the excluded ones (training items; for the test
-    part also the validation items), from kdfast.topk_scores in user batches; with binary gains and
-    hits h_p at 0-based positions p:
-    Recall@K = sum_p h_p / |GT|, Precision@K = sum_p h_p / K,
+Leave-one-out (sampled candidates): the held-out item's 0-based rank r among its candidates counts
+    the negatives scoring >= it (ties count against the model, so a constant model scores as badly
+    as it can); HR@N = [r < N], NDCG@N = [r < N] / log2(r + 2), MRR@N = [r < N] / (r + 1).
+Full ranking: each user's top-K over all items except the excluded ones (training items; for the
+    test part also the validation items), from kdfast.topk_scores in user batches; with binary gains
+    and hits h_p at 0-based positions p: Recall@K = sum_p h_p / |GT|, Precision@K = sum_p h_p / K,
     NDCG@K = sum_p h_p / log2(p + 2) / sum_{p < min(|GT|, K)} 1 / log2(p + 2).
 All metrics are means over the users that have ground truth for the part evaluated.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,8 @@ FULL_KS = (10, 20, 50)
 
 
 def metric_names(protocol: str, ns=LOO_NS, ks=FULL_KS) -> list:
-    """The names evaluate() returns for a protocol ("loo": HR/NDCG/MRR@N, "full": Recall/NDCG/Precision@K)."""
+    """The names evaluate() returns for a protocol ("loo": HR/NDCG/MRR@N, "full":
+    Recall/NDCG/Precision@K)."""
     if protocol == "loo":
         return [f"{m}@{n}" for n in ns for m in ("HR", "NDCG", "MRR")]
     if protocol == "full":
@@ -33,15 +35,16 @@ def loo_ranks(user_emb, item_emb, users, candidates, *, batch: int = 512) -> tor
     """0-based rank of candidates[:, 0] among each row of candidates (ties pessimistic).
 
     user_emb [U, d], item_emb [I, d] float; users int64 [n]; candidates int64 [n, C] (column 0 = the
-    held-out item). Scores <e_u, e_i> by gather + batched dot, `batch` users at a time. Returns int64 [n].
+    held-out item). Scores <e_u, e_i> by gather + batched dot, `batch` users at a time. Returns
+    int64 [n].
     """
     out = torch.empty(users.numel(), dtype=torch.int64)
     with torch.no_grad():
         for b0 in range(0, users.numel(), batch):
-            u = user_emb[users[b0:b0 + batch].to(user_emb.device)]
-            c = item_emb[candidates[b0:b0 + batch].to(item_emb.device)]
+            u = user_emb[users[b0 : b0 + batch].to(user_emb.device)]
+            c = item_emb[candidates[b0 : b0 + batch].to(item_emb.device)]
             s = torch.bmm(c, u.unsqueeze(2)).squeeze(2)
-            out[b0:b0 + batch] = (s[:, 1:] >= s[:, :1]).sum(1).cpu()
+            out[b0 : b0 + batch] = (s[:, 1:] >= s[:, :1]).sum(1).cpu()
     return out
 
 
@@ -57,7 +60,9 @@ def loo_metrics(ranks: torch.Tensor, ns=LOO_NS) -> dict:
     return out
 
 
-def full_topk(user_emb, item_emb, users, exclude, k: int, *, batch: int = 1024, backend: str = "auto") -> torch.Tensor:
+def full_topk(
+    user_emb, item_emb, users, exclude, k: int, *, batch: int = 1024, backend: str = "auto"
+) -> torch.Tensor:
     """Top-k item ids (int64 [n, k], -1 where fewer remain) of each user in `users` by <e_u, e_i>,
     excluding the items of `exclude` (a CSR pair over all users), via kdfast.topk_scores in batches
     of `batch` users."""
@@ -67,17 +72,18 @@ def full_topk(user_emb, item_emb, users, exclude, k: int, *, batch: int = 1024, 
     with torch.no_grad():
         ue, ie = user_emb.detach(), item_emb.detach()
         for b0 in range(0, users.numel(), batch):
-            ub = users[b0:b0 + batch]
+            ub = users[b0 : b0 + batch]
             ex = select_rows(*exclude, ub)
             _, idx = topk_scores(ue[ub.to(ue.device)], ie, k, exclude=ex, backend=backend)
-            out[b0:b0 + batch] = idx.cpu()
+            out[b0 : b0 + batch] = idx.cpu()
     return out
 
 
 def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
     """Recall@K, NDCG@K, Precision@K (means over rows) of top-k lists against ground truth.
 
-    topk: int64 [n, k_max] ranked item ids (-1 = empty slot); truth: CSR pair with n rows of relevant
+    topk: int64 [n, k_max] ranked item ids (-1 = empty slot); truth: CSR pair with n rows of
+        relevant
     items (sorted within rows or not; every row non-empty); n_items: the id bound.
     """
     n, kmax = topk.shape
@@ -88,7 +94,9 @@ def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
     if bool((sizes == 0).any()):
         raise ValueError("truth has users with no relevant items")
     gt_keys = pair_keys(indptr, indices, n_items)
-    hits = (has_pair(gt_keys, torch.arange(n).unsqueeze(1) * n_items + topk) & (topk >= 0)).to(torch.float64)
+    hits = (has_pair(gt_keys, torch.arange(n).unsqueeze(1) * n_items + topk) & (topk >= 0)).to(
+        torch.float64
+    )
     disc = 1.0 / torch.log2(torch.arange(kmax, dtype=torch.float64) + 2)
     out = {}
     for k in ks:
@@ -100,12 +108,15 @@ def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
     return out
 
 
-def evaluate(user_emb, item_emb, split, part: str = "valid", *, ns=LOO_NS, ks=FULL_KS, backend: str = "auto") -> dict:
+def evaluate(
+    user_emb, item_emb, split, part: str = "valid", *, ns=LOO_NS, ks=FULL_KS, backend: str = "auto"
+) -> dict:
     """Metrics of embeddings on a Split's "valid" or "test" part (protocol from the split).
 
-    loo: HR/NDCG/MRR at ns over the split's candidates. full: Recall/NDCG/Precision at ks, ranking all
-    items except training items (and, for "test", the validation items too), over users with at least
-    one item in that part.
+    loo: HR/NDCG/MRR at ns over the split's candidates. full: Recall/NDCG/Precision at ks, ranking
+        all
+    items except training items (and, for "test", the validation items too), over users with at
+    least one item in that part.
     """
     if part not in ("valid", "test"):
         raise ValueError(f"part must be 'valid' or 'test', got {part!r}")

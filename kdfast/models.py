@@ -1,8 +1,10 @@
-"""Recommendation models used as teachers and students: BPR-MF and LightGCN, and the saved-teacher format.
+"""Recommendation models used as teachers and students: BPR-MF and LightGCN, and the saved-teacher
+format.
 
-Both expose `embeddings() -> (user [U, d], item [I, d])`, the tables whose dot products are the scores
-(s_ui = <e_u, e_i>); the trainer and every KD method work on these tables only.
+Both expose `embeddings() -> (user [U, d], item [I, d])`, the tables whose dot products are the
+scores (s_ui = <e_u, e_i>); the trainer and every KD method work on these tables only.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +25,9 @@ class BPRMF(torch.nn.Module):
 
     kind = "bprmf"
 
-    def __init__(self, n_users: int, n_items: int, dim: int, *, generator: torch.Generator | None = None):
+    def __init__(
+        self, n_users: int, n_items: int, dim: int, *, generator: torch.Generator | None = None
+    ):
         super().__init__()
         for name, v in (("n_users", n_users), ("n_items", n_items), ("dim", dim)):
             if not isinstance(v, int) or v < 1:
@@ -44,8 +48,10 @@ class BPRMF(torch.nn.Module):
 
 
 def normalized_adjacency(train, n_users: int, n_items: int) -> torch.Tensor:
-    """The symmetric-normalised bipartite adjacency D^-1/2 A D^-1/2 of the training graph, as a sparse
-    tensor of size (U + I) x (U + I) (float32, coalesced COO). train: int64 CSR pair users -> items."""
+    """The symmetric-normalised bipartite adjacency D^-1/2 A D^-1/2 of the training graph, as a
+    sparse
+    tensor of size (U + I) x (U + I) (float32, coalesced COO). train: int64 CSR pair users ->
+    items."""
     indptr, indices = train
     rows = row_ids(indptr)
     cols = indices + n_users
@@ -57,20 +63,31 @@ def normalized_adjacency(train, n_users: int, n_items: int) -> torch.Tensor:
     c = torch.cat([cols, rows])
     vals = (inv[r] * inv[c]).to(torch.float32)
     n = n_users + n_items
-    return torch.sparse_coo_tensor(torch.stack([r, c]), vals, (n, n), check_invariants=True).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.stack([r, c]), vals, (n, n), check_invariants=True
+    ).coalesce()
 
 
 class LightGCN(torch.nn.Module):
     """LightGCN (He et al., SIGIR'20): E^(k+1) = A_hat E^(k), final embedding = mean of E^(0..L).
 
-    n_users, n_items, dim: as BPRMF; train: the training interactions (int64 CSR pair users -> items),
+    n_users, n_items, dim: as BPRMF; train: the training interactions (int64 CSR pair users ->
+        items),
     which define the graph; n_layers: L (default 2). Initialisation N(0, 0.01) as BPRMF.
     """
 
     kind = "lightgcn"
 
-    def __init__(self, n_users: int, n_items: int, dim: int, train, *, n_layers: int = 2,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        train,
+        *,
+        n_layers: int = 2,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if not isinstance(n_layers, int) or n_layers < 0:
             raise ValueError(f"n_layers must be a non-negative int, got {n_layers!r}")
@@ -86,7 +103,7 @@ class LightGCN(torch.nn.Module):
             e = torch.sparse.mm(self.adj, e)
             total = total + e
         total = total / (self.n_layers + 1)
-        return total[: self.n_users], total[self.n_users:]
+        return total[: self.n_users], total[self.n_users :]
 
     def config(self) -> dict:
         return {"model": self.kind, "dim": self.dim, "n_layers": self.n_layers}
@@ -103,13 +120,22 @@ def build_model(kind: str, n_users: int, n_items: int, dim: int, train, *, gener
 
 def save_teacher(path, user: torch.Tensor, item: torch.Tensor, meta: dict) -> None:
     """Save a trained teacher: its score embeddings (user [U, d], item [I, d], float32) and metadata
-    (model, dim, data fingerprint, protocol, split seed, training seed, metrics ...), with torch.save,
+    (model, dim, data fingerprint, protocol, split seed, training seed, metrics ...), with
+    torch.save,
     written atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    torch.save({"format": "kdfast-teacher-1", "kdfast": __version__, "user": user.detach().float().cpu().contiguous(),
-                "item": item.detach().float().cpu().contiguous(), "meta": dict(meta)}, tmp)
+    torch.save(
+        {
+            "format": "kdfast-teacher-1",
+            "kdfast": __version__,
+            "user": user.detach().float().cpu().contiguous(),
+            "item": item.detach().float().cpu().contiguous(),
+            "meta": dict(meta),
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -117,7 +143,8 @@ def load_teacher(path, *, expect: dict | None = None):
     """Load a saved teacher: returns (user [U, d], item [I, d], meta).
 
     expect: metadata entries that must match (e.g. data_fingerprint, protocol, split_seed, dim); a
-    mismatch raises ValueError naming the entry, so a teacher is never reused on other data or splits.
+    mismatch raises ValueError naming the entry, so a teacher is never reused on other data or
+    splits.
     """
     blob = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != "kdfast-teacher-1":
@@ -125,9 +152,19 @@ def load_teacher(path, *, expect: dict | None = None):
     meta = blob["meta"]
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
-            raise ValueError(f"teacher file {path}: {key} is {meta.get(key)!r}, this run needs {want!r} "
-                             f"(use another --teacher path, or delete the file to retrain)")
+            raise ValueError(
+                f"teacher file {path}: {key} is {meta.get(key)!r}, this run needs {want!r} "
+                f"(use another --teacher path, or delete the file to retrain)"
+            )
     user, item = blob["user"], blob["item"]
-    if user.dim() != 2 or item.dim() != 2 or user.shape[1] != item.shape[1] or not math.isfinite(float(user.abs().sum())):
-        raise ValueError(f"teacher file {path} holds malformed embeddings {tuple(user.shape)}, {tuple(item.shape)}")
+    if (
+        user.dim() != 2
+        or item.dim() != 2
+        or user.shape[1] != item.shape[1]
+        or not math.isfinite(float(user.abs().sum()))
+    ):
+        raise ValueError(
+            f"teacher file {path} holds malformed embeddings "
+            f"{tuple(user.shape)}, {tuple(item.shape)}"
+        )
     return user, item, meta

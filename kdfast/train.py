@@ -1,23 +1,27 @@
 """The trainer: BPR base loss + an optional KD method, Adam, periodic validation and early stopping.
 
 Per epoch (docs/METHODS.md section 1):
-  1. every training pair (u, i) is shuffled and gets ONE uniform negative j (an item u has no training
-     interaction with), resampled every epoch;
-  2. method.start_epoch(epoch, max_epoch, student_user, student_item) runs the method's per-epoch work
-     (epoch is 0-based, 0 .. max_epoch - 1, so DE's tau = (1e-10)^(epoch / max_epoch) starts at 1; the
-     embeddings are detached, computed without gradient);
+  1. every training pair (u, i) is shuffled and gets ONE uniform negative j (an item u has no
+     training interaction with), resampled every epoch;
+  2. method.start_epoch(epoch, max_epoch, student_user, student_item) runs the method's per-epoch
+     work (epoch is 0-based, 0 .. max_epoch - 1, so DE's tau = (1e-10)^(epoch / max_epoch) starts at
+     1; the embeddings are detached, computed without gradient);
   3. for each batch of `batch_size` training pairs:
-        L = -sum_(u,i,j) log sigmoid(<e_u, e_i> - <e_u, e_j>)  +  method(student_user, student_item, u, i, j)
-     (sum-reduced; the method's loss is already lambda-weighted; a method whose uses_base_loss is False,
-     such as HetComp by default, replaces the BPR term), one Adam step on the model's and the
+        L = -sum_(u,i,j) log sigmoid(<e_u, e_i> - <e_u, e_j>)  +  method(student_user, student_item,
+            u, i, j)
+     (sum-reduced; the method's loss is already lambda-weighted; a method whose uses_base_loss is
+     False, such as HetComp by default, replaces the BPR term), one Adam step on the model's and the
      method's parameters (lr 1e-3, weight decay 1e-3 as Adam's L2 term);
-  4. every `eval_every` epochs: validation metrics; the best state (by `monitor`) is kept and training
-     stops after `patience` evaluations without improvement. The test metrics are those of the best
-     validation state.
+  4. every `eval_every` epochs: validation metrics; the best state (by `monitor`) is kept and
+     training stops after `patience` evaluations without improvement. The test metrics are those of
+     the best validation state.
 The model (and method) may live on any device; batches are moved there once per epoch.
-Seeded and deterministic on the CPU: the negatives and the batch order come from a torch.Generator seeded
-with `seed`, and the global torch RNG (used by methods' own noise, e.g. Gumbel) is seeded with it too.
+Seeded and deterministic on the CPU: the negatives and the batch order come from a torch.Generator
+    seeded
+with `seed`, and the global torch RNG (used by methods' own noise, e.g. Gumbel) is seeded with it
+too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,11 +37,14 @@ from ._core.csr import has_pair, pair_keys, row_ids
 DEFAULT_MONITOR = {"loo": "NDCG@10", "full": "Recall@50"}
 
 
-def sample_negatives(users: torch.Tensor, train_keys: torch.Tensor, n_items: int, generator: torch.Generator) -> torch.Tensor:
+def sample_negatives(
+    users: torch.Tensor, train_keys: torch.Tensor, n_items: int, generator: torch.Generator
+) -> torch.Tensor:
     """One uniform item per entry of `users` that the user has no training interaction with.
 
-    users int64 [n]; train_keys int64 sorted u * n_items + i over training pairs. Rejection sampling:
-    redraw the entries that hit a training item until none does (each user must have an unobserved item).
+    users int64 [n]; train_keys int64 sorted u * n_items + i over training pairs. Rejection
+    sampling: redraw the entries that hit a training item until none does (each user must have an
+    unobserved item).
     """
     neg = torch.randint(0, n_items, (users.numel(),), generator=generator)
     todo = torch.arange(users.numel())
@@ -47,11 +54,14 @@ def sample_negatives(users: torch.Tensor, train_keys: torch.Tensor, n_items: int
             return neg
         todo = todo[bad]
         neg[todo] = torch.randint(0, n_items, (todo.numel(),), generator=generator)
-    raise RuntimeError("negative sampling did not finish: some user interacted with (nearly) every item")
+    raise RuntimeError(
+        "negative sampling did not finish: some user interacted with (nearly) every item"
+    )
 
 
 def bpr_loss(user_emb, item_emb, users, pos, neg) -> torch.Tensor:
-    """-sum log sigmoid(<e_u, e_pos> - <e_u, e_neg>) over the batch (sum reduction, docs/METHODS.md section 1)."""
+    """-sum log sigmoid(<e_u, e_pos> - <e_u, e_neg>) over the batch (sum reduction, docs/METHODS.md
+    section 1)."""
     u = user_emb[users]
     return -F.logsigmoid((u * (item_emb[pos] - item_emb[neg])).sum(1)).sum()
 
@@ -59,36 +69,70 @@ def bpr_loss(user_emb, item_emb, users, pos, neg) -> torch.Tensor:
 class Trainer:
     """Train a model (BPRMF or LightGCN) on a Split, optionally with a KD method.
 
-    model: has embeddings() -> (user [U, d], item [I, d]) and parameters(); split: kdfast.data.Split;
+    model: has embeddings() -> (user [U, d], item [I, d]) and parameters(); split:
+        kdfast.data.Split;
     method: a kdfast.methods.base.KDMethod already built (or None for plain BPR);
     epochs: maximum epochs; batch_size: training pairs per step (1024); lr, weight_decay: Adam's;
-    eval_every: validate every E epochs (and after the last); patience: evaluations without improvement
-    before stopping (20); monitor: the validation metric to maximise (default NDCG@10 for loo, Recall@50
-    for full); seed: RNG seed; progress: tqdm bars; log: a function taking one line per evaluation
-    (None: silent); name: label in the log; backend: kdfast.topk_scores backend for full ranking;
-    on_epoch_end: None or a function (epoch, model) called after each epoch's training steps, before its
+    eval_every: validate every E epochs (and after the last); patience: evaluations without
+        improvement
+    before stopping (20); monitor: the validation metric to maximise (default NDCG@10 for loo,
+    Recall@50 for full); seed: RNG seed; progress: tqdm bars; log: a function taking one line per
+    evaluation (None: silent); name: label in the log; backend: kdfast.topk_scores backend for full
+    ranking;
+    on_epoch_end: None or a function (epoch, model) called after each epoch's training steps, before
+        its
     validation (epoch is 1-based), e.g. to keep checkpoints along the training trajectory (HetComp).
     """
 
-    def __init__(self, model, split, *, method=None, epochs: int = 1000, batch_size: int = 1024, lr: float = 1e-3,
-                 weight_decay: float = 1e-3, eval_every: int = 1, patience: int = 20, monitor: str | None = None,
-                 seed: int = 0, progress: bool = True, log=print, name: str = "model", backend: str = "auto",
-                 on_epoch_end=None):
-        for arg, v in (("epochs", epochs), ("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
+    def __init__(
+        self,
+        model,
+        split,
+        *,
+        method=None,
+        epochs: int = 1000,
+        batch_size: int = 1024,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        eval_every: int = 1,
+        patience: int = 20,
+        monitor: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        log=print,
+        name: str = "model",
+        backend: str = "auto",
+        on_epoch_end=None,
+    ):
+        for arg, v in (
+            ("epochs", epochs),
+            ("batch_size", batch_size),
+            ("eval_every", eval_every),
+            ("patience", patience),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
         if not (lr > 0) or not (weight_decay >= 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
         self.model, self.split, self.method = model, split, method
-        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
+        self.epochs, self.batch_size, self.lr, self.weight_decay = (
+            epochs,
+            batch_size,
+            lr,
+            weight_decay,
+        )
         self.eval_every, self.patience, self.seed = eval_every, patience, seed
         self.monitor = monitor or DEFAULT_MONITOR[split.protocol]
         if self.monitor not in metrics.metric_names(split.protocol):
-            raise ValueError(f"monitor {self.monitor!r} is not a {split.protocol} metric; choose from "
-                             f"{', '.join(metrics.metric_names(split.protocol))}")
+            raise ValueError(
+                f"monitor {self.monitor!r} is not a {split.protocol} metric; choose from "
+                f"{', '.join(metrics.metric_names(split.protocol))}"
+            )
         self.progress, self.log, self.name, self.backend = progress, log, name, backend
         if on_epoch_end is not None and not callable(on_epoch_end):
-            raise TypeError(f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}")
+            raise TypeError(
+                f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}"
+            )
         self.on_epoch_end = on_epoch_end
 
     def _params(self):
@@ -108,7 +152,8 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train; returns {"best_epoch", "valid" (metrics at the best epoch), "test" (same state),
-        "seconds_per_epoch" (training only, evaluation excluded), "epochs_run", "history": [{"epoch",
+        "seconds_per_epoch" (training only, evaluation excluded), "epochs_run", "history":
+        [{"epoch",
         "loss", "valid"}, ...]}. The model is left in its best-validation state."""
         from tqdm.auto import tqdm
 
@@ -124,10 +169,13 @@ class Trainer:
             raise ValueError("the split has no training interactions")
         device = next(self.model.parameters()).device
         params = self._params()
-        # the fused Adam kernel does the same update (L2 weight decay added to the gradient) about ten
-        # times cheaper on the CPU than the per-tensor loop, which dominated an epoch with dense tables
+        # the fused Adam kernel does the same update (L2 weight decay added to the gradient) about
+        # ten times cheaper on the CPU than the per-tensor loop, which dominated an epoch with dense
+        # tables
         fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
-        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
+        opt = torch.optim.Adam(
+            params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None
+        )
         history, best, best_epoch, best_state, since_best = [], -math.inf, 0, None, 0
         train_seconds, epochs_run = 0.0, 0
         n_batches = math.ceil(n / self.batch_size)
@@ -145,7 +193,12 @@ class Trainer:
                     su, si = self.model.embeddings()
                     self.method.start_epoch(epoch - 1, self.epochs, su.detach(), si.detach())
             total = 0.0
-            bar = tqdm(range(n_batches), desc=f"{self.name} epoch {epoch}", leave=False, disable=not self.progress)
+            bar = tqdm(
+                range(n_batches),
+                desc=f"{self.name} epoch {epoch}",
+                leave=False,
+                disable=not self.progress,
+            )
             for b in bar:
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 ue, ie = self.model.embeddings()
@@ -182,17 +235,31 @@ class Trainer:
             else:
                 since_best += 1
             if self.log is not None:
-                self.log(f"[{self.name}] epoch {epoch}: loss {total:.2f}, valid {self.monitor} {score:.4f} "
-                         f"(best {best:.4f} @ {best_epoch}), {train_seconds / epoch:.2f} s/epoch"
-                         + (f"; {status}" if status else ""))
+                self.log(
+                    f"[{self.name}] epoch {epoch}: loss {total:.2f}, "
+                    f"valid {self.monitor} {score:.4f} "
+                    f"(best {best:.4f} @ {best_epoch}), {train_seconds / epoch:.2f} s/epoch"
+                    + (f"; {status}" if status else "")
+                )
             if since_best >= self.patience:
                 if self.log is not None:
-                    self.log(f"[{self.name}] early stop: {self.patience} evaluations without improvement")
+                    self.log(
+                        f"[{self.name}] early stop: {self.patience} evaluations without improvement"
+                    )
                 break
         self.model.load_state_dict(best_state)
         valid = next(h["valid"] for h in history if h["epoch"] == best_epoch)
         test = self.evaluate("test")
         if self.log is not None:
-            self.log(f"[{self.name}] best epoch {best_epoch}: test {self.monitor} {test[self.monitor]:.4f}")
-        return {"best_epoch": best_epoch, "valid": valid, "test": test, "seconds_per_epoch": train_seconds / epochs_run,
-                "epochs_run": epochs_run, "history": history}
+            self.log(
+                f"[{self.name}] best epoch {best_epoch}: "
+                f"test {self.monitor} {test[self.monitor]:.4f}"
+            )
+        return {
+            "best_epoch": best_epoch,
+            "valid": valid,
+            "test": test,
+            "seconds_per_epoch": train_seconds / epochs_run,
+            "epochs_run": epochs_run,
+            "history": history,
+        }

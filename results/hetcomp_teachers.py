@@ -1,15 +1,17 @@
 """Train HetComp's teachers and save their trajectories (four checkpoints each) for `kdfast distill
 --methods hetcomp --option hetcomp.trajectories=FILE`.
 
-Each teacher is trained on the split `kdfast distill` uses for the same --data/--protocol/--split-seed, with
-the Trainer's defaults (BPR loss, Adam 1e-3, early stopping on validation). Its embeddings are kept every
---every epochs; after training, the checkpoints are the first kept epochs whose validation --monitor reaches
-each of the fractions --levels of the best value, and the best-validation state as the final one (an
-easy-to-hard trajectory by measured quality, since the papers do not give their checkpoint epochs).
+Each teacher is trained on the split `kdfast distill` uses for the same
+--data/--protocol/--split-seed, with the Trainer's defaults (BPR loss, Adam 1e-3, early stopping on
+validation). Its embeddings are kept every --every epochs; after training, the checkpoints are the
+first kept epochs whose validation --monitor reaches each of the fractions --levels of the best
+value, and the best-validation state as the final one (an easy-to-hard trajectory by measured
+quality, since the papers do not give their checkpoint epochs).
 
-    python results/hetcomp_teachers.py --data citeulike-t --protocol full --teachers bprmf:200,lightgcn:64 \\
-        --epochs 250 --out teachers/citeulike-t_full_trajectories.pt
+    python results/hetcomp_teachers.py --data citeulike-t --protocol full --teachers
+        bprmf:200,lightgcn:64 \\ --epochs 250 --out teachers/citeulike-t_full_trajectories.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +31,18 @@ def main(argv=None):
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--teachers", default="bprmf:200,lightgcn:64", help="comma-separated MODEL:DIM")
     p.add_argument("--epochs", type=int, default=250)
-    p.add_argument("--every", type=int, default=5, help="keep the embeddings every E epochs (also the validation period)")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=5,
+        help="keep the embeddings every E epochs (also the validation period)",
+    )
     p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--levels", default="0.6,0.8,0.9", help="fractions of the best validation value for the early checkpoints")
+    p.add_argument(
+        "--levels",
+        default="0.6,0.8,0.9",
+        help="fractions of the best validation value for the early checkpoints",
+    )
     p.add_argument("--monitor", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -59,7 +70,9 @@ def main(argv=None):
                 kept[epoch] = (u.detach().clone(), i.detach().clone())
 
         t0 = time.perf_counter()
-        _, res = experiment.train_model(kind, int(dim), split, train, name=f"{kind}{dim}", on_epoch_end=keep)
+        _, res = experiment.train_model(
+            kind, int(dim), split, train, name=f"{kind}{dim}", on_epoch_end=keep
+        )
         best = res["valid"][monitor]
         valid = {h["epoch"]: h["valid"][monitor] for h in res["history"]}
         epochs = []
@@ -69,16 +82,41 @@ def main(argv=None):
         epochs.append(res["best_epoch"])
         epochs = sorted(set(min(e, res["best_epoch"]) for e in epochs))
         ckpts = [kept[e] for e in epochs]
-        print(f"{kind}{dim}: best epoch {res['best_epoch']}, valid {monitor} {best:.4f}, test {res['test'][monitor]:.4f}; "
-              f"checkpoints at epochs {epochs} (valid {[round(valid[e], 4) for e in epochs]}); "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
-        teachers.append({"name": f"{kind}{dim}", "model": kind, "dim": int(dim), "epochs": epochs,
-                         "valid": [valid[e] for e in epochs], "test": res["test"], "checkpoints": ckpts})
+        print(
+            f"{kind}{dim}: best epoch {res['best_epoch']}, valid {monitor} {best:.4f}, "
+            f"test {res['test'][monitor]:.4f}; "
+            f"checkpoints at epochs {epochs} (valid {[round(valid[e], 4) for e in epochs]}); "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        teachers.append(
+            {
+                "name": f"{kind}{dim}",
+                "model": kind,
+                "dim": int(dim),
+                "epochs": epochs,
+                "valid": [valid[e] for e in epochs],
+                "test": res["test"],
+                "checkpoints": ckpts,
+            }
+        )
         del kept
-    save_trajectories(args.out, teachers, train=split.train, n_users=split.n_users, n_items=split.n_items,
-                      meta={"data_fingerprint": dataset.fingerprint(), "protocol": args.protocol,
-                            "split_seed": args.split_seed, "monitor": monitor})
-    print(json.dumps([{k: v for k, v in t.items() if k != "checkpoints"} for t in teachers], indent=1))
+    save_trajectories(
+        args.out,
+        teachers,
+        train=split.train,
+        n_users=split.n_users,
+        n_items=split.n_items,
+        meta={
+            "data_fingerprint": dataset.fingerprint(),
+            "protocol": args.protocol,
+            "split_seed": args.split_seed,
+            "monitor": monitor,
+        },
+    )
+    print(
+        json.dumps([{k: v for k, v in t.items() if k != "checkpoints"} for t in teachers], indent=1)
+    )
 
 
 if __name__ == "__main__":

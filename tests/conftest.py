@@ -3,6 +3,7 @@
 TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any Triton backend
 (kdfast/ops/<op>/triton.py) is imported (the ops import them on first use).
 """
+
 import os
 
 import torch
@@ -29,7 +30,11 @@ def backend_params(*names):
     params = []
     for name in names or ("torch", "cpp", "triton"):
         ok, why = status[name]
-        params.append(pytest.param(name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {why}"), id=name))
+        params.append(
+            pytest.param(
+                name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {why}"), id=name
+            )
+        )
     return params
 
 

@@ -1,4 +1,6 @@
-"""kdfast._core.backend: which backends exist, the choice for one call, and the errors that say how to fix."""
+"""kdfast._core.backend: which backends exist, the choice for one call, and the errors that say how
+to fix."""
+
 import pytest
 import torch
 
@@ -20,7 +22,8 @@ def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
     expected = "cpp" if _backend.ext() is not None else "torch"
     assert _backend.resolve("auto", torch.device("cpu")) == expected
     assert _backend.resolve("auto", torch.device("cpu"), available=("torch", "triton")) == "torch"
-    assert _backend.resolve("auto", torch.device("cpu"), dtype=torch.float16) == "torch"  # cpp cannot
+    # cpp cannot
+    assert _backend.resolve("auto", torch.device("cpu"), dtype=torch.float16) == "torch"
     assert _backend.resolve("auto", torch.device("meta")) == "torch"
 
 
@@ -28,7 +31,8 @@ def test_env_override_replaces_auto(monkeypatch):
     monkeypatch.setenv("KDFAST_BACKEND", "torch")
     assert _backend.resolve("auto", torch.device("cpu")) == "torch"
     if _backend.ext() is not None:
-        assert _backend.resolve("cpp", torch.device("cpu")) == "cpp"  # explicit choice wins over the env
+        # explicit choice wins over the env
+        assert _backend.resolve("cpp", torch.device("cpu")) == "cpp"
     monkeypatch.setenv("KDFAST_BACKEND", "auto")
     assert _backend.resolve("auto", torch.device("cpu")) in ("cpp", "torch")
     monkeypatch.setenv("KDFAST_BACKEND", "fortran")
@@ -40,6 +44,7 @@ def test_env_override_reaches_the_op(monkeypatch):
     """KDFAST_BACKEND=torch makes topk_scores run the reference even when cpp is built."""
     calls = []
     import kdfast.ops.topk.reference as ref_mod
+
     real = ref_mod.topk_scores
     monkeypatch.setattr(ref_mod, "topk_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("KDFAST_BACKEND", "torch")
@@ -55,8 +60,15 @@ def test_unknown_backend_name():
 
 
 def test_cpp_unavailable_says_how(monkeypatch):
-    monkeypatch.setattr(_backend, "_load_ext", lambda: (None, "the C++ extension kdfast._C is not importable (test)"))
-    assert kdfast.backends()["cpp"] == (False, "the C++ extension kdfast._C is not importable (test)")
+    monkeypatch.setattr(
+        _backend,
+        "_load_ext",
+        lambda: (None, "the C++ extension kdfast._C is not importable (test)"),
+    )
+    assert kdfast.backends()["cpp"] == (
+        False,
+        "the C++ extension kdfast._C is not importable (test)",
+    )
     with pytest.raises(RuntimeError, match="not available.*not importable"):
         _backend.resolve("cpp", torch.device("cpu"))
     assert _backend.resolve("auto", torch.device("cpu")) in ("torch",)
@@ -74,7 +86,10 @@ def test_cpp_on_wrong_device_or_missing():
 
 def test_env_names_a_backend_the_op_lacks(monkeypatch):
     monkeypatch.setenv("KDFAST_BACKEND", "triton")
-    assert _backend.resolve("auto", torch.device("cpu"), available=("torch", "cpp")) in ("torch", "cpp")
+    assert _backend.resolve("auto", torch.device("cpu"), available=("torch", "cpp")) in (
+        "torch",
+        "cpp",
+    )
     with pytest.raises(RuntimeError, match="no triton backend"):
         _backend.resolve("triton", torch.device("cpu"), available=("torch", "cpp"))
 
@@ -82,7 +97,9 @@ def test_env_names_a_backend_the_op_lacks(monkeypatch):
 def test_triton_unavailable(monkeypatch):
     with pytest.raises(RuntimeError, match="no triton backend"):
         _backend.resolve("triton", torch.device("cpu"), available=("torch", "cpp"))
-    monkeypatch.setattr(_backend, "_triton_import", lambda: (False, "triton is not importable (test)"))
+    monkeypatch.setattr(
+        _backend, "_triton_import", lambda: (False, "triton is not importable (test)")
+    )
     with pytest.raises(RuntimeError, match="not importable"):
         _backend.resolve("triton", torch.device("cpu"))
     assert _backend.resolve("auto", torch.device("cuda")) == "torch"

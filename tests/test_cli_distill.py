@@ -1,4 +1,6 @@
-"""`kdfast distill` end to end on tiny synthetic data (seconds), and its up-front argument errors."""
+"""`kdfast distill` end to end on tiny synthetic data (seconds), and its up-front argument
+errors."""
+
 import json
 
 import pytest
@@ -6,9 +8,29 @@ import pytest
 from kdfast.cli import main
 from kdfast.methods import base
 
-TINY = ["--data", "synthetic", "--synthetic-users", "120", "--synthetic-items", "150", "--n-neg", "40",
-        "--teacher-dim", "16", "--student-dim", "4", "--epochs", "3", "--eval-every", "1", "--lr", "0.01",
-        "--no-progress", "--threads", "1"]
+TINY = [
+    "--data",
+    "synthetic",
+    "--synthetic-users",
+    "120",
+    "--synthetic-items",
+    "150",
+    "--n-neg",
+    "40",
+    "--teacher-dim",
+    "16",
+    "--student-dim",
+    "4",
+    "--epochs",
+    "3",
+    "--eval-every",
+    "1",
+    "--lr",
+    "0.01",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +42,20 @@ def setup(monkeypatch):
 
 def test_distill_end_to_end_and_teacher_reuse(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["distill", *TINY, "--methods", "none,l2-pull", "--option", "l2-pull.lam=0.25", "--seed", "1", "--out", str(out)])
+    rc = main(
+        [
+            "distill",
+            *TINY,
+            "--methods",
+            "none,l2-pull",
+            "--option",
+            "l2-pull.lam=0.25",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "teacher" in printed and "l2-pull" in printed and "NDCG@10 vs none" in printed
@@ -39,14 +74,39 @@ def test_distill_end_to_end_and_teacher_reuse(tmp_path, capsys):
 
     # second run: the saved teacher is reused, with identical teacher metrics
     out2 = tmp_path / "run2"
-    rc = main(["distill", *TINY, "--methods", "none", "--seed", "1", "--teacher", str(out / "teacher.pt"), "--out", str(out2)])
+    rc = main(
+        [
+            "distill",
+            *TINY,
+            "--methods",
+            "none",
+            "--seed",
+            "1",
+            "--teacher",
+            str(out / "teacher.pt"),
+            "--out",
+            str(out2),
+        ]
+    )
     assert rc == 0
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["teacher"]["loaded"] is True and res2["teacher"]["test"] == res["teacher"]["test"]
-    assert res2["students"]["none"]["test"] == res["students"]["none"]["test"]  # seeded: same student
+    # seeded: same student
+    assert res2["students"]["none"]["test"] == res["students"]["none"]["test"]
 
     # a teacher trained on another split is refused, not silently reused
-    rc = main(["distill", *TINY, "--split-seed", "5", "--teacher", str(out / "teacher.pt"), "--out", str(tmp_path / "r3")])
+    rc = main(
+        [
+            "distill",
+            *TINY,
+            "--split-seed",
+            "5",
+            "--teacher",
+            str(out / "teacher.pt"),
+            "--out",
+            str(tmp_path / "r3"),
+        ]
+    )
     assert rc == 2 and "split_seed" in capsys.readouterr().err
 
 
@@ -59,16 +119,19 @@ def test_distill_full_protocol(tmp_path):
     assert {"Recall@50", "NDCG@10", "Precision@20"} <= set(res["students"]["none"]["test"])
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--methods", "none,bogus"], "unknown method(s) bogus"),
-    (["--methods", "none,none"], "twice"),
-    (["--data", "no/such/file.csv"], "no/such/file.csv"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--monitor", "Recall@50"], "not a loo metric"),
-    (["--backend", "fortran"], "--backend"),
-    (["--option", "rrd.lam=1"], "not among --methods"),
-    (["--option", "lam=1"], "METHOD.KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--methods", "none,bogus"], "unknown method(s) bogus"),
+        (["--methods", "none,none"], "twice"),
+        (["--data", "no/such/file.csv"], "no/such/file.csv"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--monitor", "Recall@50"], "not a loo metric"),
+        (["--backend", "fortran"], "--backend"),
+        (["--option", "rrd.lam=1"], "not among --methods"),
+        (["--option", "lam=1"], "METHOD.KEY=VALUE"),
+    ],
+)
 def test_distill_errors_before_training(tmp_path, capsys, extra, message):
     out = tmp_path / "o"
     rc = main(["distill", *TINY, "--out", str(out), *extra])
@@ -91,9 +154,15 @@ def test_distill_unavailable_method(tmp_path, capsys, monkeypatch):
 
 
 # small options where a default needs a larger catalog than TINY's 150 items
-_SMALL_OPTIONS = {"rrd": ["N=40", "K=8", "L=8"], "rrd-full": ["N=40", "K=8"], "ir-rrd": ["N=40", "K=8", "L=8", "N_I=30"],
-                  "dcd": ["N=40", "K=8"], "unkd": ["n=20"], "hetcomp": ["K=60", "dcg_k=20", "start=1", "period=1"],
-                  "cd": ["N=60"]}
+_SMALL_OPTIONS = {
+    "rrd": ["N=40", "K=8", "L=8"],
+    "rrd-full": ["N=40", "K=8"],
+    "ir-rrd": ["N=40", "K=8", "L=8", "N_I=30"],
+    "dcd": ["N=40", "K=8"],
+    "unkd": ["n=20"],
+    "hetcomp": ["K=60", "dcg_k=20", "start=1", "period=1"],
+    "cd": ["N=60"],
+}
 
 
 @pytest.mark.parametrize("name", sorted(base.METHODS))

@@ -1,4 +1,5 @@
 """kdfast.csr: conversion, validation, canonical form and transpose of CSR id lists."""
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -11,7 +12,7 @@ from kdfast.csr import as_csr, canonicalize, row_ids, transpose_csr, validate_cs
 
 
 def rows_of(indptr, indices):
-    return [indices[indptr[r]:indptr[r + 1]].tolist() for r in range(len(indptr) - 1)]
+    return [indices[indptr[r] : indptr[r + 1]].tolist() for r in range(len(indptr) - 1)]
 
 
 def test_as_csr_forms_agree():
@@ -20,7 +21,10 @@ def test_as_csr_forms_agree():
     forms = [
         (torch.tensor(expected[0]), torch.tensor(expected[1])),
         (np.array(expected[0]), np.array(expected[1])),
-        [torch.tensor(expected[0], dtype=torch.int32), torch.tensor(expected[1], dtype=torch.int16)],
+        [
+            torch.tensor(expected[0], dtype=torch.int32),
+            torch.tensor(expected[1], dtype=torch.int16),
+        ],
         torch.tensor(dense, dtype=torch.float32).to_sparse_csr(),
         scipy.sparse.csr_matrix(dense),
         scipy.sparse.coo_matrix(dense),
@@ -32,18 +36,21 @@ def test_as_csr_forms_agree():
         assert ip.tolist() == expected[0] and ix.tolist() == expected[1]
 
 
-@pytest.mark.parametrize("obj, exc, frag", [
-    ((torch.tensor([0, 1]), torch.tensor([0])), ValueError, "n_rows \\+ 1 = 4"),
-    ((torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1])), ValueError, "non-decreasing"),
-    ((torch.tensor([1, 1, 1, 1]), torch.tensor([0])), ValueError, "start at 0"),
-    ((torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1])), ValueError, "does not match"),
-    ((torch.tensor([0, 1, 1, 1]), torch.tensor([4])), ValueError, "outside"),
-    ((torch.tensor([0, 1, 1, 1]), torch.tensor([-1])), ValueError, "outside"),
-    ((torch.tensor([0, 1, 1, 1]), torch.tensor([0.5])), TypeError, "x indices"),
-    ((torch.tensor([[0, 1, 1, 1]]), torch.tensor([0])), ValueError, "x indptr must be 1-D"),
-    ("nope", TypeError, "x must be"),
-    (scipy.sparse.csr_matrix(np.ones((2, 4))), ValueError, "3 rows"),
-])
+@pytest.mark.parametrize(
+    "obj, exc, frag",
+    [
+        ((torch.tensor([0, 1]), torch.tensor([0])), ValueError, "n_rows \\+ 1 = 4"),
+        ((torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1])), ValueError, "non-decreasing"),
+        ((torch.tensor([1, 1, 1, 1]), torch.tensor([0])), ValueError, "start at 0"),
+        ((torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1])), ValueError, "does not match"),
+        ((torch.tensor([0, 1, 1, 1]), torch.tensor([4])), ValueError, "outside"),
+        ((torch.tensor([0, 1, 1, 1]), torch.tensor([-1])), ValueError, "outside"),
+        ((torch.tensor([0, 1, 1, 1]), torch.tensor([0.5])), TypeError, "x indices"),
+        ((torch.tensor([[0, 1, 1, 1]]), torch.tensor([0])), ValueError, "x indptr must be 1-D"),
+        ("nope", TypeError, "x must be"),
+        (scipy.sparse.csr_matrix(np.ones((2, 4))), ValueError, "3 rows"),
+    ],
+)
 def test_as_csr_rejects(obj, exc, frag):
     with pytest.raises(exc, match=frag):
         as_csr(obj, "x", 3, 4, validate=True)

@@ -1,4 +1,6 @@
-"""kdfast.data: loaders (incl. malformed files), filtering/remapping, synthetic data and split invariants."""
+"""kdfast.data: loaders (incl. malformed files), filtering/remapping, synthetic data and split
+invariants."""
+
 import os
 
 import numpy as np
@@ -12,7 +14,7 @@ from kdfast import data as kd
 
 def rows_of(csr):
     indptr, indices = csr
-    return [indices[indptr[u]:indptr[u + 1]].tolist() for u in range(indptr.numel() - 1)]
+    return [indices[indptr[u] : indptr[u + 1]].tolist() for u in range(indptr.numel() - 1)]
 
 
 def write(tmp_path, name, text):
@@ -34,13 +36,16 @@ def test_users_dat_loads_filters_and_remaps(tmp_path):
     assert kd.load_users_dat(p, min_user_interactions=0).n_users == 4
 
 
-@pytest.mark.parametrize("text,line,what", [
-    ("2 1 2\n3 1 2\n", 2, "count says 3"),
-    ("2 1 2\n2 1 x\n", 2, "'x' is not an integer"),
-    ("1 5\n1 -3\n", 2, "negative"),
-    ("1 5\n\n1 3\n", 2, "empty line"),
-    ("a 1\n", 1, "count 'a'"),
-])
+@pytest.mark.parametrize(
+    "text,line,what",
+    [
+        ("2 1 2\n3 1 2\n", 2, "count says 3"),
+        ("2 1 2\n2 1 x\n", 2, "'x' is not an integer"),
+        ("1 5\n1 -3\n", 2, "negative"),
+        ("1 5\n\n1 3\n", 2, "empty line"),
+        ("a 1\n", 1, "count 'a'"),
+    ],
+)
 def test_users_dat_malformed_names_file_and_line(tmp_path, text, line, what):
     p = write(tmp_path, "users.dat", text)
     with pytest.raises(ValueError) as err:
@@ -85,17 +90,21 @@ def test_citeulike_download_checks_sha256(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "CITEULIKE_SHA256", "0" * 64)
     with pytest.raises(ValueError, match="sha256"):
         kd.citeulike_path()
-    assert not (tmp_path / "cache" / "citeulike-t" / "users.dat").exists()  # nothing half-downloaded kept
+    # nothing half-downloaded kept
+    assert not (tmp_path / "cache" / "citeulike-t" / "users.dat").exists()
     monkeypatch.setattr(datasets, "CITEULIKE_SHA256", hashlib.sha256(src.read_bytes()).hexdigest())
     got = kd.citeulike_path()
     assert got == tmp_path / "cache" / "citeulike-t" / "users.dat" and got.read_text() == "2 1 2\n"
     assert kd.load_citeulike(min_user_interactions=1).nnz == 2
 
 
-@pytest.mark.skipif(not os.environ.get("KDFAST_DATA"), reason="KDFAST_DATA not set (CiteULike-t users.dat)")
+@pytest.mark.skipif(
+    not os.environ.get("KDFAST_DATA"), reason="KDFAST_DATA not set (CiteULike-t users.dat)"
+)
 def test_real_citeulike_counts():
     path = kd.citeulike_path(download=False)
     import hashlib
+
     assert hashlib.sha256(path.read_bytes()).hexdigest() == kd.CITEULIKE_SHA256
     full = kd.load_citeulike(path, min_user_interactions=0)
     assert (full.n_users, full.nnz, int(full.item_ids.max())) == (7947, 134860, 25974)
@@ -110,11 +119,17 @@ def test_movielens_formats_and_threshold(tmp_path):
     assert d.user_ids.tolist() == [1, 2] and d.item_ids.tolist() == [10, 12]
     assert rows_of(d.csr) == [[0], [0, 1]]
     dat = write(tmp_path, "ratings.dat", "1::10::5::0\n1::11::3::0\n2::10::4::0\n2::12::4::0\n")
-    csv = write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,10,5.0,0\n1,11,3.0,0\n2,10,4.0,0\n2,12,4.0,0\n")
+    csv = write(
+        tmp_path,
+        "ratings.csv",
+        "userId,movieId,rating,timestamp\n1,10,5.0,0\n1,11,3.0,0\n2,10,4.0,0\n2,12,4.0,0\n",
+    )
     for p in (dat, csv):
         e = kd.load(str(p), min_user_interactions=1)
         assert rows_of(e.csr) == rows_of(d.csr)
-    bad = write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,10,5.0,0\n1,11,great,0\n")
+    bad = write(
+        tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,10,5.0,0\n1,11,great,0\n"
+    )
     with pytest.raises(ValueError, match=r"ratings.csv, line 3: rating 'great'"):
         kd.load_movielens(bad)
     short = write(tmp_path, "u.data", "1\t10\t5\t0\n1\t11\n")
@@ -160,7 +175,11 @@ def check_split_invariants(d, s):
     tr, va, te = rows_of(s.train), rows_of(s.valid), rows_of(s.test)
     for u in range(d.n_users):
         assert sorted(tr[u] + va[u] + te[u]) == all_rows[u]  # a partition, nothing lost or added
-        assert not set(tr[u]) & set(va[u]) and not set(tr[u]) & set(te[u]) and not set(va[u]) & set(te[u])
+        assert (
+            not set(tr[u]) & set(va[u])
+            and not set(tr[u]) & set(te[u])
+            and not set(va[u]) & set(te[u])
+        )
         assert len(tr[u]) >= 1
     assert s.data_fingerprint == d.fingerprint()
 
@@ -179,7 +198,9 @@ def test_leave_one_out_invariants():
             negs = cand[1:].tolist()
             assert len(set(negs)) == 50 and not set(negs) & set(all_rows[u])
     again = kd.leave_one_out(d, n_neg=50, seed=7)
-    assert torch.equal(again.test_candidates, s.test_candidates) and torch.equal(again.train[1], s.train[1])
+    assert torch.equal(again.test_candidates, s.test_candidates) and torch.equal(
+        again.train[1], s.train[1]
+    )
     other = kd.leave_one_out(d, n_neg=50, seed=8)
     assert not torch.equal(other.test_candidates, s.test_candidates)
 
@@ -188,8 +209,12 @@ def test_leave_one_out_small_users_and_bad_n_neg():
     d = kd.from_pairs([0, 0, 1, 1, 1], [0, 1, 0, 1, 2], name="t", min_user_interactions=1)
     with pytest.raises(ValueError, match="n_neg"):
         kd.leave_one_out(d, n_neg=5)
-    tiny = kd.from_pairs([0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3], [0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6], name="t",
-                         min_user_interactions=1)
+    tiny = kd.from_pairs(
+        [0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3],
+        [0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6],
+        name="t",
+        min_user_interactions=1,
+    )
     s = kd.leave_one_out(tiny, n_neg=2, seed=0)
     assert s.eval_users.tolist() == [1, 2, 3]  # user 0 has 2 items: training only
     assert rows_of(s.train)[0] == [0, 1]
@@ -211,8 +236,11 @@ def test_random_split_proportions_and_seed():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 30)), min_size=1, max_size=120), st.integers(0, 3),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.lists(st.tuples(st.integers(0, 12), st.integers(0, 30)), min_size=1, max_size=120),
+    st.integers(0, 3),
+    st.integers(0, 2**31 - 1),
+)
 def test_property_pairs_to_splits(pairs, min_int, seed):
     users = [u for u, _ in pairs]
     items = [i for _, i in pairs]
@@ -226,10 +254,14 @@ def test_property_pairs_to_splits(pairs, min_int, seed):
         return
     d = kd.from_pairs(users, items, name="p", min_user_interactions=min_int)
     assert d.user_ids.tolist() == sorted(kept)
-    got = {int(d.user_ids[u]): {int(d.item_ids[i]) for i in row} for u, row in enumerate(rows_of(d.csr))}
+    got = {
+        int(d.user_ids[u]): {int(d.item_ids[i]) for i in row}
+        for u, row in enumerate(rows_of(d.csr))
+    }
     assert got == kept
     for row in rows_of(d.csr):
         assert row == sorted(set(row))
+
     def n_test(n):
         n_tr = max(1, int(round(0.6 * n)))
         return n - n_tr - min(n - n_tr, int(round(0.2 * n)))

@@ -1,13 +1,22 @@
-"""kdfast.models (BPR-MF, LightGCN, saved teachers) and kdfast.metrics against hand-computed cases."""
+"""kdfast.models (BPR-MF, LightGCN, saved teachers) and kdfast.metrics against hand-computed
+cases."""
+
 import math
 
 import pytest
 import torch
 
 from kdfast import data as kd
-from kdfast._core.csr import concat_rows, select_rows
 from kdfast import metrics
-from kdfast.models import BPRMF, LightGCN, build_model, load_teacher, normalized_adjacency, save_teacher
+from kdfast._core.csr import concat_rows, select_rows
+from kdfast.models import (
+    BPRMF,
+    LightGCN,
+    build_model,
+    load_teacher,
+    normalized_adjacency,
+    save_teacher,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +25,9 @@ def torch_backend(monkeypatch):
 
 
 def csr(rows):
-    indptr = torch.tensor([0] + [sum(len(r) for r in rows[:i + 1]) for i in range(len(rows))], dtype=torch.int64)
+    indptr = torch.tensor(
+        [0] + [sum(len(r) for r in rows[: i + 1]) for i in range(len(rows))], dtype=torch.int64
+    )
     return indptr, torch.tensor([x for r in rows for x in r], dtype=torch.int64)
 
 
@@ -46,7 +57,9 @@ def test_lightgcn_matches_dense_propagation():
     deg = a.sum(1)
     inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
     a_hat = inv[:, None] * a * inv[None, :]
-    assert torch.allclose(normalized_adjacency(train, n_u, n_i).to_dense().double(), a_hat, atol=1e-7)
+    assert torch.allclose(
+        normalized_adjacency(train, n_u, n_i).to_dense().double(), a_hat, atol=1e-7
+    )
     e0 = torch.cat([m.base.user.weight, m.base.item.weight]).detach().double()
     want = (e0 + a_hat @ e0 + a_hat @ a_hat @ e0) / 3
     u, i = m.embeddings()
@@ -59,7 +72,13 @@ def test_lightgcn_matches_dense_propagation():
 
 def test_teacher_roundtrip_and_mismatch(tmp_path):
     u, i = torch.randn(6, 4), torch.randn(8, 4)
-    meta = {"data_fingerprint": "abc", "protocol": "loo", "split_seed": 0, "dim": 4, "model": "bprmf"}
+    meta = {
+        "data_fingerprint": "abc",
+        "protocol": "loo",
+        "split_seed": 0,
+        "dim": 4,
+        "model": "bprmf",
+    }
     path = tmp_path / "t" / "teacher.pt"
     save_teacher(path, u, i, meta)
     u2, i2, meta2 = load_teacher(path, expect={"data_fingerprint": "abc", "dim": 4})
@@ -87,7 +106,8 @@ def test_loo_ranks_ties_are_pessimistic():
     item = torch.tensor([[2.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [2.0, 5.0]])
     cands = torch.tensor([[0, 1, 2, 3, 4], [3, 0, 1, 2, 4]])
     r = metrics.loo_ranks(torch.cat([user, user]), item, torch.tensor([0, 1]), cands, batch=1)
-    # held-out 0 scores 2: beaten by item 1 (3) and tied with items 2 and 4 -> rank 3; item 3 scores 1: last
+    # held-out 0 scores 2: beaten by item 1 (3) and tied with items 2 and 4 -> rank 3; item 3 scores
+    # 1: last
     assert r.tolist() == [3, 4]
 
 
@@ -150,7 +170,9 @@ def test_full_evaluation_never_recommends_training_items():
     d = kd.synthetic(40, 80, seed=2)
     s = kd.make_split(d, "full", seed=0)
     users = torch.arange(d.n_users)
-    top = metrics.full_topk(torch.randn(d.n_users, 4), torch.randn(d.n_items, 4), users, s.train, 20, batch=7)
+    top = metrics.full_topk(
+        torch.randn(d.n_users, 4), torch.randn(d.n_items, 4), users, s.train, 20, batch=7
+    )
     for u in range(d.n_users):
-        train_items = set(s.train[1][s.train[0][u]:s.train[0][u + 1]].tolist())
+        train_items = set(s.train[1][s.train[0][u] : s.train[0][u + 1]].tolist())
         assert not train_items & set(top[u].tolist())

@@ -1,4 +1,6 @@
-"""kdfast.train: negatives, the BPR loss, learning, determinism, early stopping and the KD hook interface."""
+"""kdfast.train: negatives, the BPR loss, learning, determinism, early stopping and the KD hook
+interface."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,8 @@ def torch_backend(monkeypatch):
 
 
 class L2Pull(KDMethod):
-    """Test method: lam * sum over the batch of (s_student - scale * s_teacher)^2 on (u, pos) and (u, neg),
+    """Test method: lam * sum over the batch of (s_student - scale * s_teacher)^2 on (u, pos) and
+    (u, neg),
     with a trainable scale; records its start_epoch calls."""
 
     name = "l2-pull"
@@ -71,9 +74,21 @@ def test_bpr_loss_is_sum_reduced():
 
 
 def fit(split, epochs=4, method=None, seed=0, model=None, **kw):
-    model = model or BPRMF(split.n_users, split.n_items, 16, generator=torch.Generator().manual_seed(seed))
-    tr = Trainer(model, split, method=method, epochs=epochs, batch_size=512, lr=kw.pop("lr", 1e-2), seed=seed,
-                 progress=False, log=None, **kw)
+    model = model or BPRMF(
+        split.n_users, split.n_items, 16, generator=torch.Generator().manual_seed(seed)
+    )
+    tr = Trainer(
+        model,
+        split,
+        method=method,
+        epochs=epochs,
+        batch_size=512,
+        lr=kw.pop("lr", 1e-2),
+        seed=seed,
+        progress=False,
+        log=None,
+        **kw,
+    )
     return model, tr, tr.fit()
 
 
@@ -108,7 +123,10 @@ def test_trainer_is_deterministic(small):
 
 def test_kd_hook_pulls_student_toward_teacher(small):
     g = torch.Generator().manual_seed(9)
-    tu, ti = torch.randn(small.n_users, 8, generator=g) * 0.3, torch.randn(small.n_items, 8, generator=g) * 0.3
+    tu, ti = (
+        torch.randn(small.n_users, 8, generator=g) * 0.3,
+        torch.randn(small.n_items, 8, generator=g) * 0.3,
+    )
     method = L2Pull.build(tu, ti, small.train, 16, lam=5.0)
     model, _, r = fit(small, epochs=3, method=method)
     plain, _, _ = fit(small, epochs=3)
@@ -116,12 +134,16 @@ def test_kd_hook_pulls_student_toward_teacher(small):
     assert method.scale.item() != 0.5  # the method's parameter was optimised with the student
     t = tu @ ti.T
     with torch.no_grad():
-        gap = [float(((m.user.weight @ m.item.weight.T) - method.scale * t).pow(2).mean()) for m in (model, plain)]
+        gap = [
+            float(((m.user.weight @ m.item.weight.T) - method.scale * t).pow(2).mean())
+            for m in (model, plain)
+        ]
     assert gap[0] < 0.5 * gap[1]
 
 
 class FakeValid(Trainer):
-    """Trainer whose validation metric is scripted, to test early stopping and best-state restore."""
+    """Trainer whose validation metric is scripted, to test early stopping and best-state
+    restore."""
 
     script = [0.1, 0.3, 0.2, 0.25, 0.29, 0.28, 0.5]
 
@@ -146,7 +168,13 @@ def test_early_stopping_restores_best_state(small):
 
 def test_trainer_bad_arguments(small):
     model = BPRMF(small.n_users, small.n_items, 4)
-    for kw in ({"epochs": 0}, {"batch_size": -1}, {"eval_every": 1.5}, {"patience": True}, {"lr": 0.0}):
+    for kw in (
+        {"epochs": 0},
+        {"batch_size": -1},
+        {"eval_every": 1.5},
+        {"patience": True},
+        {"lr": 0.0},
+    ):
         with pytest.raises(ValueError):
             Trainer(model, small, **kw)
     with pytest.raises(ValueError, match="monitor"):
@@ -162,7 +190,9 @@ def test_on_epoch_end_sees_every_epoch_before_validation(small):
         assert m is model
         calls.append((epoch, m.user.weight.detach().clone()))
 
-    res = Trainer(model, split, epochs=3, eval_every=2, progress=False, log=None, on_epoch_end=hook).fit()
+    res = Trainer(
+        model, split, epochs=3, eval_every=2, progress=False, log=None, on_epoch_end=hook
+    ).fit()
     assert [e for e, _ in calls] == [1, 2, 3]
     assert not torch.equal(calls[0][1], calls[1][1])  # the tables it sees move between epochs
     assert res["epochs_run"] == 3

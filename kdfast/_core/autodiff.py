@@ -1,4 +1,5 @@
-"""The autograd machinery every differentiable op registers through, and the gradients of the references.
+"""The autograd machinery every differentiable op registers through, and the gradients of the
+references.
 
 An op's forward is a torch.library custom op (with a fake implementation), so torch.compile with
 fullgraph=True traces through it. `differentiable` registers its autograd formula and returns the
@@ -7,13 +8,14 @@ torch.autograd.Function running the same implementation, context setup and gradi
 dispatcher (whose per-call cost, about 0.05 ms per forward and more per backward on the CPU, was a
 tenth of an RRD training step).
 
-Every backend returns, with the forward, the gradients the backward needs "at unit upstream gradient"
-(or what it needs to compute them); the backward formula is then linear in the incoming gradient and
-the same for every backend. It is first-order only: a second derivative through a kdfast op raises a
-clear error (instead of silently treating the saved gradients as constants).
+Every backend returns, with the forward, the gradients the backward needs "at unit upstream
+gradient" (or what it needs to compute them); the backward formula is then linear in the incoming
+gradient and the same for every backend. It is first-order only: a second derivative through a
+kdfast op raises a clear error (instead of silently treating the saved gradients as constants).
 
-`value_and_grads` derives those unit-upstream gradients from a reference function with torch.func.vjp,
-so the "torch" backend of an op is its reference itself, not a second, hand-written gradient.
+`value_and_grads` derives those unit-upstream gradients from a reference function with
+torch.func.vjp, so the "torch" backend of an op is its reference itself, not a second, hand-written
+gradient.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ NO_DOUBLE_BACKWARD = (
 
 
 def first_order(name: str, module: str, backward):
-    """backward(ctx, *grads), refusing to run where autograd would record it for a second derivative."""
+    """backward(ctx, *grads), refusing to run where autograd would record it for a second
+    derivative."""
 
     def checked(ctx, *grads):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -40,13 +43,16 @@ def first_order(name: str, module: str, backward):
     return checked
 
 
-def differentiable(op, impl, *, setup, backward, name: str, module: str, bwd_op=None, bwd_impl=None):
-    """Registers the autograd formula of the custom op `op` (implemented by `impl`) and returns call(*args).
+def differentiable(
+    op, impl, *, setup, backward, name: str, module: str, bwd_op=None, bwd_impl=None
+):
+    """Registers the autograd formula of the custom op `op` (implemented by `impl`) and returns
+    call(*args).
 
     setup(ctx, inputs, output): saves what the backward needs. backward(ctx, *grads, bwd): the input
     gradients; `bwd` is the op's backward custom op `bwd_op` under torch.compile and its plain
-    implementation `bwd_impl` otherwise (None when the backward needs no kernel of its own). Output 0
-    is the differentiable result; the other outputs are saved auxiliaries without gradient.
+    implementation `bwd_impl` otherwise (None when the backward needs no kernel of its own). Output
+    0 is the differentiable result; the other outputs are saved auxiliaries without gradient.
     """
 
     def compiled_backward(ctx, *grads):
@@ -80,20 +86,22 @@ def differentiable(op, impl, *, setup, backward, name: str, module: str, bwd_op=
 
 
 def check_kept(ctx, kept: dict, name: str) -> None:
-    """RuntimeError when autograd wants the gradient of input i (ctx.needs_input_grad) but the forward
-    was told not to keep it (kept[i] False): a direct call of the custom op with the wrong flag, which
+    """RuntimeError when autograd wants the gradient of input i (ctx.needs_input_grad) but the
+    forward was told not to keep it (kept[i] False): a direct call of the custom op with the wrong
+    flag, which
     would otherwise give a silently missing gradient or read an empty buffer."""
     for i, was_kept in kept.items():
         if ctx.needs_input_grad[i] and not was_kept:
             raise RuntimeError(
-                f"{name}: input {i} needs a gradient, but the forward ran with the flag that skips it "
-                "(call the public function, or pass the gradient flags the inputs need)"
+                f"{name}: input {i} needs a gradient, but the forward ran with the flag that "
+                "skips it (call the public function, or pass the gradient flags the inputs need)"
             )
 
 
 def scaled(grad: torch.Tensor, unit: torch.Tensor, dtype: torch.dtype | None):
     """The upstream `grad` ([B] or a scalar) times a gradient `unit` taken at unit upstream gradient
-    ([B, ...] or any shape for a scalar grad), in `dtype`; None for an input without one (dtype None)."""
+    ([B, ...] or any shape for a scalar grad), in `dtype`; None for an input without one (dtype
+    None)."""
     if dtype is None:
         return None
     g = grad.to(unit.dtype)
@@ -107,20 +115,26 @@ def requires_grad(*tensors) -> bool:
 
 _FUNCTORCH_KEYS = tuple(
     getattr(torch._C.DispatchKey, name)
-    for name in ("FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode",
-                 "FuncTorchGradWrapper", "FuncTorchBatched", "FuncTorchVmapMode")
+    for name in (
+        "FuncTorchDynamicLayerFrontMode",
+        "FuncTorchDynamicLayerBackMode",
+        "FuncTorchGradWrapper",
+        "FuncTorchBatched",
+        "FuncTorchVmapMode",
+    )
     if hasattr(torch._C.DispatchKey, name)
-)  # fmt: skip
+)
 
 
 def _functorch_enabled():
     """A context in which torch.func works inside a custom op's implementation.
 
-    A compiled graph's first call runs its custom ops under a dispatch mode (PyTorch's aliasing check),
-    whose handler excludes the dispatch keys above Python, torch.func's among them, from the thread's
-    key set; torch.func then fails ("Cannot access data pointer of Tensor that doesn't have storage").
-    Only in that case this context takes them out of the excluded set again for its duration (a
-    private PyTorch guard, the one its own higher-order ops use; without it, nothing changes).
+    A compiled graph's first call runs its custom ops under a dispatch mode (PyTorch's aliasing
+    check), whose handler excludes the dispatch keys above Python, torch.func's among them, from the
+    thread's key set; torch.func then fails ("Cannot access data pointer of Tensor that doesn't have
+    storage"). Only in that case this context takes them out of the excluded set again for its
+    duration (a private PyTorch guard, the one its own higher-order ops use; without it, nothing
+    changes).
     """
     excluded = torch._C._dispatch_tls_local_exclude_set()
     if not _FUNCTORCH_KEYS or not excluded.has(_FUNCTORCH_KEYS[0]):
@@ -131,7 +145,8 @@ def _functorch_enabled():
 
 
 def _partial(fn, inputs, wanted):
-    """(the indices i with wanted[i] and inputs[i] given, fn as a function of those inputs alone)."""
+    """(the indices i with wanted[i] and inputs[i] given, fn as a function of those inputs
+    alone)."""
     pick = [i for i, (x, w) in enumerate(zip(inputs, wanted)) if w and x is not None]
 
     def partial(*chosen):
@@ -144,7 +159,8 @@ def _partial(fn, inputs, wanted):
 
 
 def _spread(pick, got, n, fill):
-    """The n gradients: got[j] at position pick[j], fill() (a fresh placeholder: outputs of a custom op
+    """The n gradients: got[j] at position pick[j], fill() (a fresh placeholder: outputs of a custom
+    op
     must not alias each other) elsewhere."""
     grads = [fill() for _ in range(n)]
     for i, g in zip(pick, got):
@@ -153,10 +169,10 @@ def _spread(pick, got, n, fill):
 
 
 def value_and_grads(fn, inputs, wanted, *, has_aux=False):
-    """(value, grads) of value = fn(*inputs): grads[i] = d value.sum() / d inputs[i] for every i with
-    wanted[i] and inputs[i] not None, else an empty tensor. Computed with torch.func.vjp, so it also
-    runs inside a custom op (where autograd does not record). For a per-row loss whose row b depends
-    only on row b of an input, grads[i] holds each row's gradient at unit upstream gradient.
+    """(value, grads) of value = fn(*inputs): grads[i] = d value.sum() / d inputs[i] for every i
+    with wanted[i] and inputs[i] not None, else an empty tensor. Computed with torch.func.vjp, so it
+    also runs inside a custom op (where autograd does not record). For a per-row loss whose row b
+    depends only on row b of an input, grads[i] holds each row's gradient at unit upstream gradient.
     has_aux: fn returns (value, aux) and the result is (value, aux, grads)."""
     pick, partial = _partial(fn, inputs, wanted)
     first = next(x for x in inputs if x is not None)
@@ -176,9 +192,12 @@ def value_and_grads(fn, inputs, wanted, *, has_aux=False):
 
 
 def vjp(fn, inputs, grad, wanted):
-    """The gradients of fn(*inputs) against the upstream `grad`, for the inputs with wanted[i] (None for
+    """The gradients of fn(*inputs) against the upstream `grad`, for the inputs with wanted[i] (None
+    for
     the others): the backward of a reference function, by torch.func.vjp."""
     pick, partial = _partial(fn, inputs, wanted)
     with _functorch_enabled():
         value, pullback = torch.func.vjp(partial, *(inputs[i] for i in pick))
-        return _spread(pick, pullback(grad.to(value.dtype).reshape(value.shape)), len(inputs), lambda: None)
+        return _spread(
+            pick, pullback(grad.to(value.dtype).reshape(value.shape)), len(inputs), lambda: None
+        )

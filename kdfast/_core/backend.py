@@ -2,8 +2,9 @@
 
 Three backends implement every hot op:
   "torch"  - the pure-PyTorch reference of the op (kdfast/ops/<op>/reference.py); always available.
-  "cpp"    - the C++/OpenMP kernels of the optional extension kdfast._C; float32/float64 CPU tensors.
-  "triton" - the Triton kernels (kdfast/ops/<op>/triton.py); CUDA tensors, or CPU tensors when
+  "cpp"    - the C++/OpenMP kernels of the optional extension kdfast._C; float32/float64 CPU
+  tensors. "triton" - the Triton kernels (kdfast/ops/<op>/triton.py); CUDA tensors, or CPU tensors
+  when
              TRITON_INTERPRET=1 (the Triton interpreter, slow: for tests).
 `backend="auto"` picks triton for CUDA tensors and cpp for CPU tensors, falling back to torch; the
 environment variable KDFAST_BACKEND, when set, replaces "auto". This module is the only reader of
@@ -24,7 +25,7 @@ NAMES = ("auto",) + BACKENDS
 CPP_DTYPES = (torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_ext():
     try:
         return importlib.import_module("kdfast._C"), None
@@ -41,7 +42,8 @@ def ext():
 
 
 def require_ext():
-    """The compiled extension module kdfast._C; RuntimeError saying how to get it when it is missing."""
+    """The compiled extension module kdfast._C; RuntimeError saying how to get it when it is
+    missing."""
     mod, why = _load_ext()
     if mod is None:
         raise RuntimeError(f"backend='cpp' is not available: {why}")
@@ -53,7 +55,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import():
     try:
         import triton  # noqa: F401
@@ -71,7 +73,10 @@ def _triton_status():
         return True, "Triton interpreter (TRITON_INTERPRET=1)"
     if torch.cuda.is_available():
         return True, f"CUDA device {torch.cuda.get_device_name(0)}"
-    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the slow interpreter)"
+    return (
+        False,
+        "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the slow interpreter)",
+    )
 
 
 def backends() -> dict:
@@ -81,7 +86,10 @@ def backends() -> dict:
     """
     mod, why = _load_ext()
     if mod is not None:
-        cpp = (True, f"C++ extension loaded (OpenMP {'on' if getattr(mod, 'openmp', False) else 'off'})")
+        cpp = (
+            True,
+            f"C++ extension loaded (OpenMP {'on' if getattr(mod, 'openmp', False) else 'off'})",
+        )
     else:
         cpp = (False, why)
     return {
@@ -105,14 +113,16 @@ def _requested(backend) -> str:
 
 
 def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend ("torch", "cpp" or "triton") for one call on tensors of `device` and `dtype`.
+    """The concrete backend ("torch", "cpp" or "triton") for one call on tensors of `device` and
+    `dtype`.
 
-    available: the backends the op has (an op or a sampler may lack one). dtype: the floating dtype of
+    available: the backends the op has (an op or a sampler may lack one). dtype: the floating dtype
+        of
     the call's tensors, when it matters (the cpp kernels take float32 and float64 only).
-    "auto" (or KDFAST_BACKEND) picks triton on CUDA, cpp on the CPU, and torch where neither can run;
-    KDFAST_BACKEND naming a backend the op lacks counts as "auto".
-    Raises ValueError for an unknown name, RuntimeError saying how to get it when an explicitly
-    requested backend cannot run here, TypeError when it cannot take `dtype`.
+    "auto" (or KDFAST_BACKEND) picks triton on CUDA, cpp on the CPU, and torch where neither can
+    run; KDFAST_BACKEND naming a backend the op lacks counts as "auto". Raises ValueError for an
+    unknown name, RuntimeError saying how to get it when an explicitly requested backend cannot run
+    here, TypeError when it cannot take `dtype`.
     """
     device = torch.device(device)
     requested = _requested(backend)
@@ -159,7 +169,8 @@ def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | No
 
 @torch.compiler.assume_constant_result
 def choose(backend: str, device_type: str, dtype: torch.dtype | None, available: tuple) -> str:
-    """resolve() for the ops, evaluated once at trace time under torch.compile: the choice depends on
+    """resolve() for the ops, evaluated once at trace time under torch.compile: the choice depends
+    on
     the environment, not on tensor data, and resolution imports the extension (untraceable)."""
     return resolve(backend, torch.device(device_type), available=available, dtype=dtype)
 

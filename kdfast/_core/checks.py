@@ -1,5 +1,6 @@
 """Argument and option checks: each returns the checked value and raises TypeError/ValueError naming
-the argument and what was expected. The ops check their tensors with the first group, the methods and
+the argument and what was expected. The ops check their tensors with the first group, the methods
+and
 the command line their options with the second."""
 
 from __future__ import annotations
@@ -51,14 +52,17 @@ def rows_of(x, name: str, n_rows: int, what: str) -> torch.Tensor:
 
 def same_dtype(a, a_name: str, b, b_name: str) -> None:
     if a.dtype != b.dtype:
-        raise TypeError(f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}")
+        raise TypeError(
+            f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}"
+        )
 
 
 def same_dim(a, a_name: str, b, b_name: str) -> None:
     """Two 2-D tensors with the same number of columns (embedding dimension)."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(
-            f"{a_name} and {b_name} must have the same dimension d, got {a.shape[1]} and {b.shape[1]}"
+            f"{a_name} and {b_name} must have the same dimension d, "
+            f"got {a.shape[1]} and {b.shape[1]}"
         )
 
 

@@ -5,7 +5,8 @@ indices[indptr[r]:indptr[r+1]]. `as_csr` accepts that pair, a torch.sparse_csr_t
 scipy.sparse matrix, and checks it. Every helper is vectorised (no Python loop over rows) and keeps
 the device of its input.
 
-Pair keys: the sorted int64 keys row * n_cols + id of a CSR's entries, for membership tests by binary
+Pair keys: the sorted int64 keys row * n_cols + id of a CSR's entries, for membership tests by
+    binary
 search (pair_keys, has_pair).
 """
 
@@ -19,7 +20,8 @@ from . import checks
 
 def validate_csr(indptr: torch.Tensor, indices: torch.Tensor, name: str, n_cols: int) -> None:
     """Value checks of an int64 CSR pair (they read the data, so ops run them inside the op body,
-    where torch.compile sees real tensors): indptr starts at 0, never decreases, ends at nnz; ids are
+    where torch.compile sees real tensors): indptr starts at 0, never decreases, ends at nnz; ids
+    are
     in [0, n_cols)."""
     if indptr.numel() == 0:
         raise ValueError(f"{name} indptr must have n_rows + 1 >= 1 entries, got 0")
@@ -118,7 +120,8 @@ def from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def from_entries(rows: torch.Tensor, ids: torch.Tensor, n_rows: int):
-    """The CSR of (row, id) entries given in any order (stable: a row keeps its ids' given order)."""
+    """The CSR of (row, id) entries given in any order (stable: a row keeps its ids' given
+    order)."""
     order = torch.argsort(rows, stable=True)
     return from_counts(torch.bincount(rows, minlength=n_rows)), ids[order]
 
@@ -194,11 +197,13 @@ def map_ids(indptr: torch.Tensor, indices: torch.Tensor, mapping: torch.Tensor):
 
 
 def transpose_csr(csr, n_cols: int, n_rows: int | None = None):
-    """The transpose of a CSR: for each column id, the rows holding it (ids sorted, repeats removed).
+    """The transpose of a CSR: for each column id, the rows holding it (ids sorted, repeats
+    removed).
 
     csr: anything `as_csr` accepts. n_cols: the number of columns (rows of the result). n_rows: the
-    number of rows, inferred from a tensor pair when omitted. Returns (indptr [n_cols+1], indices), int64.
-    Used to turn users' interactions into items' interactions (the item side of a teacher ranking).
+    number of rows, inferred from a tensor pair when omitted. Returns (indptr [n_cols+1], indices),
+    int64. Used to turn users' interactions into items' interactions (the item side of a teacher
+    ranking).
     """
     if n_rows is None:
         if isinstance(csr, (tuple, list)) and len(csr) == 2:

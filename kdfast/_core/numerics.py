@@ -1,4 +1,5 @@
-"""Numerics shared by the ops: the accumulation dtype, loss reductions, safe row normalisation, and the
+"""Numerics shared by the ops: the accumulation dtype, loss reductions, safe row normalisation, and
+the
 rank keys that define the top-K order on every backend."""
 
 from __future__ import annotations
@@ -7,12 +8,14 @@ import torch
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a kernel accumulates in: float64 for float64 inputs, float32 for everything else."""
+    """The dtype a kernel accumulates in: float64 for float64 inputs, float32 for everything
+    else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Per-row losses reduced as `reduction` says: "none" (as they are), "sum", or "mean" over rows."""
+    """Per-row losses reduced as `reduction` says: "none" (as they are), "sum", or "mean" over
+    rows."""
     if reduction == "none":
         return per_row
     if reduction == "sum":
@@ -33,12 +36,11 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- rank keys
-# The top-K order of every backend: descending score, ties to the LOWER key index, NaN ranks as -inf,
-# -0.0 equals +0.0. One total order on int64 rank keys implements it:
-#     key = ordered(score) * 2^32 + (2^32 - 1 - index)
-# where ordered() maps float32 bits to an int32 that sorts like the float. Keys are unique per row, so
-# an int64 top-k on them is exact and deterministic. Excluded keys and empty slots take the key EMPTY
-# and come out as index -1, value -inf.
+# The top-K order of every backend: descending score, ties to the LOWER key index, NaN ranks as
+# -inf, -0.0 equals +0.0. One total order on int64 rank keys implements it: key = ordered(score) *
+# 2^32 + (2^32 - 1 - index) where ordered() maps float32 bits to an int32 that sorts like the float.
+# Keys are unique per row, so an int64 top-k on them is exact and deterministic. Excluded keys and
+# empty slots take the key EMPTY and come out as index -1, value -inf.
 EMPTY = -(2**63)
 _LOW = (1 << 32) - 1
 

@@ -1,4 +1,5 @@
-"""The `kdfast` command: `kdfast distill` (kdfast/cli/distill.py) and `kdfast topk` (kdfast/cli/topk.py).
+"""The `kdfast` command: `kdfast distill` (kdfast/cli/distill.py) and `kdfast topk`
+(kdfast/cli/topk.py).
 Each subcommand module has add_arguments(parser) and run(args) -> exit code."""
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import sys
 from . import distill, topk
 
 COMMANDS = {
-    "topk": (topk, "top-K keys per query from embedding files (a teacher's ranking), written to .npz"),
+    "topk": (
+        topk,
+        "top-K keys per query from embedding files (a teacher's ranking), written to .npz",
+    ),
     "distill": (
         distill,
         "train a teacher, distill students with chosen KD methods, report and plot the metrics",

@@ -5,11 +5,12 @@
         --methods none,de,rrd --epochs 100 --seed 0 --out runs/demo
 
 Writes OUT/results.json ({"config", "teacher": {"test", "valid", ...}, "students": {method: {"test",
-"valid", "best_epoch", "seconds_per_epoch", "history"}}}), OUT/validation.png (the validation metric per
-epoch of every student, the teacher as a dashed line) and, unless --teacher names another file,
-OUT/teacher.pt (the saved teacher, reused by later runs whose data, split and teacher settings match).
-Bad arguments (unknown method, missing data, unwritable output) fail before any training.
+"valid", "best_epoch", "seconds_per_epoch", "history"}}}), OUT/validation.png (the validation metric
+per epoch of every student, the teacher as a dashed line) and, unless --teacher names another file,
+OUT/teacher.pt (the saved teacher, reused by later runs whose data, split and teacher settings
+match). Bad arguments (unknown method, missing data, unwritable output) fail before any training.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,40 +20,112 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", default="synthetic",
-                   help="'synthetic' (default, seconds), 'citeulike-t' (path from $KDFAST_DATA, else downloaded) or a file/folder")
-    p.add_argument("--format", default="auto", choices=("auto", "users-dat", "movielens", "pairs"),
-                   help="file format of --data PATH (auto: by file name)")
-    p.add_argument("--min-interactions", type=int, default=5, help="drop users with fewer interactions (default 5)")
-    p.add_argument("--threshold", type=float, default=4.0, help="MovieLens: ratings >= this are interactions")
+    p.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (default, seconds), 'citeulike-t' (path from $KDFAST_DATA, else "
+        "downloaded) or a file/folder",
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "users-dat", "movielens", "pairs"),
+        help="file format of --data PATH (auto: by file name)",
+    )
+    p.add_argument(
+        "--min-interactions",
+        type=int,
+        default=5,
+        help="drop users with fewer interactions (default 5)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=4.0, help="MovieLens: ratings >= this are interactions"
+    )
     p.add_argument("--synthetic-users", type=int, default=2000)
     p.add_argument("--synthetic-items", type=int, default=1500)
-    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic data (not of the split)")
-    p.add_argument("--protocol", default="loo", choices=("loo", "full"),
-                   help="loo: leave-one-out with 499 sampled negatives; full: 60/20/20 split, full ranking")
-    p.add_argument("--n-neg", type=int, default=499, help="loo: sampled negatives per held-out item")
+    p.add_argument(
+        "--synthetic-seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic data (not of the split)",
+    )
+    p.add_argument(
+        "--protocol",
+        default="loo",
+        choices=("loo", "full"),
+        help="loo: leave-one-out with 499 sampled negatives; full: 60/20/20 split, full ranking",
+    )
+    p.add_argument(
+        "--n-neg", type=int, default=499, help="loo: sampled negatives per held-out item"
+    )
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--teacher-model", default="bprmf", choices=("bprmf", "lightgcn"))
     p.add_argument("--student-model", default="bprmf", choices=("bprmf", "lightgcn"))
     p.add_argument("--teacher-dim", type=int, default=200)
     p.add_argument("--student-dim", type=int, default=20)
-    p.add_argument("--teacher", default=None,
-                   help="teacher file: loaded when it exists (its metadata must match), else trained and saved there (default OUT/teacher.pt)")
-    p.add_argument("--methods", default="none", help="comma-separated: none and/or KD methods (de, phr, ftd, htd, rrd, rrd-full, ir-rrd, hetcomp, rd, cd, dcd, unkd)")
-    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="a KD method option passed to its build(), e.g. rrd.lam=0.01 (VALUE parsed as JSON, else a string); repeatable")
-    p.add_argument("--epochs", type=int, default=1000, help="maximum student epochs (early stopping on validation)")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="maximum teacher epochs (default: --epochs)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher file: loaded when it exists (its metadata must match), else trained and "
+        "saved there (default OUT/teacher.pt)",
+    )
+    p.add_argument(
+        "--methods",
+        default="none",
+        help="comma-separated: none and/or KD methods (de, phr, ftd, htd, rrd, rrd-full, ir-rrd, "
+        "hetcomp, rd, cd, dcd, unkd)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a KD method option passed to its build(), e.g. rrd.lam=0.01 (VALUE parsed as JSON, "
+        "else a string); repeatable",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=1000,
+        help="maximum student epochs (early stopping on validation)",
+    )
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="maximum teacher epochs (default: --epochs)",
+    )
     p.add_argument("--eval-every", type=int, default=1, help="validate every E epochs")
-    p.add_argument("--patience", type=int, default=20, help="stop after this many evaluations without improvement")
-    p.add_argument("--monitor", default=None, help="validation metric for early stopping (default NDCG@10 / Recall@50)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="stop after this many evaluations without improvement",
+    )
+    p.add_argument(
+        "--monitor",
+        default=None,
+        help="validation metric for early stopping (default NDCG@10 / Recall@50)",
+    )
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0, help="training seed (model init, negatives, batch order)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1 ...)")
-    p.add_argument("--backend", default="auto", help="kdfast op backend for evaluation (auto, torch, cpp, triton)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="training seed (model init, negatives, batch order)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for training and evaluation (cpu, cuda, cuda:1 ...)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="kdfast op backend for evaluation (auto, torch, cpp, triton)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--out", default="kdfast-out", help="output folder (created)")
 
@@ -71,7 +144,9 @@ def parse_methods(text: str):
         raise UsageError("--methods is empty")
     unknown = [m for m in names if m != "none" and m not in METHODS]
     if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}; known: none, {', '.join(sorted(METHODS))}")
+        raise UsageError(
+            f"unknown method(s) {', '.join(unknown)}; known: none, {', '.join(sorted(METHODS))}"
+        )
     if len(set(names)) != len(names):
         raise UsageError(f"--methods lists a method twice: {text}")
     out = []
@@ -82,7 +157,9 @@ def parse_methods(text: str):
         try:
             _, opts = method_class(m)
         except (ImportError, AttributeError) as exc:
-            raise UsageError(f"method {m!r} is not available in this installation ({exc})") from None
+            raise UsageError(
+                f"method {m!r} is not available in this installation ({exc})"
+            ) from None
         out.append((m, opts))
     return out
 
@@ -127,8 +204,17 @@ def _check_writable(folder: Path, what: str) -> None:
 
 
 def _check_args(args) -> None:
-    for name in ("teacher_dim", "student_dim", "epochs", "eval_every", "patience", "batch_size", "n_neg",
-                 "synthetic_users", "synthetic_items"):  # fmt: skip
+    for name in (
+        "teacher_dim",
+        "student_dim",
+        "epochs",
+        "eval_every",
+        "patience",
+        "batch_size",
+        "n_neg",
+        "synthetic_users",
+        "synthetic_items",
+    ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
@@ -138,7 +224,8 @@ def _check_args(args) -> None:
 
 
 def report_table(results: dict, protocol: str, monitor: str) -> str:
-    """The printed summary: teacher and one row per student, with the change of `monitor` relative to
+    """The printed summary: teacher and one row per student, with the change of `monitor` relative
+    to
     the no-KD student ("none") when it ran."""
     from ..experiment import format_table, summary_columns, summary_rows
 
@@ -146,7 +233,11 @@ def report_table(results: dict, protocol: str, monitor: str) -> str:
     t, students = results["teacher"], results["students"]
     rows = summary_rows(t["test"], students, cols, monitor)
     sec = t.get("seconds_per_epoch")
-    rows[0] += ["", str(t.get("best_epoch", "")), f"{sec:.2f}" if sec and not t.get("loaded") else "loaded"]
+    rows[0] += [
+        "",
+        str(t.get("best_epoch", "")),
+        f"{sec:.2f}" if sec and not t.get("loaded") else "loaded",
+    ]
     for row, r in zip(rows[1:], students.values()):
         row += [str(r["best_epoch"]), f"{r['seconds_per_epoch']:.2f}"]
     header = ["model"] + cols + [f"{monitor} vs none", "best epoch", "s/epoch"]
@@ -200,16 +291,30 @@ def _specs(args):
     from ..experiment import DataSpec, TeacherSpec, TrainSpec
 
     data = DataSpec(
-        data=args.data, fmt=args.format, min_interactions=args.min_interactions,
-        threshold=args.threshold, synthetic_users=args.synthetic_users,
-        synthetic_items=args.synthetic_items, synthetic_seed=args.synthetic_seed,
-        protocol=args.protocol, n_neg=args.n_neg, split_seed=args.split_seed,
-    )  # fmt: skip
+        data=args.data,
+        fmt=args.format,
+        min_interactions=args.min_interactions,
+        threshold=args.threshold,
+        synthetic_users=args.synthetic_users,
+        synthetic_items=args.synthetic_items,
+        synthetic_seed=args.synthetic_seed,
+        protocol=args.protocol,
+        n_neg=args.n_neg,
+        split_seed=args.split_seed,
+    )
     train = TrainSpec(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        eval_every=args.eval_every, patience=args.patience, monitor=args.monitor, seed=args.seed,
-        progress=not args.no_progress, backend=args.backend, device=args.device,
-    )  # fmt: skip
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        monitor=args.monitor,
+        seed=args.seed,
+        progress=not args.no_progress,
+        backend=args.backend,
+        device=args.device,
+    )
     return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
 
 
@@ -245,8 +350,10 @@ def _run(args) -> int:
     data_spec, teacher_spec, train = _specs(args)
     monitor = train.monitor_for(args.protocol)
     if monitor not in metrics.metric_names(args.protocol):
-        raise UsageError(f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
-                         f"{', '.join(metrics.metric_names(args.protocol))}")  # fmt: skip
+        raise UsageError(
+            f"--monitor {monitor!r} is not a {args.protocol} metric; choose from "
+            f"{', '.join(metrics.metric_names(args.protocol))}"
+        )
     try:
         dataset, split = experiment.load_split(data_spec)
     except (OSError, ValueError) as exc:
@@ -255,15 +362,22 @@ def _run(args) -> int:
     log(f"data: {dataset.describe()}")
     log(f"split: {split.describe()}")
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config.update({"data": dataset.describe(), "split": split.describe(), "monitor": monitor,
-                   "methods": [m for m, _ in methods],
-                   "method_options": {m: o for m, o in methods if o},
-                   "teacher_file": str(teacher_path)})  # fmt: skip
+    config.update(
+        {
+            "data": dataset.describe(),
+            "split": split.describe(),
+            "monitor": monitor,
+            "methods": [m for m, _ in methods],
+            "method_options": {m: o for m, o in methods if o},
+            "teacher_file": str(teacher_path),
+        }
+    )
     results = {"config": config, "teacher": {}, "students": {}}
     teacher_train = dataclasses.replace(train, epochs=args.teacher_epochs or args.epochs)
     try:
-        teacher = experiment.get_teacher(dataset, split, data_spec, teacher_spec, teacher_train,
-                                         path=teacher_path, log=log)  # fmt: skip
+        teacher = experiment.get_teacher(
+            dataset, split, data_spec, teacher_spec, teacher_train, path=teacher_path, log=log
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         if teacher_path.exists():
             raise UsageError(str(exc)) from None
@@ -273,9 +387,15 @@ def _run(args) -> int:
 
     for name, opts in methods:
         results["students"][name] = experiment.train_student(
-            split, teacher, name, opts, student_model=args.student_model,
-            student_dim=args.student_dim, train=train, log=log,
-        )  # fmt: skip
+            split,
+            teacher,
+            name,
+            opts,
+            student_model=args.student_model,
+            student_dim=args.student_dim,
+            train=train,
+            log=log,
+        )
         _write_json(results, out / "results.json")
 
     plot(results, monitor, out / "validation.png")

@@ -1,12 +1,15 @@
-"""`kdfast topk`: each query's top-k keys (a teacher's ranking) from embedding files, written to .npz.
+"""`kdfast topk`: each query's top-k keys (a teacher's ranking) from embedding files, written to
+.npz.
 
     kdfast topk --queries users.npy --keys items.npy -k 100 --exclude users.dat --out top.npz
-    kdfast topk --demo 20000 100000 64 -k 100 --out top.npz      # random embeddings, no files needed
+    kdfast topk --demo 20000 100000 64 -k 100 --out top.npz      # random embeddings, no files
+    needed
 
-The .npz holds values [n_q, k] float32 and indices [n_q, k] int64 (index -1 / value -inf where a query
-has fewer than k non-excluded keys); with --item-side also item_values / item_indices [n_k, k]: each
-key's top-k queries, excluding the transposed exclusion lists (e.g. an item's top users).
+The .npz holds values [n_q, k] float32 and indices [n_q, k] int64 (index -1 / value -inf where a
+query has fewer than k non-excluded keys); with --item-side also item_values / item_indices [n_k,
+k]: each key's top-k queries, excluding the transposed exclusion lists (e.g. an item's top users).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,21 +26,39 @@ class CommandError(Exception):
 
 def add_arguments(p):
     src = p.add_argument_group("input")
-    src.add_argument("--queries", metavar="Q", help="query embeddings [n_q, d]: .npy or .pt (a tensor)")
+    src.add_argument(
+        "--queries", metavar="Q", help="query embeddings [n_q, d]: .npy or .pt (a tensor)"
+    )
     src.add_argument("--keys", metavar="K", help="key embeddings [n_k, d]: .npy or .pt")
-    src.add_argument("--demo", nargs=3, type=int, metavar=("N_Q", "N_K", "D"),
-                     help="use random N(0, 1) embeddings of this size instead of files")
+    src.add_argument(
+        "--demo",
+        nargs=3,
+        type=int,
+        metavar=("N_Q", "N_K", "D"),
+        help="use random N(0, 1) embeddings of this size instead of files",
+    )
     src.add_argument("--seed", type=int, default=0, help="seed for --demo (default 0)")
-    src.add_argument("--exclude", metavar="X",
-                     help="keys each query must not get: a scipy.sparse .npz (rows = queries), an .npz with "
-                          "'indptr' and 'indices', or a users.dat text file (line r: 'count id id ...', "
-                          "'0' for none)")
+    src.add_argument(
+        "--exclude",
+        metavar="X",
+        help="keys each query must not get: a scipy.sparse .npz (rows = queries), an .npz with "
+        "'indptr' and 'indices', or a users.dat text file (line r: 'count id id ...', "
+        "'0' for none)",
+    )
     p.add_argument("-k", "--k", type=int, default=100, help="keys per query (default 100)")
-    p.add_argument("--item-side", action="store_true", help="also each key's top-k queries (transposed exclusions)")
+    p.add_argument(
+        "--item-side",
+        action="store_true",
+        help="also each key's top-k queries (transposed exclusions)",
+    )
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
-    p.add_argument("--device", default="cpu", help="torch device for the computation (default cpu; e.g. cuda)")
+    p.add_argument(
+        "--device", default="cpu", help="torch device for the computation (default cpu; e.g. cuda)"
+    )
     p.add_argument("--batch", type=int, default=4096, help="query rows per call (default 4096)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's setting)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .npz")
 
@@ -62,7 +83,9 @@ def load_embeddings(path: str, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise CommandError(f"--{name}: {path} must hold one tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise CommandError(f"--{name}: expected a 2-D array [rows, d], got shape {tuple(x.shape)} in {path}")
+        raise CommandError(
+            f"--{name}: expected a 2-D array [rows, d], got shape {tuple(x.shape)} in {path}"
+        )
     if not x.dtype.is_floating_point:
         raise CommandError(f"--{name}: expected floating-point embeddings, got {x.dtype} in {path}")
     return x
@@ -70,6 +93,7 @@ def load_embeddings(path: str, name: str) -> torch.Tensor:
 
 def load_exclude(path: str, n_q: int, n_k: int):
     import kdfast
+
     if not os.path.isfile(path):
         raise CommandError(f"--exclude: file not found: {path}")
     if path.endswith(".npz"):
@@ -79,6 +103,7 @@ def load_exclude(path: str, n_q: int, n_k: int):
                     obj = (z["indptr"], z["indices"])
                 else:
                     import scipy.sparse
+
                     obj = scipy.sparse.load_npz(path)
         except Exception as exc:  # noqa: BLE001
             raise CommandError(f"--exclude: cannot read {path}: {exc}") from None
@@ -100,12 +125,13 @@ def load_exclude(path: str, n_q: int, n_k: int):
 
 def _slice_csr(indptr, indices, r0, r1):
     lo, hi = int(indptr[r0]), int(indptr[r1])
-    return indptr[r0:r1 + 1] - lo, indices[lo:hi]
+    return indptr[r0 : r1 + 1] - lo, indices[lo:hi]
 
 
 def _ranked(queries, keys, k, csr, args, bar):
     """Top-k over all query rows, batch by batch."""
     import kdfast
+
     n_q = queries.shape[0]
     values = np.empty((n_q, k), dtype=np.float32)
     index = np.empty((n_q, k), dtype=np.int64)
@@ -114,7 +140,9 @@ def _ranked(queries, keys, k, csr, args, bar):
     for r0 in range(0, n_q, args.batch):
         r1 = min(n_q, r0 + args.batch)
         excl = None if csr is None else tuple(t.to(dev) for t in _slice_csr(*csr, r0, r1))
-        v, i = kdfast.topk_scores(queries[r0:r1].to(dev), keys_dev, k, exclude=excl, backend=args.backend)
+        v, i = kdfast.topk_scores(
+            queries[r0:r1].to(dev), keys_dev, k, exclude=excl, backend=args.backend
+        )
         values[r0:r1], index[r0:r1] = v.cpu().numpy(), i.cpu().numpy()
         bar.update(1)
     return values, index
@@ -133,6 +161,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from tqdm import tqdm
+
     if args.k < 1:
         raise CommandError(f"-k must be >= 1, got {args.k}")
     if args.batch < 1:
@@ -154,7 +183,9 @@ def _run(args) -> int:
             raise CommandError("give --queries and --keys (or --demo N_Q N_K D)")
         queries, keys = load_embeddings(args.queries, "queries"), load_embeddings(args.keys, "keys")
         if queries.shape[1] != keys.shape[1]:
-            raise CommandError(f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}")
+            raise CommandError(
+                f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}"
+            )
     n_q, n_k = queries.shape[0], keys.shape[0]
     csr = load_exclude(args.exclude, n_q, n_k) if args.exclude else None
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -162,14 +193,22 @@ def _run(args) -> int:
         raise CommandError(f"--out: directory does not exist: {out_dir}")
     n_batches = math.ceil(n_q / args.batch) + (math.ceil(n_k / args.batch) if args.item_side else 0)
     result = {}
-    with tqdm(total=n_batches, desc="top-k batches", unit="batch", disable=args.quiet, file=sys.stderr) as bar:
+    with tqdm(
+        total=n_batches, desc="top-k batches", unit="batch", disable=args.quiet, file=sys.stderr
+    ) as bar:
         result["values"], result["indices"] = _ranked(queries, keys, args.k, csr, args, bar)
         if args.item_side:
             import kdfast
+
             t_csr = None if csr is None else kdfast.transpose_csr(csr, n_k, n_q)
-            result["item_values"], result["item_indices"] = _ranked(keys, queries, args.k, t_csr, args, bar)
+            result["item_values"], result["item_indices"] = _ranked(
+                keys, queries, args.k, t_csr, args, bar
+            )
     np.savez(args.out, **result)
     if not args.quiet:
-        print(f"wrote {args.out}: top-{args.k} of {n_k} keys for {n_q} queries"
-              + (f" and top-{args.k} of {n_q} queries for {n_k} keys" if args.item_side else ""), file=sys.stderr)
+        print(
+            f"wrote {args.out}: top-{args.k} of {n_k} keys for {n_q} queries"
+            + (f" and top-{args.k} of {n_q} queries for {n_k} keys" if args.item_side else ""),
+            file=sys.stderr,
+        )
     return 0

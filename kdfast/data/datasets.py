@@ -1,11 +1,13 @@
 """Interaction data sets: loaders for CiteULike-t, MovieLens and generic user-item files, a seeded
 synthetic generator, filtering by minimum interactions, id remapping and the CSR form.
 
-Every loader returns an `Interactions`: implicit feedback of n_users users on n_items items as an int64
-CSR pair (indptr [n_users + 1], indices [nnz]) with each row's item ids sorted and unique. Original ids
-are kept (user_ids, item_ids) so results can be mapped back. A malformed file raises a ValueError that
-names the file, the line number and what is wrong, before anything is returned (nothing half-loaded).
+Every loader returns an `Interactions`: implicit feedback of n_users users on n_items items as an
+int64 CSR pair (indptr [n_users + 1], indices [nnz]) with each row's item ids sorted and unique.
+Original ids are kept (user_ids, item_ids) so results can be mapped back. A malformed file raises a
+ValueError that names the file, the line number and what is wrong, before anything is returned
+(nothing half-loaded).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +53,8 @@ class Interactions:
         return self.indptr, self.indices
 
     def fingerprint(self) -> str:
-        """sha256 (first 16 hex digits) of the sizes and the CSR: equal data <=> equal fingerprint."""
+        """sha256 (first 16 hex digits) of the sizes and the CSR: equal data <=> equal
+        fingerprint."""
         h = hashlib.sha256()
         h.update(np.array([self.n_users, self.n_items], dtype=np.int64).tobytes())
         h.update(self.indptr.numpy().astype(np.int64).tobytes())
@@ -59,22 +62,39 @@ class Interactions:
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
-        return {"name": self.name, "users": self.n_users, "items": self.n_items, "interactions": self.nnz,
-                "fingerprint": self.fingerprint(), "source": self.source}
+        return {
+            "name": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": self.nnz,
+            "fingerprint": self.fingerprint(),
+            "source": self.source,
+        }
 
 
-def from_pairs(users, items, *, name: str, source: str = "", min_user_interactions: int = 1,
-               min_item_interactions: int = 1) -> Interactions:
+def from_pairs(
+    users,
+    items,
+    *,
+    name: str,
+    source: str = "",
+    min_user_interactions: int = 1,
+    min_item_interactions: int = 1,
+) -> Interactions:
     """Build Interactions from parallel arrays of original user and item ids (ints or strings).
 
-    Duplicate pairs count once. Users with fewer than min_user_interactions distinct items are dropped,
-    then items with fewer than min_item_interactions users (one pass each, in that order; docs/METHODS.md section 1
-    filters users only). Remaining ids are remapped to 0..n-1 in the sorted order of the original ids.
+    Duplicate pairs count once. Users with fewer than min_user_interactions distinct items are
+    dropped, then items with fewer than min_item_interactions users (one pass each, in that order;
+    docs/METHODS.md section 1 filters users only). Remaining ids are remapped to 0..n-1 in the
+    sorted order of the original ids.
     """
     users = np.asarray(users)
     items = np.asarray(items)
     if users.shape != items.shape or users.ndim != 1:
-        raise ValueError(f"users and items must be 1-D arrays of the same length, got {users.shape} and {items.shape}")
+        raise ValueError(
+            "users and items must be 1-D arrays of the same length, "
+            f"got {users.shape} and {items.shape}"
+        )
     if min_user_interactions < 0 or min_item_interactions < 0:
         raise ValueError("min_user_interactions and min_item_interactions must be >= 0")
     u_orig, u_code = np.unique(users, return_inverse=True)
@@ -92,14 +112,24 @@ def from_pairs(users, items, *, name: str, source: str = "", min_user_interactio
     i_kept, i_new = np.unique(i_code, return_inverse=True)
     n_users, n_items = len(u_kept), len(i_kept)
     if n_users == 0 or n_items == 0:
-        raise ValueError(f"{name}: no interactions left after filtering (min_user_interactions={min_user_interactions})")
+        raise ValueError(
+            f"{name}: no interactions left after filtering "
+            f"(min_user_interactions={min_user_interactions})"
+        )
     order = np.lexsort((i_new, u_new))
     u_new, i_new = u_new[order], i_new[order]
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     indptr[1:] = np.cumsum(np.bincount(u_new, minlength=n_users))
-    return Interactions(name=name, n_users=n_users, n_items=n_items, indptr=torch.from_numpy(indptr),
-                        indices=torch.from_numpy(i_new.astype(np.int64)), user_ids=u_orig[u_kept],
-                        item_ids=i_orig[i_kept], source=source)
+    return Interactions(
+        name=name,
+        n_users=n_users,
+        n_items=n_items,
+        indptr=torch.from_numpy(indptr),
+        indices=torch.from_numpy(i_new.astype(np.int64)),
+        user_ids=u_orig[u_kept],
+        item_ids=i_orig[i_kept],
+        source=source,
+    )
 
 
 def _bad(path, lineno, what):
@@ -120,7 +150,7 @@ def _read_lines(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    with open(path, "r", encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8", errors="strict") as f:
         try:
             return f.read().splitlines()
         except UnicodeDecodeError as exc:
@@ -129,8 +159,8 @@ def _read_lines(path):
 
 def read_users_dat(path):
     """The CSR (indptr, indices), int64 numpy arrays, of a users.dat file: line r (0-based row r) is
-    "count id id ..." with `count` ids after it ("0" for a row without ids). Trailing empty lines are
-    ignored. The one parser of the format (data sets and `kdfast topk --exclude`).
+    "count id id ..." with `count` ids after it ("0" for a row without ids). Trailing empty lines
+    are ignored. The one parser of the format (data sets and `kdfast topk --exclude`).
 
     Raises FileNotFoundError for a missing file and ValueError naming the file and line for a count
     that does not match, a non-integer or negative id, an empty line inside the file, or no line.
@@ -154,17 +184,22 @@ def read_users_dat(path):
     return np.asarray(indptr, dtype=np.int64), np.asarray(indices, dtype=np.int64)
 
 
-def load_users_dat(path, *, name: str = "citeulike-t", min_user_interactions: int = 5) -> Interactions:
-    """Load a CiteULike-style users.dat (see read_users_dat): line u is user u's items. Users with zero
+def load_users_dat(
+    path, *, name: str = "citeulike-t", min_user_interactions: int = 5
+) -> Interactions:
+    """Load a CiteULike-style users.dat (see read_users_dat): line u is user u's items. Users with
+    zero
     items may appear."""
     indptr, items = read_users_dat(path)
     users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-    return from_pairs(users, items, name=name, source=str(path), min_user_interactions=min_user_interactions)
+    return from_pairs(
+        users, items, name=name, source=str(path), min_user_interactions=min_user_interactions
+    )
 
 
 def load_movielens(path, *, threshold: float = 4.0, min_user_interactions: int = 5) -> Interactions:
-    """Load a MovieLens rating file as implicit feedback: a (user, movie) pair is an interaction when
-    its rating >= threshold.
+    """Load a MovieLens rating file as implicit feedback: a (user, movie) pair is an interaction
+    when its rating >= threshold.
 
     Formats (by file name): u.data (tab-separated user item rating timestamp), ratings.dat
     (user::movie::rating::timestamp), ratings.csv (header userId,movieId,rating,timestamp).
@@ -186,7 +221,9 @@ def load_movielens(path, *, threshold: float = 4.0, min_user_interactions: int =
             continue
         toks = line.split(sep) if sep else line.split()
         if len(toks) < 3:
-            raise _bad(path, lineno, f"expected user, item, rating (and timestamp), got {len(toks)} fields")
+            raise _bad(
+                path, lineno, f"expected user, item, rating (and timestamp), got {len(toks)} fields"
+            )
         u = _int_token(toks[0].strip(), path, lineno, "user id")
         i = _int_token(toks[1].strip(), path, lineno, "item id")
         try:
@@ -200,8 +237,13 @@ def load_movielens(path, *, threshold: float = 4.0, min_user_interactions: int =
             items.append(i)
     if not users:
         raise ValueError(f"{path}: no rating >= {threshold} in the file")
-    return from_pairs(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64),
-                      name=path.name, source=str(path), min_user_interactions=min_user_interactions)
+    return from_pairs(
+        np.asarray(users, dtype=np.int64),
+        np.asarray(items, dtype=np.int64),
+        name=path.name,
+        source=str(path),
+        min_user_interactions=min_user_interactions,
+    )
 
 
 def load_pairs(path, *, sep: str | None = None, min_user_interactions: int = 5) -> Interactions:
@@ -213,7 +255,11 @@ def load_pairs(path, *, sep: str | None = None, min_user_interactions: int = 5) 
     """
     path = Path(path)
     lines = _read_lines(path)
-    body = [(n, ln) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
+    body = [
+        (n, ln)
+        for n, ln in enumerate(lines, start=1)
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     if not body:
         raise ValueError(f"{path}: the file has no user-item pairs")
     if sep is None:
@@ -223,13 +269,21 @@ def load_pairs(path, *, sep: str | None = None, min_user_interactions: int = 5) 
     for lineno, line in body:
         toks = [t.strip() for t in (line.split(sep) if sep else line.split())]
         if len(toks) < 2 or not toks[0] or not toks[1]:
-            raise _bad(path, lineno, f"expected at least two fields (user, item) separated by {sep or 'whitespace'!r}")
+            raise _bad(
+                path,
+                lineno,
+                f"expected at least two fields (user, item) separated by {sep or 'whitespace'!r}",
+            )
         rows.append((lineno, toks[0], toks[1]))
 
     def is_int(t):
         return t.lstrip("-").isdigit()
 
-    if len(rows) > 1 and not (is_int(rows[0][1]) and is_int(rows[0][2])) and all(is_int(a) and is_int(b) for _, a, b in rows[1:]):
+    if (
+        len(rows) > 1
+        and not (is_int(rows[0][1]) and is_int(rows[0][2]))
+        and all(is_int(a) and is_int(b) for _, a, b in rows[1:])
+    ):
         rows = rows[1:]  # header
     users = [a for _, a, _ in rows]
     items = [b for _, _, b in rows]
@@ -238,24 +292,37 @@ def load_pairs(path, *, sep: str | None = None, min_user_interactions: int = 5) 
         items = np.asarray([int(t) for t in items], dtype=np.int64)
     else:
         users, items = np.asarray(users), np.asarray(items)
-    return from_pairs(users, items, name=path.name, source=str(path), min_user_interactions=min_user_interactions)
+    return from_pairs(
+        users, items, name=path.name, source=str(path), min_user_interactions=min_user_interactions
+    )
 
 
-def synthetic(n_users: int = 2000, n_items: int = 1500, *, rank: int = 16, mean_interactions: float = 25.0,
-              popularity_exponent: float = 1.0, noise: float = 1.0, seed: int = 0,
-              min_user_interactions: int = 5) -> Interactions:
-    """Seeded synthetic implicit feedback with planted low-rank preferences and power-law popularity.
+def synthetic(
+    n_users: int = 2000,
+    n_items: int = 1500,
+    *,
+    rank: int = 16,
+    mean_interactions: float = 25.0,
+    popularity_exponent: float = 1.0,
+    noise: float = 1.0,
+    seed: int = 0,
+    min_user_interactions: int = 5,
+) -> Interactions:
+    """Seeded synthetic implicit feedback with planted low-rank preferences and power-law
+    popularity.
 
-    User u draws its number of items n_u ~ 5 + Poisson-lognormal around mean_interactions, then its n_u
-    items WITHOUT replacement from p(i | u) proportional to exp(<a_u, b_i> + log pop_i) with
-    a_u, b_i ~ N(0, 1/sqrt(rank)) * 2 and pop_i = (rank of item i)^(-popularity_exponent) (Zipf),
-    by the Gumbel-top-k trick (noise scales the Gumbel noise). Runs in seconds at the default size.
+    User u draws its number of items n_u ~ 5 + Poisson-lognormal around mean_interactions, then its
+    n_u items WITHOUT replacement from p(i | u) proportional to exp(<a_u, b_i> + log pop_i) with
+    a_u, b_i ~ N(0, 1/sqrt(rank)) * 2 and pop_i = (rank of item i)^(-popularity_exponent) (Zipf), by
+    the Gumbel-top-k trick (noise scales the Gumbel noise). Runs in seconds at the default size.
     """
     rng = np.random.default_rng(seed)
     a = rng.normal(0.0, 2.0 / np.sqrt(np.sqrt(rank)), size=(n_users, rank))
     b = rng.normal(0.0, 2.0 / np.sqrt(np.sqrt(rank)), size=(n_items, rank))
     log_pop = -popularity_exponent * np.log(np.arange(1, n_items + 1))[rng.permutation(n_items)]
-    sizes = 5 + rng.poisson(np.maximum(mean_interactions - 5, 0.0) * rng.lognormal(0.0, 0.5, n_users) / np.exp(0.125))
+    sizes = 5 + rng.poisson(
+        np.maximum(mean_interactions - 5, 0.0) * rng.lognormal(0.0, 0.5, n_users) / np.exp(0.125)
+    )
     sizes = np.minimum(sizes, n_items // 2)
     users, items = [], []
     for u0 in range(0, n_users, 512):
@@ -267,10 +334,18 @@ def synthetic(n_users: int = 2000, n_items: int = 1500, *, rank: int = 16, mean_
             n = sizes[u0 + r]
             users.append(np.full(n, u0 + r, dtype=np.int64))
             items.append(order[r, :n].astype(np.int64))
-    src = (f"synthetic(n_users={n_users}, n_items={n_items}, rank={rank}, mean_interactions={mean_interactions}, "
-           f"popularity_exponent={popularity_exponent}, noise={noise}, seed={seed})")
-    return from_pairs(np.concatenate(users), np.concatenate(items), name="synthetic", source=src,
-                      min_user_interactions=min_user_interactions)
+    src = (
+        f"synthetic(n_users={n_users}, n_items={n_items}, rank={rank}, "
+        f"mean_interactions={mean_interactions}, "
+        f"popularity_exponent={popularity_exponent}, noise={noise}, seed={seed})"
+    )
+    return from_pairs(
+        np.concatenate(users),
+        np.concatenate(items),
+        name="synthetic",
+        source=src,
+        min_user_interactions=min_user_interactions,
+    )
 
 
 def _sha256(path) -> str:
@@ -282,9 +357,10 @@ def _sha256(path) -> str:
 
 
 def citeulike_path(path=None, *, download: bool = True) -> Path:
-    """Locate CiteULike-t users.dat: `path` (a file or a folder holding users.dat), else $KDFAST_DATA
-    (a file, a folder with users.dat, or a folder with citeulike-t/users.dat), else the cache
-    ($KDFAST_CACHE or ~/.cache/kdfast) where it is downloaded from its public source and checked
+    """Locate CiteULike-t users.dat: `path` (a file or a folder holding users.dat), else
+    $KDFAST_DATA (a file, a folder with users.dat, or a folder with citeulike-t/users.dat), else the
+    cache ($KDFAST_CACHE or ~/.cache/kdfast) where it is downloaded from its public source and
+    checked
     against its sha256. Raises FileNotFoundError saying where it looked."""
     tried = []
     candidates = []
@@ -299,14 +375,18 @@ def citeulike_path(path=None, *, download: bool = True) -> Path:
             if f.is_file():
                 return f
     if path is not None:
-        raise FileNotFoundError(f"CiteULike-t users.dat not found at {path!r} (tried {', '.join(tried)})")
+        raise FileNotFoundError(
+            f"CiteULike-t users.dat not found at {path!r} (tried {', '.join(tried)})"
+        )
     cache = Path(os.environ.get("KDFAST_CACHE", Path.home() / ".cache" / "kdfast")) / "citeulike-t"
     target = cache / "users.dat"
     if target.is_file() and _sha256(target) == CITEULIKE_SHA256:
         return target
     tried.append(str(target))
     if not download:
-        raise FileNotFoundError(f"CiteULike-t users.dat not found (tried {', '.join(tried)}); set KDFAST_DATA")
+        raise FileNotFoundError(
+            f"CiteULike-t users.dat not found (tried {', '.join(tried)}); set KDFAST_DATA"
+        )
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
     os.close(fd)
@@ -316,10 +396,13 @@ def citeulike_path(path=None, *, download: bool = True) -> Path:
         except OSError as exc:
             raise FileNotFoundError(
                 f"CiteULike-t users.dat not found (tried {', '.join(tried)}) and the download from "
-                f"{CITEULIKE_URL} failed ({exc}); set KDFAST_DATA to a folder holding users.dat") from None
+                f"{CITEULIKE_URL} failed ({exc}); set KDFAST_DATA to a folder holding users.dat"
+            ) from None
         got = _sha256(tmp)
         if got != CITEULIKE_SHA256:
-            raise ValueError(f"downloaded {CITEULIKE_URL} has sha256 {got}, expected {CITEULIKE_SHA256}")
+            raise ValueError(
+                f"downloaded {CITEULIKE_URL} has sha256 {got}, expected {CITEULIKE_SHA256}"
+            )
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -327,38 +410,64 @@ def citeulike_path(path=None, *, download: bool = True) -> Path:
     return target
 
 
-def load_citeulike(path=None, *, min_user_interactions: int = 5, download: bool = True) -> Interactions:
-    """CiteULike-t (users with >= 5 interactions: 5,219 users, 25,181 items) - see citeulike_path."""
-    return load_users_dat(citeulike_path(path, download=download), name="citeulike-t",
-                          min_user_interactions=min_user_interactions)
+def load_citeulike(
+    path=None, *, min_user_interactions: int = 5, download: bool = True
+) -> Interactions:
+    """CiteULike-t (users with >= 5 interactions: 5,219 users, 25,181 items) - see
+    citeulike_path."""
+    return load_users_dat(
+        citeulike_path(path, download=download),
+        name="citeulike-t",
+        min_user_interactions=min_user_interactions,
+    )
 
 
-def load(spec: str, *, fmt: str = "auto", min_user_interactions: int = 5, threshold: float = 4.0,
-         seed: int = 0, **synthetic_options) -> Interactions:
+def load(
+    spec: str,
+    *,
+    fmt: str = "auto",
+    min_user_interactions: int = 5,
+    threshold: float = 4.0,
+    seed: int = 0,
+    **synthetic_options,
+) -> Interactions:
     """Load a data set by name or path: "synthetic", "citeulike-t" or a file/folder.
 
-    fmt: "auto" (by file name: users.dat -> users-dat; u.data, ratings.dat, ratings.csv -> movielens;
+    fmt: "auto" (by file name: users.dat -> users-dat; u.data, ratings.dat, ratings.csv ->
+        movielens;
     anything else -> pairs), or "users-dat", "movielens", "pairs".
     """
     formats = ("auto", "users-dat", "movielens", "pairs")
     if fmt not in formats:
         raise ValueError(f"fmt must be one of {formats}, got {fmt!r}")
     if spec == "synthetic":
-        return synthetic(seed=seed, min_user_interactions=min_user_interactions, **synthetic_options)
+        return synthetic(
+            seed=seed, min_user_interactions=min_user_interactions, **synthetic_options
+        )
     if spec == "citeulike-t":
         return load_citeulike(min_user_interactions=min_user_interactions)
     p = Path(spec)
     if p.is_dir():
         p = p / "users.dat"
     if not p.is_file():
-        raise FileNotFoundError(f"data {spec!r} is neither 'synthetic', 'citeulike-t' nor an existing file")
+        raise FileNotFoundError(
+            f"data {spec!r} is neither 'synthetic', 'citeulike-t' nor an existing file"
+        )
     if fmt == "auto":
         base = p.name.lower()
-        fmt = ("users-dat" if base == "users.dat" else
-               "movielens" if base in ("u.data", "ratings.dat", "ratings.csv") else "pairs")
+        fmt = (
+            "users-dat"
+            if base == "users.dat"
+            else "movielens"
+            if base in ("u.data", "ratings.dat", "ratings.csv")
+            else "pairs"
+        )
     if fmt == "users-dat":
-        return load_users_dat(p, name=p.parent.name if p.name == "users.dat" and p.parent.name else p.name,
-                              min_user_interactions=min_user_interactions)
+        return load_users_dat(
+            p,
+            name=p.parent.name if p.name == "users.dat" and p.parent.name else p.name,
+            min_user_interactions=min_user_interactions,
+        )
     if fmt == "movielens":
         return load_movielens(p, threshold=threshold, min_user_interactions=min_user_interactions)
     return load_pairs(p, min_user_interactions=min_user_interactions)

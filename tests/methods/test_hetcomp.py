@@ -186,9 +186,8 @@ def test_losses_match_dense_formulas_with_gradient(phase, backend):
     loss = m.loss_for_users(su, si, ub)
     want = _dense_losses(m, su.detach(), si.detach(), ub)[phase - 1]
     assert loss.item() == pytest.approx(want, rel=1e-4)
-    if (
-        backend != "triton"
-    ):  # float64 tables: the fused tails and gathers agree with the formula to rounding
+    # float64 tables: the fused tails and gathers agree with the formula to rounding
+    if backend != "triton":
         assert m.loss_for_users(
             su.detach().double(), si.detach().double(), ub
         ).item() == pytest.approx(want, rel=1e-10)

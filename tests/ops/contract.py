@@ -1,6 +1,7 @@
-"""The contract every op of kdfast.ops keeps, as data: for each public function, how to make inputs, how
-to call it, its oracle (the op's reference in float64), its custom ops, and the bad inputs it must
-reject. tests/ops/test_contract.py runs every clause on every backend; a new op adds one Spec here.
+"""The contract every op of kdfast.ops keeps, as data: for each public function, how to make inputs,
+how to call it, its oracle (the op's reference in float64), its custom ops, and the bad inputs it
+must reject. tests/ops/test_contract.py runs every clause on every backend; a new op adds one Spec
+here.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class Spec:
     ops: Callable
     diff: tuple = ()
     bad: list = field(default_factory=list)
-    dtypes: dict = field(default_factory=lambda: {"torch": (F32, F64), "cpp": (F32, F64), "triton": (F32, F64)})
+    dtypes: dict = field(
+        default_factory=lambda: {"torch": (F32, F64), "cpp": (F32, F64), "triton": (F32, F64)}
+    )
     gradcheck: tuple = ("torch", "cpp", "triton")
     atomic_grads: tuple = ()
 
@@ -120,23 +123,61 @@ TOPK = Spec(
     bad=[
         ("k = 0", lambda a, kw: (_swap(a, 2, 0), kw), ValueError, "k must be >= 1"),
         ("k not an int", lambda a, kw: (_swap(a, 2, 2.5), kw), TypeError, "k must be an int"),
-        ("queries 1-D", lambda a, kw: (_swap(a, 0, a[0][0]), kw), ValueError, "queries must be 2-D"),
+        (
+            "queries 1-D",
+            lambda a, kw: (_swap(a, 0, a[0][0]), kw),
+            ValueError,
+            "queries must be 2-D",
+        ),
         ("keys 3-D", lambda a, kw: (_swap(a, 1, a[1][None]), kw), ValueError, "keys must be 2-D"),
-        ("keys integer", lambda a, kw: (_swap(a, 1, a[1].long()), kw), TypeError, "keys must be a floating"),
+        (
+            "keys integer",
+            lambda a, kw: (_swap(a, 1, a[1].long()), kw),
+            TypeError,
+            "keys must be a floating",
+        ),
         ("d differs", lambda a, kw: (_swap(a, 1, a[1][:, :3]), kw), ValueError, "same dimension"),
         ("dtypes differ", lambda a, kw: (_swap(a, 1, a[1].half()), kw), TypeError, "same dtype"),
-        ("devices differ", lambda a, kw: (_swap(a, 1, a[1].to("meta")), kw), ValueError, "same device"),
+        (
+            "devices differ",
+            lambda a, kw: (_swap(a, 1, a[1].to("meta")), kw),
+            ValueError,
+            "same device",
+        ),
         ("exclude rows", _excl(lambda ip, ix: (ip[:-1], ix)), ValueError, "exclude indptr"),
-        ("exclude decreasing", _excl(lambda ip, ix: (torch.cat([ip[:1], ip[2:3], ip[1:2], ip[3:]]), ix)),
-         ValueError, "non-decreasing"),
+        (
+            "exclude decreasing",
+            _excl(lambda ip, ix: (torch.cat([ip[:1], ip[2:3], ip[1:2], ip[3:]]), ix)),
+            ValueError,
+            "non-decreasing",
+        ),
         ("exclude start", _excl(lambda ip, ix: (ip + 1, ix)), ValueError, "start at 0"),
         ("exclude end", _excl(lambda ip, ix: (ip, ix[:-1])), ValueError, "does not match"),
-        ("exclude id too large", _excl(lambda ip, ix: (ip, ix + 100)), ValueError, "exclude indices"),
-        ("exclude id negative", _excl(lambda ip, ix: (ip, ix - 100)), ValueError, "exclude indices"),
+        (
+            "exclude id too large",
+            _excl(lambda ip, ix: (ip, ix + 100)),
+            ValueError,
+            "exclude indices",
+        ),
+        (
+            "exclude id negative",
+            _excl(lambda ip, ix: (ip, ix - 100)),
+            ValueError,
+            "exclude indices",
+        ),
         ("exclude float ids", _excl(lambda ip, ix: (ip, ix.float())), TypeError, "exclude indices"),
-        ("exclude type", lambda a, kw: (a, _with(kw, exclude="items")), TypeError, "exclude must be"),
-        ("exclude scipy rows", lambda a, kw: (a, _with(kw, exclude=scipy.sparse.csr_matrix(np.ones((2, 29))))),
-         ValueError, "rows"),
+        (
+            "exclude type",
+            lambda a, kw: (a, _with(kw, exclude="items")),
+            TypeError,
+            "exclude must be",
+        ),
+        (
+            "exclude scipy rows",
+            lambda a, kw: (a, _with(kw, exclude=scipy.sparse.csr_matrix(np.ones((2, 29))))),
+            ValueError,
+            "rows",
+        ),
     ],
 )
 
@@ -178,10 +219,24 @@ PLACKETT_LUCE = Spec(
         ("unranked rows", lambda a, kw: (_swap(a, 1, a[1][:2]), kw), ValueError, "unranked"),
         ("unranked integer", lambda a, kw: (_swap(a, 1, a[1].int()), kw), TypeError, "unranked"),
         ("unranked dtype", lambda a, kw: (_swap(a, 1, a[1].half()), kw), TypeError, "unranked"),
-        ("log_tail rows", lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"][:2])), ValueError, "log_tail"),
-        ("log_tail 2-D", lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"][:, None])), ValueError, "log_tail"),
-        ("log_tail integer", lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"].long())), TypeError,
-         "log_tail"),
+        (
+            "log_tail rows",
+            lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"][:2])),
+            ValueError,
+            "log_tail",
+        ),
+        (
+            "log_tail 2-D",
+            lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"][:, None])),
+            ValueError,
+            "log_tail",
+        ),
+        (
+            "log_tail integer",
+            lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"].long())),
+            TypeError,
+            "log_tail",
+        ),
         ("K = 0 alone", lambda a, kw: ((a[0][:, :0],), {}), ValueError, "K = 0"),
         ("reduction", lambda a, kw: (a, _with(kw, reduction="avg")), ValueError, "reduction"),
     ],
@@ -200,15 +255,18 @@ def _emb_make(dtype, device, gen):
 
 def _emb_oracle(args, kwargs):
     q, e, ri, ui = args
-    return pl_ref.plackett_luce_loss_from_embeddings(q.double(), e.double(), ri, ui,
-                                                     kwargs["log_tail"].double(), kwargs["reduction"])
+    return pl_ref.plackett_luce_loss_from_embeddings(
+        q.double(), e.double(), ri, ui, kwargs["log_tail"].double(), kwargs["reduction"]
+    )
 
 
 def _emb_ops(args, kwargs, backend):
     q, e, ri, ui = args
     t = kwargs["log_tail"]
     rows = torch.tensor([3, 0, 3], device=q.device)
-    _, d_r, d_u, _, gq = pl_op._emb_op(q.detach(), e.detach(), ri, ui, t.detach(), rows, True, backend)
+    _, d_r, d_u, _, gq = pl_op._emb_op(
+        q.detach(), e.detach(), ri, ui, t.detach(), rows, True, backend
+    )
     grad = torch.ones(3, dtype=gq.dtype, device=q.device)
     return [
         (pl_op._emb_op, (q, e, ri, ui, t, None, True, backend)),
@@ -236,18 +294,46 @@ PLACKETT_LUCE_EMB = Spec(
     atomic_grads=("triton",),
     bad=[
         ("ranked id too large", _bad_id(2, (1, 0), 13), ValueError, "ranked_idx holds ids outside"),
-        ("unranked id below -1", _bad_id(3, (2, 1), -2), ValueError, "unranked_idx holds ids outside"),
-        ("rows out of range", lambda a, kw: (a, _with(kw, rows=torch.tensor([0, 5], device=a[0].device))),
-         ValueError, "rows holds ids outside"),
-        ("rows float", lambda a, kw: (a, _with(kw, rows=torch.tensor([0.0], device=a[0].device))), TypeError,
-         "rows must be an integer"),
+        (
+            "unranked id below -1",
+            _bad_id(3, (2, 1), -2),
+            ValueError,
+            "unranked_idx holds ids outside",
+        ),
+        (
+            "rows out of range",
+            lambda a, kw: (a, _with(kw, rows=torch.tensor([0, 5], device=a[0].device))),
+            ValueError,
+            "rows holds ids outside",
+        ),
+        (
+            "rows float",
+            lambda a, kw: (a, _with(kw, rows=torch.tensor([0.0], device=a[0].device))),
+            TypeError,
+            "rows must be an integer",
+        ),
         ("ranked_idx rows", lambda a, kw: (_swap(a, 2, a[2][:2]), kw), ValueError, "ranked_idx"),
-        ("unranked_idx rows", lambda a, kw: (_swap(a, 3, a[3][:2]), kw), ValueError, "unranked_idx"),
-        ("ranked_idx float", lambda a, kw: (_swap(a, 2, a[2].float()), kw), TypeError, "ranked_idx"),
+        (
+            "unranked_idx rows",
+            lambda a, kw: (_swap(a, 3, a[3][:2]), kw),
+            ValueError,
+            "unranked_idx",
+        ),
+        (
+            "ranked_idx float",
+            lambda a, kw: (_swap(a, 2, a[2].float()), kw),
+            TypeError,
+            "ranked_idx",
+        ),
         ("query integer", lambda a, kw: (_swap(a, 0, a[0].long()), kw), TypeError, "query_emb"),
         ("dtypes differ", lambda a, kw: (_swap(a, 1, a[1].half()), kw), TypeError, "dtype"),
         ("d differs", lambda a, kw: (_swap(a, 1, a[1][:, :3]), kw), ValueError, "dimension"),
-        ("log_tail rows", lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"][:2])), ValueError, "log_tail"),
+        (
+            "log_tail rows",
+            lambda a, kw: (a, _with(kw, log_tail=kw["log_tail"][:2])),
+            ValueError,
+            "log_tail",
+        ),
         ("K = 0 alone", lambda a, kw: ((a[0], a[1], a[2][:, :0]), {}), ValueError, "K = 0"),
         ("reduction", lambda a, kw: (a, _with(kw, reduction="max")), ValueError, "reduction"),
     ],
@@ -259,7 +345,11 @@ def _fc_make(dtype, device, gen):
     u = torch.randn(4, 5, generator=gen, dtype=F64).to(dtype).to(device)
     v = torch.randn(23, 5, generator=gen, dtype=F64).to(dtype).to(device)
     ranked = _ids((4, 3), 23, gen, device)
-    return (u, v, ranked), {"exclude": _csr(4, 23, gen, device=device), "clamp": 1.5, "reduction": "none"}
+    return (u, v, ranked), {
+        "exclude": _csr(4, 23, gen, device=device),
+        "clamp": 1.5,
+        "reduction": "none",
+    }
 
 
 def _fc_oracle(args, kwargs):
@@ -293,16 +383,29 @@ FULL_CATALOG = Spec(
     bad=[
         ("ranked_idx rows", lambda a, kw: (_swap(a, 2, a[2][:2]), kw), ValueError, "ranked_idx"),
         ("ranked id too large", lambda a, kw: (_swap(a, 2, a[2] + 100), kw), ValueError, "ranked"),
-        ("ranked_idx float", lambda a, kw: (_swap(a, 2, a[2].float()), kw), TypeError, "ranked_idx"),
+        (
+            "ranked_idx float",
+            lambda a, kw: (_swap(a, 2, a[2].float()), kw),
+            TypeError,
+            "ranked_idx",
+        ),
         ("d differs", lambda a, kw: (_swap(a, 1, a[1][:, :3]), kw), ValueError, "dimension"),
         ("dtypes differ", lambda a, kw: (_swap(a, 1, a[1].half()), kw), TypeError, "dtype"),
         ("clamp <= 0", lambda a, kw: (a, _with(kw, clamp=-1.0)), ValueError, "clamp"),
         ("no items", lambda a, kw: (_swap(a, 1, a[1][:0]), kw), ValueError, "at least one item"),
         ("reduction", lambda a, kw: (a, _with(kw, reduction="max")), ValueError, "reduction"),
-        ("exclude rows", lambda a, kw: (a, _with(kw, exclude=(kw["exclude"][0][:-1], kw["exclude"][1]))),
-         ValueError, "exclude"),
-        ("exclude id", lambda a, kw: (a, _with(kw, exclude=(kw["exclude"][0], kw["exclude"][1] + 50))),
-         ValueError, "exclude"),
+        (
+            "exclude rows",
+            lambda a, kw: (a, _with(kw, exclude=(kw["exclude"][0][:-1], kw["exclude"][1]))),
+            ValueError,
+            "exclude",
+        ),
+        (
+            "exclude id",
+            lambda a, kw: (a, _with(kw, exclude=(kw["exclude"][0], kw["exclude"][1] + 50))),
+            ValueError,
+            "exclude",
+        ),
     ],
 )
 
@@ -323,7 +426,12 @@ def _ftd_ops(args, kwargs, backend):
 _PAIR_BAD = [
     ("rows differ", lambda a, kw: (_swap(a, 1, a[1][:4]), kw), ValueError, "rows"),
     ("teacher 1-D", lambda a, kw: (_swap(a, 0, a[0][0]), kw), ValueError, "teacher must be 2-D"),
-    ("student integer", lambda a, kw: (_swap(a, 1, a[1].long()), kw), TypeError, "student must be a floating"),
+    (
+        "student integer",
+        lambda a, kw: (_swap(a, 1, a[1].long()), kw),
+        TypeError,
+        "student must be a floating",
+    ),
 ]
 
 # the Triton topology kernels compute in float32 whatever the input: no float64 gradcheck there
@@ -336,7 +444,8 @@ TOPOLOGY = Spec(
     diff=(0, 1),
     gradcheck=("torch", "cpp"),
     dtypes={"torch": (F32, F64), "cpp": (F32, F64), "triton": (F32,)},
-    bad=_PAIR_BAD + [("reduction", lambda a, kw: (a, _with(kw, reduction="none")), ValueError, "reduction")],
+    bad=_PAIR_BAD
+    + [("reduction", lambda a, kw: (a, _with(kw, reduction="none")), ValueError, "reduction")],
 )
 
 
@@ -356,19 +465,46 @@ GROUPED_TOPOLOGY = Spec(
     name="grouped_topology_loss",
     make=_htd_make,
     call=lambda a, kw, b: kdfast.grouped_topology_loss(*a, backend=b, **kw),
-    oracle=lambda a, kw: topo_ref.grouped_topology_loss(a[0].double(), a[1].double(), a[2],
-                                                        kw["teacher_cos_filter"])[0],
+    oracle=lambda a, kw: topo_ref.grouped_topology_loss(
+        a[0].double(), a[1].double(), a[2], kw["teacher_cos_filter"]
+    )[0],
     ops=_htd_ops,
     diff=(1,),
     gradcheck=("torch", "cpp"),
     dtypes={"torch": (F32, F64), "cpp": (F32, F64), "triton": (F32,)},
-    bad=_PAIR_BAD + [
-        ("group id too large", lambda a, kw: (_swap(a, 2, a[2] + 3), kw), ValueError, "groups holds ids outside"),
-        ("group id negative", lambda a, kw: (_swap(a, 2, a[2] - 3), kw), ValueError, "groups holds ids outside"),
+    bad=_PAIR_BAD
+    + [
+        (
+            "group id too large",
+            lambda a, kw: (_swap(a, 2, a[2] + 3), kw),
+            ValueError,
+            "groups holds ids outside",
+        ),
+        (
+            "group id negative",
+            lambda a, kw: (_swap(a, 2, a[2] - 3), kw),
+            ValueError,
+            "groups holds ids outside",
+        ),
         ("n_groups = 0", lambda a, kw: (_swap(a, 3, 0), kw), ValueError, "n_groups must be >= 1"),
-        ("groups length", lambda a, kw: (_swap(a, 2, a[2][:4]), kw), ValueError, "one entry per row"),
-        ("groups float", lambda a, kw: (_swap(a, 2, a[2].float()), kw), TypeError, "groups must be an integer"),
-        ("filter not a bool", lambda a, kw: (a, _with(kw, teacher_cos_filter=1)), TypeError, "teacher_cos_filter"),
+        (
+            "groups length",
+            lambda a, kw: (_swap(a, 2, a[2][:4]), kw),
+            ValueError,
+            "one entry per row",
+        ),
+        (
+            "groups float",
+            lambda a, kw: (_swap(a, 2, a[2].float()), kw),
+            TypeError,
+            "groups must be an integer",
+        ),
+        (
+            "filter not a bool",
+            lambda a, kw: (a, _with(kw, teacher_cos_filter=1)),
+            TypeError,
+            "teacher_cos_filter",
+        ),
     ],
 )
 

@@ -1,7 +1,9 @@
 """The op contract, clause by clause, for every public op (tests/ops/contract.py) on every backend:
 reference match (values and gradients, upstream gradient != 1), float64 gradcheck, opcheck of the
-custom ops, torch.compile(fullgraph=True), determinism, inputs left untouched, bad input rejected, and
-a second derivative refused. The op-specific tests (test_<op>.py) cover what is particular to one op."""
+custom ops, torch.compile(fullgraph=True), determinism, inputs left untouched, bad input rejected,
+and
+a second derivative refused. The op-specific tests (test_<op>.py) cover what is particular to one
+op."""
 
 import pytest
 import torch
@@ -32,29 +34,46 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
 def _run(spec, args, kwargs, backend, upstream_seed=7):
     """Output and the gradients of <output, g> for a fixed non-unit upstream g."""
     out = spec.call(args, kwargs, backend)
     if not spec.diff:
         return out, []
     loss = _first(out)
-    g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
+    g = torch.rand(
+        loss.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64
+    )
     g = (g + 0.5).to(loss.dtype).to(loss.device)
     grads = torch.autograd.grad((loss * g).sum(), [args[i] for i in spec.diff])
     return out, list(grads)
 
 
 def _oracle_grads(spec, args, kwargs, upstream_seed=7):
-    leaves = tuple(a.detach().double().requires_grad_() if i in spec.diff else a for i, a in enumerate(args))
+    leaves = tuple(
+        a.detach().double().requires_grad_() if i in spec.diff else a for i, a in enumerate(args)
+    )
     out = spec.oracle(leaves, kwargs)
     if not spec.diff:
         return out, []
-    g = torch.rand(out.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64) + 0.5
-    return out, list(torch.autograd.grad((out * g.to(out.device)).sum(), [leaves[i] for i in spec.diff]))
+    g = (
+        torch.rand(
+            out.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64
+        )
+        + 0.5
+    )
+    return out, list(
+        torch.autograd.grad((out * g.to(out.device)).sum(), [leaves[i] for i in spec.diff])
+    )
 
 
 def _close(got, want, dtype):
-    torch.testing.assert_close(got.detach().double().cpu(), want.detach().double().cpu(), **TOL[dtype])
+    torch.testing.assert_close(
+        got.detach().double().cpu(), want.detach().double().cpu(), **TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,9 +107,16 @@ def test_gradcheck_float64(spec, backend):
             full[i] = x
         return _first(spec.call(tuple(full), kwargs, backend))
 
-    # Triton: fast mode (a random projection of the Jacobian); the interpreter makes full Jacobians slow
-    assert torch.autograd.gradcheck(f, [args[i] for i in spec.diff], eps=1e-6, atol=1e-5, rtol=1e-4,
-                                    fast_mode=backend == "triton")
+    # Triton: fast mode (a random projection of the Jacobian); the interpreter makes full Jacobians
+    #     slow
+    assert torch.autograd.gradcheck(
+        f,
+        [args[i] for i in spec.diff],
+        eps=1e-6,
+        atol=1e-5,
+        rtol=1e-4,
+        fast_mode=backend == "triton",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,11 +132,13 @@ def test_opcheck(spec, backend):
 def test_compile_fullgraph(spec, backend):
     torch._dynamo.reset()
     args, kwargs = _inputs(spec, backend, torch.float32)
-    compiled = torch.compile(lambda *a: spec.call(a, kwargs, backend), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda *a: spec.call(a, kwargs, backend), fullgraph=True, backend="aot_eager"
+    )
     out, grads = _run(spec, args, kwargs, backend)
     c_spec = type(spec)(**{**spec.__dict__, "call": lambda a, kw, b: compiled(*a)})
     c_out, c_grads = _run(c_spec, args, kwargs, backend)
-    for x, y in zip(out if isinstance(out, tuple) else (out,), c_out if isinstance(c_out, tuple) else (c_out,)):
+    for x, y in zip(_outputs(out), _outputs(c_out)):
         torch.testing.assert_close(x, y)
     for x, y in zip(grads, c_grads):
         torch.testing.assert_close(x, y)
@@ -122,15 +150,14 @@ def test_deterministic_and_inputs_untouched(spec, backend):
     args, kwargs = _inputs(spec, backend, torch.float32)
     before = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
     excl = [x.clone() for x in kwargs.get("exclude", ())]
-    deterministic = backend in spec.atomic_grads
-    with torch.autograd.set_grad_enabled(True):
-        torch.use_deterministic_algorithms(deterministic, warn_only=False)
-        try:
-            first, g1 = _run(spec, args, kwargs, backend)
-            second, g2 = _run(spec, args, kwargs, backend)
-        finally:
-            torch.use_deterministic_algorithms(False)
-    for x, y in zip(first if isinstance(first, tuple) else (first,), second if isinstance(second, tuple) else (second,)):
+    # a backend that sums gradients with atomics is reproducible in deterministic mode only
+    torch.use_deterministic_algorithms(backend in spec.atomic_grads)
+    try:
+        first, g1 = _run(spec, args, kwargs, backend)
+        second, g2 = _run(spec, args, kwargs, backend)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for x, y in zip(_outputs(first), _outputs(second)):
         assert torch.equal(x, y)
     for x, y in zip(g1, g2):
         assert torch.equal(x, y)
@@ -165,17 +192,23 @@ def test_unknown_backend_rejected(spec):
 @pytest.mark.parametrize("backend", backend_params("cpp"))
 @pytest.mark.parametrize("spec", _spec_params())
 def test_cpp_refuses_half_precision_and_auto_runs_it(spec, backend):
-    """float16 is a GPU dtype: the cpp backend refuses it by name; "auto" runs it on the reference."""
+    """float16 is a GPU dtype: the cpp backend refuses it by name; "auto" runs it on torch."""
     args, kwargs = _inputs(spec, "cpp", torch.float32)
-    half = tuple(a.detach().half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-    kwargs = {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+    def to(x, dtype):
+        return x.detach().to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    half = tuple(to(a, torch.float16) for a in args)
+    half_kw = {k: to(v, torch.float16) for k, v in kwargs.items()}
     with pytest.raises(TypeError, match="backend='cpp' takes float32 or float64"):
-        spec.call(half, kwargs, "cpp")
-    want = spec.call(tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in half),
-                     {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                      for k, v in kwargs.items()}, "torch")  # fmt: skip
-    got = spec.call(half, kwargs, "auto")
-    for x, y in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        spec.call(half, half_kw, "cpp")
+    want = spec.call(
+        tuple(to(a, torch.float32) for a in half),
+        {k: to(v, torch.float32) for k, v in half_kw.items()},
+        "torch",
+    )
+    got = spec.call(half, half_kw, "auto")
+    for x, y in zip(_outputs(got), _outputs(want)):
         torch.testing.assert_close(x.float(), y.float(), rtol=1e-3, atol=1e-3)
 
 
@@ -186,7 +219,9 @@ def test_second_derivative_refused(spec, backend):
     first-order gradients as constants."""
     if not spec.diff:
         pytest.skip("not differentiable")
-    args, kwargs = _inputs(spec, backend, torch.float64 if torch.float64 in _dtypes(spec, backend) else torch.float32)
+    args, kwargs = _inputs(
+        spec, backend, torch.float64 if torch.float64 in _dtypes(spec, backend) else torch.float32
+    )
     loss = _first(spec.call(args, kwargs, backend)).sum()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, [args[i] for i in spec.diff], create_graph=True)

@@ -1,4 +1,6 @@
-"""kdfast.full_catalog_listwise_loss / full_catalog_set_loss against a dense oracle and across backends."""
+"""kdfast.full_catalog_listwise_loss / full_catalog_set_loss against a dense oracle and across
+backends."""
+
 import math
 
 import pytest
@@ -16,7 +18,7 @@ def _dense_mask(B, I, exclude, *idx):
     mask = torch.zeros(B, I, dtype=torch.bool)
     indptr, indices = exclude
     for b in range(B):
-        mask[b, indices[indptr[b]:indptr[b + 1]]] = True
+        mask[b, indices[indptr[b] : indptr[b + 1]]] = True
         for t in idx:
             if t is not None:
                 row = t[b][t[b] >= 0]
@@ -25,7 +27,8 @@ def _dense_mask(B, I, exclude, *idx):
 
 
 def dense_listwise(u, v, ranked, exclude, clamp=None):
-    """Oracle: the full B x I score matrix, a dense mask and the plain per-row formula (autograd)."""
+    """Oracle: the full B x I score matrix, a dense mask and the plain per-row formula
+    (autograd)."""
     S = u @ v.T
     if clamp is not None:
         S = S.clamp(-clamp, clamp)
@@ -60,14 +63,14 @@ def make(B, I, d, K, dtype=torch.float64, seed=0, scale=1.0, n_ex=4):
     v = torch.randn(I, d, generator=g, dtype=dtype) * scale
     ranked = torch.randint(0, I, (B, K), generator=g)
     if K > 2:
-        ranked[0, 1] = -1                      # padding in the middle
-        ranked[-1, -1] = ranked[-1, 0]         # a repeated ranked id
+        ranked[0, 1] = -1  # padding in the middle
+        ranked[-1, -1] = ranked[-1, 0]  # a repeated ranked id
     if B > 2:
-        ranked[1] = -1                         # a row with nothing valid
+        ranked[1] = -1  # a row with nothing valid
     counts = torch.randint(0, 2 * n_ex + 1, (B,), generator=g)
     indptr = torch.zeros(B + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(counts, 0)
-    indices = torch.randint(0, I, (int(indptr[-1]),), generator=g)   # unsorted, with repeats
+    indices = torch.randint(0, I, (int(indptr[-1]),), generator=g)  # unsorted, with repeats
     if indices.numel() > 1:
         indices[1] = indices[0]
     return u, v, ranked, (indptr, indices)
@@ -77,7 +80,10 @@ def grads(fn, u, v, *args, go_seed=3, **kw):
     u = u.detach().clone().requires_grad_(True)
     v = v.detach().clone().requires_grad_(True)
     out = fn(u, v, *args, **kw)
-    go = torch.rand(out.shape, generator=torch.Generator().manual_seed(go_seed), dtype=out.dtype) + 0.5
+    go = (
+        torch.rand(out.shape, generator=torch.Generator().manual_seed(go_seed), dtype=out.dtype)
+        + 0.5
+    )
     gu, gv = torch.autograd.grad(out, (u, v), go)
     return out.detach(), gu, gv
 
@@ -85,20 +91,37 @@ def grads(fn, u, v, *args, go_seed=3, **kw):
 @pytest.mark.parametrize("clamp", [None, 1.5])
 def test_reference_listwise_matches_dense(clamp):
     u, v, ranked, ex = make(5, 41, 6, 5, scale=1.0 if clamp is None else 1.5)
-    got = grads(kdfast.full_catalog_listwise_loss, u, v, ranked, exclude=ex, clamp=clamp, reduction="none",
-                backend="torch")
+    got = grads(
+        kdfast.full_catalog_listwise_loss,
+        u,
+        v,
+        ranked,
+        exclude=ex,
+        clamp=clamp,
+        reduction="none",
+        backend="torch",
+    )
     want = grads(dense_listwise, u, v, ranked, ex, clamp=clamp)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert got[0][1] == 0 and bool((got[1][1] == 0).all())    # the all-padding row
+    assert got[0][1] == 0 and bool((got[1][1] == 0).all())  # the all-padding row
 
 
 @pytest.mark.parametrize("clamp", [None, 1.0])
 def test_reference_set_matches_dense(clamp):
     u, v, pos, ex = make(4, 37, 5, 4, seed=1, scale=1.3)
     skip = torch.randint(-1, 37, (4, 3), generator=torch.Generator().manual_seed(5))
-    got = grads(kdfast.full_catalog_set_loss, u, v, pos, exclude=ex, tail_skip_idx=skip, clamp=clamp,
-                reduction="none", backend="torch")
+    got = grads(
+        kdfast.full_catalog_set_loss,
+        u,
+        v,
+        pos,
+        exclude=ex,
+        tail_skip_idx=skip,
+        clamp=clamp,
+        reduction="none",
+        backend="torch",
+    )
     want = grads(dense_set, u, v, pos, ex, skip, clamp=clamp)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -107,25 +130,45 @@ def test_reference_set_matches_dense(clamp):
 def test_reference_chunking_is_invisible():
     from kdfast._core.csr import with_ids as _merged_exclusions
     from kdfast.ops.full_catalog.reference import log_tail, log_tail_backward
+
     u, v, ranked, ex = make(6, 53, 4, 3, seed=2)
     ip, ix = _merged_exclusions(ex[0], ex[1], ranked, 53)
     a = log_tail(u, v, ip, ix, math.inf)
     b = log_tail(u, v, ip, ix, math.inf, max_tile=13)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     g = torch.rand(6, dtype=torch.float64)
-    for x, y in zip(log_tail_backward(g, a, u, v, ip, ix, math.inf),
-                    log_tail_backward(g, a, u, v, ip, ix, math.inf, max_tile=13)):
+    for x, y in zip(
+        log_tail_backward(g, a, u, v, ip, ix, math.inf),
+        log_tail_backward(g, a, u, v, ip, ix, math.inf, max_tile=13),
+    ):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
 def test_everything_excluded_gives_finite_loss():
     u, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     ranked = torch.tensor([[0, 1], [2, -1]])
-    ex = (torch.tensor([0, 2, 4]), torch.tensor([2, 3, 0, 1, ]))
+    ex = (
+        torch.tensor([0, 2, 4]),
+        torch.tensor(
+            [
+                2,
+                3,
+                0,
+                1,
+            ]
+        ),
+    )
     lt = full_catalog_log_tail(u, v, ranked, exclude=ex, backend="torch")
     assert bool(torch.isinf(lt[0])) and lt[0] < 0
-    out, gu, gv = grads(kdfast.full_catalog_listwise_loss, u, v, ranked, exclude=ex, reduction="none",
-                        backend="torch")
+    out, gu, gv = grads(
+        kdfast.full_catalog_listwise_loss,
+        u,
+        v,
+        ranked,
+        exclude=ex,
+        reduction="none",
+        backend="torch",
+    )
     want = grads(dense_listwise, u, v, ranked, ex)
     for a, b in zip((out, gu, gv), want):
         assert bool(torch.isfinite(a).all())
@@ -133,7 +176,9 @@ def test_everything_excluded_gives_finite_loss():
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
-@pytest.mark.parametrize("dtype,clamp", [(torch.float32, None), (torch.float32, 2.0), (torch.float64, None)])
+@pytest.mark.parametrize(
+    "dtype,clamp", [(torch.float32, None), (torch.float32, 2.0), (torch.float64, None)]
+)
 def test_backend_matches_reference(backend, dtype, clamp, device_for):
     u, v, ranked, ex = make(4, 67, 10, 5, dtype=dtype, seed=7, scale=1.0 if clamp is None else 1.4)
     dev = device_for(backend)
@@ -162,22 +207,37 @@ def test_dense_exclusions_and_one_row(backend, device_for):
 
 
 @settings(max_examples=15, deadline=None)
-@given(B=st.integers(1, 4), I=st.integers(1, 30), d=st.integers(1, 5), K=st.integers(1, 6),
-       seed=st.integers(0, 10_000), clamp=st.sampled_from([None, 0.5, 3.0]))
+@given(
+    B=st.integers(1, 4),
+    I=st.integers(1, 30),
+    d=st.integers(1, 5),
+    K=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    clamp=st.sampled_from([None, 0.5, 3.0]),
+)
 def test_property_reference_vs_dense(B, I, d, K, seed, clamp):
     u, v, ranked, ex = make(B, I, d, K, seed=seed, n_ex=2)
-    got = kdfast.full_catalog_listwise_loss(u, v, ranked, exclude=ex, clamp=clamp, reduction="none",
-                                            backend="torch")
+    got = kdfast.full_catalog_listwise_loss(
+        u, v, ranked, exclude=ex, clamp=clamp, reduction="none", backend="torch"
+    )
     want = dense_listwise(u, v, ranked, ex, clamp=clamp)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_reductions_and_pl_consistency():
     u, v, ranked, ex = make(3, 20, 4, 4, seed=9)
-    per = kdfast.full_catalog_listwise_loss(u, v, ranked, exclude=ex, reduction="none", backend="torch")
-    assert torch.allclose(kdfast.full_catalog_listwise_loss(u, v, ranked, exclude=ex, backend="torch"), per.sum())
-    assert torch.allclose(kdfast.full_catalog_listwise_loss(u, v, ranked, exclude=ex, reduction="mean",
-                                                            backend="torch"), per.mean())
+    per = kdfast.full_catalog_listwise_loss(
+        u, v, ranked, exclude=ex, reduction="none", backend="torch"
+    )
+    assert torch.allclose(
+        kdfast.full_catalog_listwise_loss(u, v, ranked, exclude=ex, backend="torch"), per.sum()
+    )
+    assert torch.allclose(
+        kdfast.full_catalog_listwise_loss(
+            u, v, ranked, exclude=ex, reduction="mean", backend="torch"
+        ),
+        per.mean(),
+    )
     # without exclusions and with every item ranked, the tail is empty: plain Plackett-Luce
     all_items = torch.arange(20).repeat(3, 1)
     full = kdfast.full_catalog_listwise_loss(u, v, all_items, reduction="none", backend="torch")

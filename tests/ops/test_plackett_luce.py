@@ -1,11 +1,13 @@
 """kdfast.plackett_luce_loss: every backend against the reference (values and gradients), padding,
 extreme scores, gradcheck, torch.compile tracing, properties and bad inputs."""
+
 import math
 import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kdfast
 from kdfast.ops.plackett_luce.reference import plackett_luce_loss as ref_loss
@@ -15,11 +17,13 @@ NEG = float("-inf")
 FAST = backend_params("cpp", "triton")
 ALL = backend_params("torch", "cpp", "triton")
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in masked lanes (interpreter)
+# inf - inf in masked lanes (interpreter)
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 def make(B, K, L, *, tail=True, dtype=torch.float64, seed=0, scale=3.0, device="cpu"):
-    """Random scores with ragged -inf padding: ranked lists of random length (row 0 fully padded when
+    """Random scores with ragged -inf padding: ranked lists of random length (row 0 fully padded
+    when
     B > 2), unranked entries padded at random positions."""
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, K, generator=g, dtype=torch.float64) * scale
@@ -33,7 +37,7 @@ def make(B, K, L, *, tail=True, dtype=torch.float64, seed=0, scale=3.0, device="
         u = torch.randn(B, L, generator=g, dtype=torch.float64) * scale
         u[torch.rand(B, L, generator=g) < 0.3] = NEG
     t = torch.randn(B, generator=g, dtype=torch.float64) * scale if tail else None
-    cast = (lambda x: None if x is None else x.to(dtype).to(device))
+    cast = lambda x: None if x is None else x.to(dtype).to(device)
     return cast(s), cast(u), cast(t)
 
 
@@ -47,16 +51,22 @@ def run(fn, s, u, t, reduction, go):
 
 
 def kd(backend):
-    return lambda s, u, t, r: kdfast.plackett_luce_loss(s, u, log_tail=t, reduction=r, backend=backend)
+    return lambda s, u, t, r: kdfast.plackett_luce_loss(
+        s, u, log_tail=t, reduction=r, backend=backend
+    )
 
 
 def ref64(s, u, t, r):
-    return ref_loss(s.double(), None if u is None else u.double(), None if t is None else t.double(), r)
+    return ref_loss(
+        s.double(), None if u is None else u.double(), None if t is None else t.double(), r
+    )
 
 
 def assert_close(out, ref, rtol, atol):
     assert out is not None and ref is not None
-    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=rtol, atol=atol, equal_nan=False)
+    torch.testing.assert_close(
+        out.double().cpu(), ref.double().cpu(), rtol=rtol, atol=atol, equal_nan=False
+    )
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -68,7 +78,9 @@ def test_matches_reference(backend, device_for, dtype, shape, tail, reduction):
     B, K, L = shape
     dev = device_for(backend)
     s, u, t = make(B, K, L, tail=tail, dtype=dtype, seed=B * 100 + K, device=dev)
-    go = torch.linspace(0.5, 2.0, B, dtype=torch.float64, device=dev) if reduction == "none" else 0.7
+    go = (
+        torch.linspace(0.5, 2.0, B, dtype=torch.float64, device=dev) if reduction == "none" else 0.7
+    )
     loss, grads = run(kd(backend), s, u, t, reduction, go)
     loss_r, grads_r = run(ref64, s, u, t, reduction, go)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -92,8 +104,8 @@ def test_padding_width_does_not_matter(backend, device_for):
         loss, grads = run(kd(backend), sp, up, t, "none", 1.3)
         torch.testing.assert_close(loss, base, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grads[0][:, :5], base_g[0], rtol=1e-6, atol=1e-6)
-        assert (grads[0][:, 5:] == 0).all() and (grads[1][:, :extra + 1] == 0).all()
-        torch.testing.assert_close(grads[1][:, extra + 1:], base_g[1], rtol=1e-6, atol=1e-6)
+        assert (grads[0][:, 5:] == 0).all() and (grads[1][:, : extra + 1] == 0).all()
+        torch.testing.assert_close(grads[1][:, extra + 1 :], base_g[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -113,11 +125,15 @@ def test_all_padded_rows_give_zero(backend, device_for):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_huge_scores_are_exact_in_float32(backend, device_for):
-    """Scores of +-1e4 (the authors' raw-exp form overflows above ~88): finite, and equal to the float64
+    """Scores of +-1e4 (the authors' raw-exp form overflows above ~88): finite, and equal to the
+    float64
     reference to float32 rounding of the inputs."""
     dev = device_for(backend)
     s, u, t = make(4, 9, 13, dtype=torch.float32, seed=5, scale=1.0, device=dev)
-    s, u, t = (torch.where(torch.isinf(x), x, torch.sign(x) * 1e4 * x.abs().clamp(0.01, 1)) for x in (s, u, t))
+    s, u, t = (
+        torch.where(torch.isinf(x), x, torch.sign(x) * 1e4 * x.abs().clamp(0.01, 1))
+        for x in (s, u, t)
+    )
     loss, grads = run(kd(backend), s, u, t, "none", 1.0)
     loss_r, grads_r = run(ref64, s, u, t, "none", 1.0)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
@@ -146,8 +162,14 @@ def test_k_zero_with_unranked_is_zero():
 
 
 @settings(max_examples=30, deadline=None)
-@given(B=st.integers(1, 6), K=st.integers(1, 9), L=st.one_of(st.none(), st.integers(0, 12)),
-       tail=st.booleans(), scale=st.sampled_from([0.1, 3.0, 50.0, 1e3]), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 6),
+    K=st.integers(1, 9),
+    L=st.one_of(st.none(), st.integers(0, 12)),
+    tail=st.booleans(),
+    scale=st.sampled_from([0.1, 3.0, 50.0, 1e3]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_cpp_matches_reference(B, K, L, tail, scale, seed):
     backend = "cpp" if kdfast.backends()["cpp"][0] else "torch"
     s, u, t = make(B, K, L, tail=tail, seed=seed, scale=scale)
@@ -157,11 +179,18 @@ def test_property_cpp_matches_reference(B, K, L, tail, scale, seed):
     for g, gr in zip(grads, grads_r):
         if g is not None:
             assert_close(g, gr, rtol=1e-8, atol=1e-8)
-    # properties: every valid term log D_k - s_k >= 0, ranked gradients sum to <= 0 per row when there
+    # properties: every valid term log D_k - s_k >= 0, ranked gradients sum to <= 0 per row when
+    #     there
     # is extra mass, and the loss is invariant to adding a constant to every score and the tail.
     assert (loss >= -1e-9).all()
-    shifted, _ = run(kd(backend), s + 7.0, None if u is None else u + 7.0, None if t is None else t + 7.0,
-                     "none", 1.0)
+    shifted, _ = run(
+        kd(backend),
+        s + 7.0,
+        None if u is None else u + 7.0,
+        None if t is None else t + 7.0,
+        "none",
+        1.0,
+    )
     assert_close(shifted, loss, rtol=1e-9, atol=1e-9 * max(scale, 10))
 
 
@@ -183,7 +212,8 @@ def test_rrd_call_convention():
 @pytest.mark.parametrize("backend", backend_params("triton"))
 @pytest.mark.parametrize("dtype,grad_tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_half_inputs_float32_math(backend, device_for, dtype, grad_tol):
-    """float16/bfloat16 scores: the loss is float32 (float32 math), the gradients come back in the input
+    """float16/bfloat16 scores: the loss is float32 (float32 math), the gradients come back in the
+    input
     dtype; relative RMS error against the float64 reference of the same (rounded) inputs."""
     s, u, t = make(4, 6, 9, dtype=dtype, seed=21, device=device_for(backend))
     loss, grads = run(kd(backend), s, u, t.float(), "none", 1.5)

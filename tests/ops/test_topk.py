@@ -1,4 +1,5 @@
 """kdfast.topk_scores: every backend against the reference, exclusions, edge cases, bad input."""
+
 import importlib.util
 
 import pytest
@@ -18,7 +19,11 @@ def _params():
     out = []
     for p in backend_params("torch", "cpp", "triton"):
         if p.values[0] == "triton" and not HAS_TRITON_TOPK:
-            p = pytest.param("triton", marks=pytest.mark.skip(reason="kdfast/triton/topk.py not in this tree"), id="triton")
+            p = pytest.param(
+                "triton",
+                marks=pytest.mark.skip(reason="kdfast/triton/topk.py not in this tree"),
+                id="triton",
+            )
         out.append(p)
     return out
 
@@ -33,7 +38,11 @@ def empty_csr(n_q):
 
 def ref(q, keys, k, exclude=None):
     """The reference on canonical CSR input, called directly (the oracle)."""
-    ip, ix = kdfast.as_csr(exclude, "exclude", q.shape[0], keys.shape[0]) if exclude is not None else empty_csr(q.shape[0])
+    ip, ix = (
+        kdfast.as_csr(exclude, "exclude", q.shape[0], keys.shape[0])
+        if exclude is not None
+        else empty_csr(q.shape[0])
+    )
     return reference_topk(q, keys, k, ip, ix)
 
 
@@ -54,7 +63,8 @@ def rand_csr(n_q, n_k, gen, max_per_row=6, repeats=True):
 
 
 def check_tie_aware(q, keys, k, exclude, values, index, tol):
-    """Values match exact float64 scores; the index set is right up to near-ties at the k-th score."""
+    """Values match exact float64 scores; the index set is right up to near-ties at the k-th
+    score."""
     n_q, n_k = q.shape[0], keys.shape[0]
     s = q.double() @ keys.double().T
     ip, ix = kdfast.as_csr(exclude, "exclude", n_q, n_k) if exclude is not None else empty_csr(n_q)
@@ -83,11 +93,11 @@ def check_tie_aware(q, keys, k, exclude, values, index, tol):
 SHAPES = [  # n_q, n_k, d, k
     (1, 1, 1, 1),
     (7, 13, 3, 5),
-    (5, 37, 4, 50),       # k > n_k
+    (5, 37, 4, 50),  # k > n_k
     (9, 61, 7, 8),
-    (33, 1031, 7, 10),    # n_k prime, above one key chunk of a small d
+    (33, 1031, 7, 10),  # n_k prime, above one key chunk of a small d
     (3, 4099, 16, 100),
-    (50, 257, 130, 17),   # d > one register block, odd
+    (50, 257, 130, 17),  # d > one register block, odd
 ]
 
 
@@ -114,8 +124,11 @@ def test_integer_scores_exact_order(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(6, 50, 8, 5), (40, 3001, 64, 100), (17, 999, 33, 1000)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [(6, 50, 8, 5), (40, 3001, 64, 100), (17, 999, 33, 1000)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_random_floats_tie_aware(backend, shape):
     n_q, n_k, d, k = shape
     _tiny_only(backend, n_q, n_k)
@@ -167,15 +180,33 @@ def test_row_with_every_key_excluded(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_keys_and_signed_zero(backend):
-    """NaN scores rank as -inf (reported -inf), below every finite score, ties by index; -0 == +0."""
+    """NaN scores rank as -inf (reported -inf), below every finite score, ties by index; -0 ==
+    +0."""
     q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])
-    keys = torch.tensor([[float("nan"), 1.0], [-0.0, 5.0], [0.0, 2.0], [float("-inf"), 0.0],
-                         [-2.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
+    keys = torch.tensor(
+        [
+            [float("nan"), 1.0],
+            [-0.0, 5.0],
+            [0.0, 2.0],
+            [float("-inf"), 0.0],
+            [-2.0, 0.0],
+            [float("nan"), 0.0],
+            [0.0, 1.0],
+        ]
+    )
     v, i = kdfast.topk_scores(q, keys, 7, backend=backend)
     rv, ri = ref(q, keys, 7)
     assert torch.equal(i, ri)
     assert torch.equal(v, rv)
-    assert i[0].tolist() == [1, 2, 6, 4, 0, 3, 5]  # row 0: 0,0,0 (-0 == 0), -2, then -inf/NaN by index
+    assert i[0].tolist() == [
+        1,
+        2,
+        6,
+        4,
+        0,
+        3,
+        5,
+    ]  # row 0: 0,0,0 (-0 == 0), -2, then -inf/NaN by index
     assert not torch.isnan(v).any()
 
 
@@ -183,7 +214,12 @@ def test_nan_keys_and_signed_zero(backend):
 def test_zero_queries_and_single_row(backend):
     keys = torch.randn(10, 3)
     v, i = kdfast.topk_scores(torch.zeros(0, 3), keys, 4, backend=backend)
-    assert v.shape == (0, 4) and i.shape == (0, 4) and v.dtype == torch.float32 and i.dtype == torch.int64
+    assert (
+        v.shape == (0, 4)
+        and i.shape == (0, 4)
+        and v.dtype == torch.float32
+        and i.dtype == torch.int64
+    )
     q = torch.randn(1, 3)
     v, i = kdfast.topk_scores(q, keys, 4, backend=backend)
     assert torch.equal(i, torch.topk(q @ keys.T, 4).indices)
@@ -192,7 +228,8 @@ def test_zero_queries_and_single_row(backend):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_isa_variants_and_threads(isa, dtype):
-    """Every compiled instruction-set variant gives the reference order; threads never change bits."""
+    """Every compiled instruction-set variant gives the reference order; threads never change
+    bits."""
     ext = kdfast._core.backend.ext()
     if ext is None:
         pytest.skip("C++ extension not built")
@@ -201,13 +238,17 @@ def test_cpp_isa_variants_and_threads(isa, dtype):
     except ValueError:
         pytest.skip(f"CPU lacks {isa}")
     from kdfast.ops.topk.cpu import topk_scores as cpp_topk
+
     gen = torch.Generator().manual_seed(4)
     q, keys = int_embeddings(29, 19, dtype, gen), int_embeddings(2003, 19, dtype, gen)
     indptr, indices = rand_csr(29, 2003, gen, max_per_row=40)
     rv, ri = reference_topk(q, keys, 30, indptr, indices)
     v, i = cpp_topk(q, keys, 30, indptr, indices, isa=isa)
     assert torch.equal(i, ri) and torch.equal(v, rv)
-    qf, kf = torch.randn(29, 19, dtype=dtype, generator=gen), torch.randn(2003, 19, dtype=dtype, generator=gen)
+    qf, kf = (
+        torch.randn(29, 19, dtype=dtype, generator=gen),
+        torch.randn(2003, 19, dtype=dtype, generator=gen),
+    )
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -221,8 +262,15 @@ def test_cpp_isa_variants_and_threads(isa, dtype):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_q=st.integers(1, 12), n_k=st.integers(1, 80), d=st.integers(1, 9), k=st.integers(1, 90),
-       seed=st.integers(0, 2**31 - 1), float64=st.booleans(), n_excl=st.integers(0, 12))
+@given(
+    n_q=st.integers(1, 12),
+    n_k=st.integers(1, 80),
+    d=st.integers(1, 9),
+    k=st.integers(1, 90),
+    seed=st.integers(0, 2**31 - 1),
+    float64=st.booleans(),
+    n_excl=st.integers(0, 12),
+)
 def test_property_cpp_equals_reference(n_q, n_k, d, k, seed, float64, n_excl):
     """With exact (integer) scores the cpp backend must reproduce the reference bit for bit."""
     if kdfast._core.backend.ext() is None:
@@ -238,7 +286,9 @@ def test_property_cpp_equals_reference(n_q, n_k, d, k, seed, float64, n_excl):
 
 def test_too_many_keys():
     with pytest.raises(ValueError, match="2\\^32"):
-        kdfast.topk_scores(torch.empty(1, 1, device="meta"), torch.empty(2**32, 1, device="meta"), 1)
+        kdfast.topk_scores(
+            torch.empty(1, 1, device="meta"), torch.empty(2**32, 1, device="meta"), 1
+        )
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpp"))
@@ -246,19 +296,23 @@ def test_no_keys_or_zero_dim(backend):
     v, i = kdfast.topk_scores(torch.randn(3, 4), torch.zeros(0, 4), 2, backend=backend)
     assert (i == -1).all() and torch.isneginf(v).all()
     v, i = kdfast.topk_scores(torch.zeros(2, 0), torch.zeros(5, 0), 3, backend=backend)
-    assert i.tolist() == [[0, 1, 2], [0, 1, 2]] and (v == 0).all()  # all scores 0: lowest indices win
+    # all scores 0: lowest indices win
+    assert i.tolist() == [[0, 1, 2], [0, 1, 2]] and (v == 0).all()
 
 
 def test_cpp_sorted_rows_with_repeats_are_used_as_given():
-    """Rows already sorted (repeats allowed) skip canonicalisation; the kernel's pointer walk copes."""
+    """Rows already sorted (repeats allowed) skip canonicalisation; the kernel's pointer walk
+    copes."""
     if kdfast._core.backend.ext() is None:
         pytest.skip("C++ extension not built")
     from kdfast._core.csr import rows_sorted as _sorted_rows
     from kdfast.ops.topk.cpu import topk_scores as cpp_topk
+
     indptr, indices = torch.tensor([0, 4, 4, 6]), torch.tensor([1, 1, 3, 3, 0, 0])
     assert _sorted_rows(indptr, indices)
     assert not _sorted_rows(torch.tensor([0, 2]), torch.tensor([3, 1]))
-    assert _sorted_rows(torch.tensor([0, 2, 3]), torch.tensor([5, 6, 1]))  # a new row may start lower
+    # a new row may start lower
+    assert _sorted_rows(torch.tensor([0, 2, 3]), torch.tensor([5, 6, 1]))
     gen = torch.Generator().manual_seed(5)
     q, keys = int_embeddings(3, 4, torch.float32, gen), int_embeddings(6, 4, torch.float32, gen)
     v, i = cpp_topk(q, keys, 6, indptr, indices)

@@ -3,20 +3,26 @@
 Tiny shapes and small blocks (block_m=16, block_n=16): tl.topk runs element by element in the Triton
 interpreter. Both kernel variants ("buffer", "merge") are covered.
 """
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kdfast
 from kdfast.ops.topk.reference import topk_scores as ref_topk
 from tests.conftest import DEVICE, backend_params
 
 pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
-VARIANTS = [("buffer", {"block_m": 16, "block_n": 16, "compact_rows": 4}), ("merge", {"block_m": 16})]
+VARIANTS = [
+    ("buffer", {"block_m": 16, "block_n": 16, "compact_rows": 4}),
+    ("merge", {"block_m": 16}),
+]
 
 
 def tri(q, kk, k, excl, variant, **kw):
     from kdfast.ops.topk.triton import topk_scores
+
     return topk_scores(q, kk, k, *excl, variant=variant, **kw)
 
 
@@ -31,7 +37,8 @@ def no_excl(n_q):
 
 
 def tie_aware_equal(q, kk, excl, vals, idx, rvals, ridx, tol=1e-5):
-    """Same empty slots, no excluded or repeated index, and the float64 scores of the chosen keys equal
+    """Same empty slots, no excluded or repeated index, and the float64 scores of the chosen keys
+    equal
     those of the reference's keys position by position (near-ties may swap)."""
     assert not torch.isnan(vals).any()
     assert torch.equal(idx == -1, ridx == -1)
@@ -39,7 +46,7 @@ def tie_aware_equal(q, kk, excl, vals, idx, rvals, ridx, tol=1e-5):
     for r in range(idx.shape[0]):
         got = idx[r][valid[r]].tolist()
         assert len(set(got)) == len(got)
-        banned = set(excl[1][int(excl[0][r]):int(excl[0][r + 1])].tolist())
+        banned = set(excl[1][int(excl[0][r]) : int(excl[0][r + 1])].tolist())
         assert not banned & set(got)
     q64, k64 = q.double(), kk.double()
 
@@ -64,8 +71,15 @@ def test_integer_embeddings_exact_with_ties_and_exclusions(backend, variant, kw)
     q = torch.randint(-2, 3, (n_q, d), generator=g).float().to(DEVICE)
     kk = torch.randint(-2, 3, (n_k, d), generator=g).float().to(DEVICE)
     # row 1: a run crossing tile boundaries (14..35), repeats and unsorted; row 3: nothing
-    excl = csr([[3, 1, 3], list(range(35, 13, -1)) + [14], [69, 0, 15, 16, 31, 32, 47, 48, 63, 64], [],
-                list(range(0, 70, 2))])
+    excl = csr(
+        [
+            [3, 1, 3],
+            list(range(35, 13, -1)) + [14],
+            [69, 0, 15, 16, 31, 32, 47, 48, 63, 64],
+            [],
+            list(range(0, 70, 2)),
+        ]
+    )
     v, i = tri(q, kk, k, excl, variant, **kw)
     rv, ri = ref_topk(q, kk, k, *excl)
     assert torch.equal(i, ri)
@@ -119,7 +133,10 @@ def test_float16_and_float64_inputs(backend):
 
 def test_bfloat16_inputs(backend):
     if DEVICE == "cpu":
-        pytest.skip("the Triton interpreter misreads bfloat16 tensors (numpy has no bfloat16); checked in bench/gpu_topk.py")
+        pytest.skip(
+            "the Triton interpreter misreads bfloat16 tensors (numpy has no bfloat16); "
+            "checked on the GPU by bench/gpu.py"
+        )
     g = torch.Generator().manual_seed(4)
     q = torch.randn(4, 16, generator=g).to(DEVICE, torch.bfloat16)
     kk = torch.randn(60, 16, generator=g).to(DEVICE, torch.bfloat16)
@@ -142,13 +159,19 @@ def test_public_api_and_bad_variant(backend):
 
 
 @settings(max_examples=4, deadline=None)
-@given(n_q=st.integers(1, 4), n_k=st.integers(1, 40), k=st.integers(1, 12), seed=st.integers(0, 2**16))
+@given(
+    n_q=st.integers(1, 4), n_k=st.integers(1, 40), k=st.integers(1, 12), seed=st.integers(0, 2**16)
+)
 def test_property_matches_reference_on_integer_scores(backend, n_q, n_k, k, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-2, 3, (n_q, 4), generator=g).float().to(DEVICE)
     kk = torch.randint(-2, 3, (n_k, 4), generator=g).float().to(DEVICE)
-    rows = [torch.randint(0, n_k, (int(torch.randint(0, n_k + 1, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n_q)]
+    rows = [
+        torch.randint(
+            0, n_k, (int(torch.randint(0, n_k + 1, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n_q)
+    ]
     excl = csr(rows)
     v, i = tri(q, kk, k, excl, "buffer", block_m=16, block_n=16)
     rv, ri = ref_topk(q, kk, k, *excl)

@@ -1,5 +1,6 @@
 """kdfast.topology_loss (FTD) and kdfast.grouped_topology_loss (HTD entity level) against the direct
 N x N formulas (autograd of kdfast.reference.topology), on every backend."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -49,7 +50,8 @@ def _ref_grouped(t, s, groups, filt, g_out):
 # ------------------------------------------------------------------ FTD
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,dt,ds", [(1, 3, 2), (13, 7, 3), (70, 33, 5), (600, 9, 4)])  # 600: several splits
+# 600: several splits
+@pytest.mark.parametrize("n,dt,ds", [(1, 3, 2), (13, 7, 3), (70, 33, 5), (600, 9, 4)])
 def test_ftd_matches_direct_formula(backend, dtype, n, dt, ds):
     dev = _dev(backend)
     t, s = _inputs(n, dt, ds, dtype, dev, seed=n + dt, zero_rows=(0,) if n > 3 else ())
@@ -70,8 +72,9 @@ def test_ftd_matches_direct_formula(backend, dtype, n, dt, ds):
 @pytest.mark.parametrize("teacher_grad", [True, False])
 @pytest.mark.parametrize("n,dt,ds", [(40, 70, 5), (40, 60, 10), (33, 130, 20)])
 def test_ftd_several_column_tiles(backend, teacher_grad, n, dt, ds):
-    """dt + ds beyond one 64-column tile of the Triton kernels: the Gram's mirrored tiles, the student
-    columns in one tile of their own (70, 5), straddling two (60, 10), and three tiles (130, 20); with a
+    """dt + ds beyond one 64-column tile of the Triton kernels: the Gram's mirrored tiles, the
+    student columns in one tile of their own (70, 5), straddling two (60, 10), and three tiles (130,
+    20); with a
     frozen teacher only the student's column tiles are computed."""
     dev = _dev(backend)
     t, s = _inputs(n, dt, ds, torch.float32, dev, seed=n + dt, zero_rows=(2,))
@@ -97,7 +100,8 @@ def test_ftd_zero_rows_have_zero_gradient_and_zero_cosine(backend):
     loss = kdfast.topology_loss(t, ss, backend=backend)
     loss.backward()
     assert torch.all(ss.grad[2] == 0)
-    # a zero student row: cos = 0 with everything, so its pairs contribute cos(t_2, t_b)^2 (diagonal too)
+    # a zero student row: cos = 0 with everything, so its pairs contribute cos(t_2, t_b)^2 (diagonal
+    #     too)
     a = R.normalize_rows(t)
     b = R.normalize_rows(s)
     direct = ((a @ a.T - b @ b.T) ** 2).sum()
@@ -125,7 +129,9 @@ def test_ftd_gram_rewrite_identity():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), dt=st.integers(1, 12), ds=st.integers(1, 6), seed=st.integers(0, 10**6))
+@given(
+    n=st.integers(1, 40), dt=st.integers(1, 12), ds=st.integers(1, 6), seed=st.integers(0, 10**6)
+)
 def test_ftd_property_cpp_vs_reference(n, dt, ds, seed):
     backend = "cpp" if kdfast.backends()["cpp"][0] else "torch"
     t, s = _inputs(n, dt, ds, torch.float64, "cpu", seed)
@@ -142,7 +148,9 @@ def test_ftd_property_cpp_vs_reference(n, dt, ds, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("filt", [True, False])
 # 150: several row tiles per group; (40, 60, 10): the student columns straddle two 64-column tiles
-@pytest.mark.parametrize("n,dt,ds,k", [(1, 3, 2, 1), (23, 7, 3, 4), (75, 65, 5, 3), (150, 9, 3, 1), (40, 60, 10, 2)])
+@pytest.mark.parametrize(
+    "n,dt,ds,k", [(1, 3, 2, 1), (23, 7, 3, 4), (75, 65, 5, 3), (150, 9, 3, 1), (40, 60, 10, 2)]
+)
 def test_grouped_matches_direct_formula(backend, dtype, filt, n, dt, ds, k):
     dev = _dev(backend)
     t, s = _inputs(n, dt, ds, dtype, dev, seed=n * k, zero_rows=(1,) if n > 3 else ())
@@ -150,13 +158,16 @@ def test_grouped_matches_direct_formula(backend, dtype, filt, n, dt, ds, k):
     g_out = -1.7
     want, count, want_gs = _ref_grouped(t, s, groups, filt, g_out)
     ss = s.clone().requires_grad_()
-    got = kdfast.grouped_topology_loss(t, ss, groups, k + 1, teacher_cos_filter=filt, backend=backend)
+    got = kdfast.grouped_topology_loss(
+        t, ss, groups, k + 1, teacher_cos_filter=filt, backend=backend
+    )
     (got * g_out).backward()
     tol = _tol(dtype, backend)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(ss.grad, want_gs, **tol)
-    got_mean = kdfast.grouped_topology_loss(t, s, groups, k + 1, teacher_cos_filter=filt, reduction="mean",
-                                            backend=backend)
+    got_mean = kdfast.grouped_topology_loss(
+        t, s, groups, k + 1, teacher_cos_filter=filt, reduction="mean", backend=backend
+    )
     torch.testing.assert_close(got_mean, want / count.clamp(min=1), **tol)
 
 
@@ -165,18 +176,25 @@ def test_grouped_pair_convention_and_filter():
     t = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     groups = torch.tensor([0, 0, 0])
-    c01 = 2 ** -0.5
+    c01 = 2**-0.5
     # filter: the pairs with row 2 have teacher cosine <= 0 and are dropped
     want = 2 * (0.0 - c01) ** 2
     for backend in [b.values[0] for b in ALL if not b.marks]:
         dev = _dev(backend)
         got = kdfast.grouped_topology_loss(t.to(dev), s.to(dev), groups.to(dev), 1, backend=backend)
-        torch.testing.assert_close(got.cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-        off = kdfast.grouped_topology_loss(t.to(dev), s.to(dev), groups.to(dev), 1, teacher_cos_filter=False,
-                                           backend=backend)
+        torch.testing.assert_close(
+            got.cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6
+        )
+        off = kdfast.grouped_topology_loss(
+            t.to(dev), s.to(dev), groups.to(dev), 1, teacher_cos_filter=False, backend=backend
+        )
         # + pairs (0,2),(2,0): (1 - (-1))^2 each, (1,2),(2,1): (0 - (-c01))^2 each
-        torch.testing.assert_close(off.cpu(), torch.tensor(want + 2 * 4 + 2 * 0.5, dtype=torch.float64),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            off.cpu(),
+            torch.tensor(want + 2 * 4 + 2 * 0.5, dtype=torch.float64),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -196,12 +214,22 @@ def test_grouped_gradcheck(backend, filt):
     s.requires_grad_()
     groups = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
     assert torch.autograd.gradcheck(
-        lambda b: kdfast.grouped_topology_loss(t, b, groups, 3, teacher_cos_filter=filt, backend=backend), (s,))
+        lambda b: kdfast.grouped_topology_loss(
+            t, b, groups, 3, teacher_cos_filter=filt, backend=backend
+        ),
+        (s,),
+    )
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 80), k=st.integers(1, 6), dt=st.integers(1, 9), ds=st.integers(1, 5),
-       filt=st.booleans(), seed=st.integers(0, 10**6))
+@given(
+    n=st.integers(1, 80),
+    k=st.integers(1, 6),
+    dt=st.integers(1, 9),
+    ds=st.integers(1, 5),
+    filt=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
 def test_grouped_property_cpp_vs_reference(n, k, dt, ds, filt, seed):
     backend = "cpp" if kdfast.backends()["cpp"][0] else "torch"
     t, s = _inputs(n, dt, ds, torch.float64, "cpu", seed)
@@ -220,5 +248,7 @@ def test_empty_input():
     for backend in ("torch", "cpp") if kdfast.backends()["cpp"][0] else ("torch",):
         loss = kdfast.topology_loss(t, s, backend=backend)
         assert float(loss) == 0.0
-        loss2 = kdfast.grouped_topology_loss(t, s, torch.zeros(0, dtype=torch.int64), 2, backend=backend)
+        loss2 = kdfast.grouped_topology_loss(
+            t, s, torch.zeros(0, dtype=torch.int64), 2, backend=backend
+        )
         assert float(loss2) == 0.0

@@ -1,5 +1,5 @@
-"""kdfast.full_catalog_listwise_loss / full_catalog_set_loss: listwise and set-level losses whose tail is
-the whole catalog (no-sampling RRD, HetComp), without materialising the B x I score matrix.
+"""kdfast.full_catalog_listwise_loss / full_catalog_set_loss: listwise and set-level losses whose
+tail is the whole catalog (no-sampling RRD, HetComp), without materialising the B x I score matrix.
 
 Both losses are built on one fused op, the per-row log-tail
     log_tail_b = log sum_{j in T_b} exp(S_bj),   S_bj = clamp(<u_b, v_j>, -c, c),
@@ -68,15 +68,25 @@ def _(user_emb, item_emb, skip_idx, excl_indptr, excl_indices, clamp, backend):
     return user_emb.new_empty((user_emb.shape[0],), dtype=acc_dtype(user_emb.dtype))
 
 
-def _log_tail_bwd_impl(grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, clamp,
-                       backend):  # fmt: skip
+def _log_tail_bwd_impl(
+    grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, clamp, backend
+):
     acc = acc_dtype(user_emb.dtype)
     if user_emb.shape[0] == 0:
-        return user_emb.new_zeros(user_emb.shape, dtype=acc), item_emb.new_zeros(item_emb.shape, dtype=acc)
+        return user_emb.new_zeros(user_emb.shape, dtype=acc), item_emb.new_zeros(
+            item_emb.shape, dtype=acc
+        )
     indptr, indices = with_ids(excl_indptr, excl_indices, skip_idx, item_emb.shape[0])
     impl = BACKENDS[backend]()
-    return impl.log_tail_backward(grad.contiguous(), lt.contiguous(), user_emb.contiguous(),
-                                  item_emb.contiguous(), indptr, indices, clamp)  # fmt: skip
+    return impl.log_tail_backward(
+        grad.contiguous(),
+        lt.contiguous(),
+        user_emb.contiguous(),
+        item_emb.contiguous(),
+        indptr,
+        indices,
+        clamp,
+    )
 
 
 @torch.library.custom_op("kdfast::full_catalog_log_tail_backward", mutates_args=())
@@ -91,14 +101,17 @@ def _log_tail_bwd_op(
     clamp: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _log_tail_bwd_impl(grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, clamp,
-                              backend)  # fmt: skip
+    return _log_tail_bwd_impl(
+        grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, clamp, backend
+    )
 
 
 @_log_tail_bwd_op.register_fake
 def _(grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, clamp, backend):
     acc = acc_dtype(user_emb.dtype)
-    return user_emb.new_empty(user_emb.shape, dtype=acc), item_emb.new_empty(item_emb.shape, dtype=acc)
+    return user_emb.new_empty(user_emb.shape, dtype=acc), item_emb.new_empty(
+        item_emb.shape, dtype=acc
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -109,15 +122,22 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad, *, bwd):
     lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices = ctx.saved_tensors
-    gu, gi = bwd(grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, ctx.clamp,
-                 ctx.backend)  # fmt: skip
+    gu, gi = bwd(
+        grad, lt, user_emb, item_emb, skip_idx, excl_indptr, excl_indices, ctx.clamp, ctx.backend
+    )
     return gu.to(user_emb.dtype), gi.to(item_emb.dtype), None, None, None, None, None
 
 
 _log_tail = differentiable(
-    _log_tail_op, _log_tail_impl, setup=_setup, backward=_backward, bwd_op=_log_tail_bwd_op,
-    bwd_impl=_log_tail_bwd_impl, name="full_catalog_log_tail", module="full_catalog",
-)  # fmt: skip
+    _log_tail_op,
+    _log_tail_impl,
+    setup=_setup,
+    backward=_backward,
+    bwd_op=_log_tail_bwd_op,
+    bwd_impl=_log_tail_bwd_impl,
+    name="full_catalog_log_tail",
+    module="full_catalog",
+)
 
 
 def _prepare(user_emb, item_emb, idx, idx_name, exclude, clamp, reduction, backend):
@@ -143,7 +163,8 @@ def _prepare(user_emb, item_emb, idx, idx_name, exclude, clamp, reduction, backe
 
 def gathered_scores(user_emb, item_emb, idx, clamp):
     """(scores, valid): clamp(<u_b, v_idx[b,k]>) [B, K] with -inf where idx is -1 (padding), float32
-    (float64 for float64), differentiable; valid = idx >= 0. clamp: a float (inf for none) or None."""
+    (float64 for float64), differentiable; valid = idx >= 0. clamp: a float (inf for none) or
+    None."""
     dt = acc_dtype(user_emb.dtype)
     valid = idx >= 0
     s = torch.einsum("bd,bkd->bk", user_emb.to(dt), item_emb[idx.clamp_min(0)].to(dt))
@@ -152,47 +173,54 @@ def gathered_scores(user_emb, item_emb, idx, clamp):
     return torch.where(valid, s, torch.full_like(s, float("-inf"))), valid
 
 
-def full_catalog_log_tail(user_emb, item_emb, skip_idx=None, *, exclude=None, clamp=None, backend="auto"):
+def full_catalog_log_tail(
+    user_emb, item_emb, skip_idx=None, *, exclude=None, clamp=None, backend="auto"
+):
     """Per row, log sum of exp(clamp(<u_b, v_j>)) over every item j neither in exclude row b nor in
     skip_idx[b] (the fused op both losses use; differentiable in user_emb and item_emb).
 
-    Args: user_emb [B, d], item_emb [I, d] floating, same dtype; skip_idx [B, M] int64 or None (-1 is
-    padding; repeats allowed); exclude CSR with B rows (see kdfast.as_csr) or None; clamp float > 0 or
-    None; backend "auto" | "torch" | "cpp" | "triton". Returns [B] float32 (float64 for float64
+    Args: user_emb [B, d], item_emb [I, d] floating, same dtype; skip_idx [B, M] int64 or None (-1
+        is
+    padding; repeats allowed); exclude CSR with B rows (see kdfast.as_csr) or None; clamp float > 0
+    or None; backend "auto" | "torch" | "cpp" | "triton". Returns [B] float32 (float64 for float64
     inputs); -inf for a row whose items are all excluded.
     """
     if skip_idx is None:
         checks.floating(user_emb, "user_emb", ndim=2)
         skip_idx = torch.full((user_emb.shape[0], 0), -1, dtype=torch.int64, device=user_emb.device)
-    clamp, indptr, indices, chosen = _prepare(user_emb, item_emb, skip_idx, "skip_idx", exclude, clamp,
-                                              "sum", backend)  # fmt: skip
+    clamp, indptr, indices, chosen = _prepare(
+        user_emb, item_emb, skip_idx, "skip_idx", exclude, clamp, "sum", backend
+    )
     return _log_tail(user_emb, item_emb, skip_idx.to(torch.int64), indptr, indices, clamp, chosen)
 
 
 def full_catalog_listwise_loss(
     user_emb, item_emb, ranked_idx, *, exclude=None, clamp=None, reduction="sum", backend="auto"
 ):
-    """Relaxed Plackett-Luce loss of a ranked list against the whole rest of the catalog (RRD without
-    sampling; HetComp's ListMLE with a catalog tail), never materialising the B x I scores.
+    """Relaxed Plackett-Luce loss of a ranked list against the whole rest of the catalog (RRD
+    without sampling; HetComp's ListMLE with a catalog tail), never materialising the B x I scores.
 
     Args:
-        user_emb: [B, d] float32 (float64, and float16/bfloat16 on GPU, accepted): the batch's users.
+        user_emb: [B, d] float32 (float64, and float16/bfloat16 on GPU, accepted): the batch's
+            users.
         item_emb: [I, d], same dtype and device: every item.
         ranked_idx: [B, K] int64 item ids in teacher order; -1 is padding (anywhere in the row).
         exclude: CSR with B rows (e.g. each user's training items; repeats allowed) or None.
-        clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40); None.
+        clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40);
+            None.
         reduction: "sum" (default, as every lambda in docs/METHODS.md assumes), "mean" over rows, or
             "none" ([B]).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
-    Math, per row with ranked scores s_1..s_K (valid entries only) and tail T_b = items neither excluded
-    nor ranked:
+    Math, per row with ranked scores s_1..s_K (valid entries only) and tail T_b = items neither
+    excluded nor ranked:
         L_b = -sum_k [ s_k - log( sum_{j>=k} exp(s_j) + sum_{t in T_b} exp(S_bt) ) ]
     A row with no valid ranked id has loss 0 and gradient 0. The tail's log-sum is the fused op
     kdfast::full_catalog_log_tail; deterministic on every backend. First-order only.
     """
-    clamp, indptr, indices, chosen = _prepare(user_emb, item_emb, ranked_idx, "ranked_idx", exclude,
-                                              clamp, reduction, backend)  # fmt: skip
+    clamp, indptr, indices, chosen = _prepare(
+        user_emb, item_emb, ranked_idx, "ranked_idx", exclude, clamp, reduction, backend
+    )
     ranked_idx = ranked_idx.to(torch.int64)
     lt = _log_tail(user_emb, item_emb, ranked_idx, indptr, indices, clamp, chosen)
     s, _ = gathered_scores(user_emb, item_emb, ranked_idx, clamp)
@@ -225,8 +253,9 @@ def full_catalog_set_loss(
     A positive that repeats counts each time. Rows without positives give 0. Deviation from the
     authors' code: no 1e-5 floor on the denominator (the log-space form needs none).
     """
-    clamp, indptr, indices, chosen = _prepare(user_emb, item_emb, pos_idx, "pos_idx", exclude, clamp,
-                                              reduction, backend)  # fmt: skip
+    clamp, indptr, indices, chosen = _prepare(
+        user_emb, item_emb, pos_idx, "pos_idx", exclude, clamp, reduction, backend
+    )
     pos_idx = pos_idx.to(torch.int64)
     skip = pos_idx
     if tail_skip_idx is not None:

@@ -1,14 +1,14 @@
-"""Reference full-catalog log-tail (the oracle, and the "torch" backend): log of the sum of exp(score)
-over every non-excluded item.
+"""Reference full-catalog log-tail (the oracle, and the "torch" backend): log of the sum of
+exp(score) over every non-excluded item.
 
 For user rows b and items j, with S_bj = clamp(<u_b, v_j>, -c, c) and a set X_b of excluded items
 (a canonical CSR: the exclusions merged with the ranked / positive ids):
     log_tail_b = log sum_{j not in X_b} exp(S_bj)            (-inf when every item is excluded)
 It walks the catalog in chunks of items so that at most `max_tile` scores exist at once:
     log_tail_b = logsumexp_c lse_bc,   lse_bc = log sum_{j in chunk c, j not in X_b} exp(S_bj).
-The backward is the vjp of each chunk's lse (recomputed chunk by chunk, so the memory stays one tile)
-against g_b * exp(lse_bc - log_tail_b), the derivative of the combination; the clamp gives a zero
-gradient outside [-c, c].
+The backward is the vjp of each chunk's lse (recomputed chunk by chunk, so the memory stays one
+tile) against g_b * exp(lse_bc - log_tail_b), the derivative of the combination; the clamp gives a
+zero gradient outside [-c, c].
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def _chunk_size(n_rows, n_items, max_tile):
 
 
 def chunk_log_sum(u, v, rows, ids, clamp):
-    """lse_b = log sum_j exp(clamp(<u_b, v_j>)) over the items v of one chunk, leaving out the entries
-    (rows, ids); -inf (with gradient 0, never NaN) for a row with every item of the chunk left out."""
+    """lse_b = log sum_j exp(clamp(<u_b, v_j>)) over the items v of one chunk, leaving out the
+    entries
+    (rows, ids); -inf (with gradient 0, never NaN) for a row with every item of the chunk left
+    out."""
     s = (u @ v.T).clamp(-clamp, clamp)
     keep = torch.ones_like(s, dtype=torch.bool)
     keep[rows, ids] = False
@@ -48,7 +50,8 @@ def chunk_log_sum(u, v, rows, ids, clamp):
 
 
 def log_tail(user_emb, item_emb, indptr, indices, clamp, *, max_tile=1 << 24):
-    """log sum_{j not excluded} exp(clamp(<u_b, v_j>)) per row: [B] float32 (float64 for float64 input).
+    """log sum_{j not excluded} exp(clamp(<u_b, v_j>)) per row: [B] float32 (float64 for float64
+    input).
 
     user_emb [B, d], item_emb [I, d]; (indptr [B+1], indices) int64 CSR of excluded items; clamp a
     float (inf for none). Differentiable (autograd keeps every chunk's scores: use the op for a tail
@@ -68,7 +71,8 @@ def log_tail(user_emb, item_emb, indptr, indices, clamp, *, max_tile=1 << 24):
 
 
 def log_tail_backward(grad, lt, user_emb, item_emb, indptr, indices, clamp, *, max_tile=1 << 24):
-    """(grad_user [B, d], grad_item [I, d]) in float32 (float64), for the upstream grad [B] of lt [B]."""
+    """(grad_user [B, d], grad_item [I, d]) in float32 (float64), for the upstream grad [B] of lt
+    [B]."""
     n_rows, n_items = user_emb.shape[0], item_emb.shape[0]
     dt = acc_dtype(user_emb.dtype)
     u, v = user_emb.to(dt), item_emb.to(dt)

@@ -1,6 +1,6 @@
-"""C++ (OpenMP) backend of the relaxed Plackett-Luce loss (csrc/plackett_luce*.cpp): buffers in, buffers
-out, with the signatures of the op's backend contract (kdfast.ops.plackett_luce). Inputs are float32 or
-float64 CPU tensors; results come in the same dtype; nothing passed in is modified.
+"""C++ (OpenMP) backend of the relaxed Plackett-Luce loss (csrc/plackett_luce*.cpp): buffers in,
+buffers out, with the signatures of the op's backend contract (kdfast.ops.plackett_luce). Inputs are
+float32 or float64 CPU tensors; results come in the same dtype; nothing passed in is modified.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from ..._core import backend
 
 
 def _ptr(x):
-    """A tensor's data pointer; 0 (what the kernels read as "absent") for None or an empty tensor."""
+    """A tensor's data pointer; 0 (what the kernels read as "absent") for None or an empty
+    tensor."""
     return 0 if x is None or x.numel() == 0 else x.data_ptr()
 
 
@@ -39,9 +40,21 @@ def loss_and_grads(ranked, unranked, log_tail, need_grad):
     d_t = torch.empty_like(t) if t is not None else s.new_empty(0)
     ones = torch.ones(B, dtype=s.dtype)
     ext.pl_backward(
-        _ptr(ones), _ptr(s), _ptr(u), _ptr(t), _ptr(rest), _ptr(inv), B, K, L, f64, _ptr(d_r),
-        _ptr(d_u), _ptr(d_t), threads,
-    )  # fmt: skip
+        _ptr(ones),
+        _ptr(s),
+        _ptr(u),
+        _ptr(t),
+        _ptr(rest),
+        _ptr(inv),
+        B,
+        K,
+        L,
+        f64,
+        _ptr(d_r),
+        _ptr(d_u),
+        _ptr(d_t),
+        threads,
+    )
     return loss, d_r, d_u, d_t
 
 
@@ -55,9 +68,11 @@ def _ids(ranked_idx, unranked_idx, rows):
 def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad):
     """(loss [B], d_ranked [B, K], d_unranked [B, L], d_tail [B], grad_query [B, d]).
 
-    One fused pass per row: gather the scores, evaluate the loss and (need_grad) the row's gradients at
+    One fused pass per row: gather the scores, evaluate the loss and (need_grad) the row's gradients
+        at
     unit upstream gradient (empty tensors stand for what is absent or not needed). The kernel checks
-    the ids as it reads them: ValueError naming the argument for an id outside [-1, N) (rows: outside
+    the ids as it reads them: ValueError naming the argument for an id outside [-1, N) (rows:
+        outside
     [0, query rows)).
     """
     q, e = query.contiguous(), item.contiguous()
@@ -73,14 +88,32 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad
     loss, gq = torch.empty(B, dtype=q.dtype), out(B, d)
     d_r, d_u, d_t = out(B, K), out(B, L, wanted=u is not None), out(B, wanted=t is not None)
     backend.require_ext().pl_emb_forward(
-        q.data_ptr(), e.data_ptr(), _ptr(rows), r.data_ptr(), _ptr(u), _ptr(t), B, K, L, d,
-        e.shape[0], n_rows, q.dtype == torch.float64, loss.data_ptr(), _ptr(d_r), _ptr(d_u),
-        _ptr(d_t), _ptr(gq), backend.num_threads(),
-    )  # fmt: skip
+        q.data_ptr(),
+        e.data_ptr(),
+        _ptr(rows),
+        r.data_ptr(),
+        _ptr(u),
+        _ptr(t),
+        B,
+        K,
+        L,
+        d,
+        e.shape[0],
+        n_rows,
+        q.dtype == torch.float64,
+        loss.data_ptr(),
+        _ptr(d_r),
+        _ptr(d_u),
+        _ptr(d_t),
+        _ptr(gq),
+        backend.num_threads(),
+    )
     return loss, d_r, d_u, d_t, gq
 
 
-def emb_backward(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query):
+def emb_backward(
+    grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query
+):
     """(grad_query [n_rows, d], grad_item [N, d]): the saved row gradients times grad, scattered.
     Deterministic for any thread count (each item row sums its entries in (row, position) order)."""
     q = query.contiguous()
@@ -92,8 +125,24 @@ def emb_backward(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_
     grad_q = torch.zeros_like(q)
     grad_e = torch.zeros((N, d), dtype=q.dtype)
     backend.require_ext().pl_emb_backward(
-        g.data_ptr(), q.data_ptr(), _ptr(rows), r.data_ptr(), _ptr(u), d_ranked.data_ptr(),
-        _ptr(d_unranked), 0, grad_query.data_ptr(), B, K, L, d, N,
-        q.dtype == torch.float64, grad_q.data_ptr(), grad_e.data_ptr(), 0, backend.num_threads(),
-    )  # fmt: skip
+        g.data_ptr(),
+        q.data_ptr(),
+        _ptr(rows),
+        r.data_ptr(),
+        _ptr(u),
+        d_ranked.data_ptr(),
+        _ptr(d_unranked),
+        0,
+        grad_query.data_ptr(),
+        B,
+        K,
+        L,
+        d,
+        N,
+        q.dtype == torch.float64,
+        grad_q.data_ptr(),
+        grad_e.data_ptr(),
+        0,
+        backend.num_threads(),
+    )
     return grad_q, grad_e

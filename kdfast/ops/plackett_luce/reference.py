@@ -1,6 +1,6 @@
-"""Reference relaxed Plackett-Luce (listwise) loss, in log space, with -inf padding: the oracle of the
-tests and, through the backend functions at the end, the "torch" backend (whose gradients are the
-oracle's own, by torch.func.vjp).
+"""Reference relaxed Plackett-Luce (listwise) loss, in log space, with -inf padding: the oracle of
+the tests and, through the backend functions at the end, the "torch" backend (whose gradients are
+the oracle's own, by torch.func.vjp).
 
 Per row b, with valid ranked scores s_1..s_K (teacher order), valid unranked scores u_1..u_L and an
 optional log-mass t of the rest of the catalog:
@@ -15,15 +15,16 @@ from ..._core.autodiff import value_and_grads, vjp
 from ..._core.numerics import acc_dtype, reduce_rows
 from .rows import add_rows, check_ids, take_rows
 
-# Padding is replaced by (smallest valid score in the row - _GAP): exp(-_GAP) is exactly 0 in float32
-# and float64, so padded entries add nothing, and no -inf - -inf (NaN) reaches autograd.
+# Padding is replaced by (smallest valid score in the row - _GAP): exp(-_GAP) is exactly 0 in
+# float32 and float64, so padded entries add nothing, and no -inf - -inf (NaN) reaches autograd.
 _GAP = 1000.0
 
 
 def plackett_luce_loss(ranked, unranked=None, log_tail=None, reduction="sum"):
     """The loss per row ("none"), summed ("sum") or averaged over rows ("mean"); differentiable.
 
-    ranked [B, K], unranked [B, L] or None, log_tail [B] or None; -inf entries are padding (NaN is not
+    ranked [B, K], unranked [B, L] or None, log_tail [B] or None; -inf entries are padding (NaN is
+    not
     padding: it propagates). Computed in float32 (float64 for float64 inputs). A row with no valid
     ranked entry has loss 0 and gradient 0.
     """
@@ -61,7 +62,8 @@ def plackett_luce_loss_from_embeddings(
 ):
     """The loss on scores gathered from embeddings: the obvious gather + dot + plackett_luce_loss.
 
-    query_emb [B, d], item_emb [N, d], ranked_idx [B, K] and unranked_idx [B, L] int64 ids (-1 padding).
+    query_emb [B, d], item_emb [N, d], ranked_idx [B, K] and unranked_idx [B, L] int64 ids (-1
+    padding).
     """
     s = gather_scores(query_emb, item_emb, ranked_idx)
     u = None if unranked_idx is None else gather_scores(query_emb, item_emb, unranked_idx)
@@ -98,11 +100,15 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad
         us = None if u is None else gather_scores(q, item, u) + u_shift
         return _rows_loss(s, us, t)
 
-    value, (gq, d_r, d_u, d_t) = value_and_grads(loss, (q.to(dt), s0, u0, _upcast(t, dt)), (need_grad,) * 4)
+    value, (gq, d_r, d_u, d_t) = value_and_grads(
+        loss, (q.to(dt), s0, u0, _upcast(t, dt)), (need_grad,) * 4
+    )
     return value, d_r, d_u, d_t, gq
 
 
-def emb_backward(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query):
+def emb_backward(
+    grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query
+):
     """Backend contract: (grad_query [n_rows, d], grad_item [N, d]) for the upstream grad [B]."""
     q, r, u = take_rows(rows, query, ranked_idx, unranked_idx)
     g = grad.to(grad_query.dtype)[:, None]

@@ -34,7 +34,8 @@ def _logaddexp(a, b):
 @triton.jit
 def _ranked_terms(s, valid, rest, NEED_PREFIX: tl.constexpr):
     # s, valid: [R, BK]; rest: [R] (log of the unranked + tail mass).
-    # Returns the loss per row, A_K = log sum_k 1/D_k per row, and (NEED_PREFIX) A_j = log sum_{k<=j} 1/D_k.
+    # Returns the loss per row, A_K = log sum_k 1/D_k per row, and (NEED_PREFIX) A_j = log
+    # sum_{k<=j} 1/D_k.
     z0 = tl.where(valid, 1.0, 0.0).to(s.dtype)
     m_suf, z_suf = tl.associative_scan((s, z0), 1, _lse_combine, reverse=True)
     log_d = _logaddexp(m_suf + tl.log(z_suf), rest[:, None])
@@ -42,7 +43,9 @@ def _ranked_terms(s, valid, rest, NEED_PREFIX: tl.constexpr):
     a = tl.where(valid, -log_d, float("-inf"))
     am = tl.max(a, axis=1)
     am_safe = tl.where(am == float("-inf"), 0.0, am)
-    inv = tl.where(am == float("-inf"), am, am_safe + tl.log(tl.sum(tl.exp(a - am_safe[:, None]), axis=1)))
+    inv = tl.where(
+        am == float("-inf"), am, am_safe + tl.log(tl.sum(tl.exp(a - am_safe[:, None]), axis=1))
+    )
     if NEED_PREFIX:
         m_pre, z_pre = tl.associative_scan((a, z0), 1, _lse_combine)
         prefix = m_pre + tl.log(z_pre)
@@ -58,9 +61,24 @@ def _ranked_terms(s, valid, rest, NEED_PREFIX: tl.constexpr):
 # Memory plan: reads s [R, K] and u [R, L] once (u in chunks of BLOCK_L with an online log-sum-exp),
 # writes loss, rest, inv ([R] each); everything else stays in registers.
 @triton.jit
-def _fwd_kernel(s_ptr, u_ptr, t_ptr, loss_ptr, rest_ptr, inv_ptr, B, K, L,
-                HAS_U: tl.constexpr, HAS_T: tl.constexpr, CDT: tl.constexpr,
-                R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, NL: tl.constexpr):
+def _fwd_kernel(
+    s_ptr,
+    u_ptr,
+    t_ptr,
+    loss_ptr,
+    rest_ptr,
+    inv_ptr,
+    B,
+    K,
+    L,
+    HAS_U: tl.constexpr,
+    HAS_T: tl.constexpr,
+    CDT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    NL: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     rmask = rows < B
     m_r = tl.full([R], float("-inf"), CDT)
@@ -69,7 +87,9 @@ def _fwd_kernel(s_ptr, u_ptr, t_ptr, loss_ptr, rest_ptr, inv_ptr, B, K, L,
         for lc in range(NL):
             ls = lc * BLOCK_L + tl.arange(0, BLOCK_L)
             msk = rmask[:, None] & (ls < L)[None, :]
-            u = tl.load(u_ptr + rows[:, None] * L + ls[None, :], mask=msk, other=float("-inf")).to(CDT)
+            u = tl.load(u_ptr + rows[:, None] * L + ls[None, :], mask=msk, other=float("-inf")).to(
+                CDT
+            )
             m_new = tl.maximum(m_r, tl.max(u, axis=1))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             z_r = z_r * tl.exp(m_r - safe) + tl.sum(tl.exp(u - safe[:, None]), axis=1)
@@ -93,9 +113,27 @@ def _fwd_kernel(s_ptr, u_ptr, t_ptr, loss_ptr, rest_ptr, inv_ptr, B, K, L,
 #   du_l = g exp(u_l + inv);  dt = g exp(t + inv). Every exponent is <= log K: no overflow.
 # Memory plan: reads s, u, and rest/inv/g per row once; writes the gradients once (input dtype).
 @triton.jit
-def _bwd_kernel(go_ptr, s_ptr, u_ptr, t_ptr, rest_ptr, inv_ptr, gs_ptr, gu_ptr, gt_ptr, B, K, L,
-                HAS_U: tl.constexpr, HAS_T: tl.constexpr, CDT: tl.constexpr,
-                R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, NL: tl.constexpr):
+def _bwd_kernel(
+    go_ptr,
+    s_ptr,
+    u_ptr,
+    t_ptr,
+    rest_ptr,
+    inv_ptr,
+    gs_ptr,
+    gu_ptr,
+    gt_ptr,
+    B,
+    K,
+    L,
+    HAS_U: tl.constexpr,
+    HAS_T: tl.constexpr,
+    CDT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    NL: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     rmask = rows < B
     g = tl.load(go_ptr + rows, mask=rmask, other=0.0).to(CDT)
@@ -152,35 +190,74 @@ def loss_and_grads(ranked, unranked, log_tail, need_grad):
         return loss, d_r, d_u, d_t
     bk, bl, r = _blocks(K, L)
     grid = (triton.cdiv(B, r),)
-    flags = dict(HAS_U=u is not None, HAS_T=t is not None, CDT=_cdt(s.dtype), R=r, BLOCK_K=bk,
-                 BLOCK_L=bl, NL=triton.cdiv(L, bl), num_warps=4)  # fmt: skip
+    flags = dict(
+        HAS_U=u is not None,
+        HAS_T=t is not None,
+        CDT=_cdt(s.dtype),
+        R=r,
+        BLOCK_K=bk,
+        BLOCK_L=bl,
+        NL=triton.cdiv(L, bl),
+        num_warps=4,
+    )
     u_arg, t_arg = s if u is None else u, s if t is None else t
     _fwd_kernel[grid](s, u_arg, t_arg, loss, rest, inv, B, K, L, **flags)
     if need_grad:
         ones = torch.ones(B, dtype=acc, device=s.device)
         _bwd_kernel[grid](
-            ones, s, u_arg, t_arg, rest, inv, d_r, d_u if u is not None else d_r,
-            d_t if t is not None else d_r, B, K, L, **flags,
-        )  # fmt: skip
+            ones,
+            s,
+            u_arg,
+            t_arg,
+            rest,
+            inv,
+            d_r,
+            d_u if u is not None else d_r,
+            d_t if t is not None else d_r,
+            B,
+            K,
+            L,
+            **flags,
+        )
     return loss, d_r, d_u, d_t
 
 
-# Embedding form, forward (one row per program). s_k = <q, E[ridx_k]>, u_l = <q, E[uidx_l]>, id -1 ->
-# -inf; then the score-form math. With NEED_GRAD it also writes what the backward needs, so that the
-# backward never recomputes an unranked dot product:
-#   coef_j = exp(s_j + A_j) - 1 (the ranked score gradient for grad_output 1),
-#   uscore_l = u_l (raw; the backward forms exp(u_l + inv)),
-#   gq_u = sum_l exp(u_l + inv) E[uidx_l], accumulated flash-style: acc = sum_l exp(u_l - m) E_l with a
-#   running max m, rescaled when m grows, times exp(m + inv) at the end (<= K: no overflow).
+# Embedding form, forward (one row per program). s_k = <q, E[ridx_k]>, u_l = <q, E[uidx_l]>, id -1
+# -> -inf; then the score-form math. With NEED_GRAD it also writes what the backward needs, so that
+# the backward never recomputes an unranked dot product: coef_j = exp(s_j + A_j) - 1 (the ranked
+# score gradient for grad_output 1), uscore_l = u_l (raw; the backward forms exp(u_l + inv)), gq_u =
+# sum_l exp(u_l + inv) E[uidx_l], accumulated flash-style: acc = sum_l exp(u_l - m) E_l with a
+# running max m, rescaled when m grows, times exp(m + inv) at the end (<= K: no overflow).
 # Memory plan: q row and the [BLOCK_L, BLOCK_D] chunk of gathered item rows in registers, never a
-# [B, K+L, d] tensor; the ranked rows are gathered in [BLOCK_K, BLOCK_DC] tiles (d in chunks) so that
-# the whole ranked score vector stays in registers for the scans. Each item row is read once.
+# [B, K+L, d] tensor; the ranked rows are gathered in [BLOCK_K, BLOCK_DC] tiles (d in chunks) so
+# that the whole ranked score vector stays in registers for the scans. Each item row is read once.
 @triton.jit
-def _emb_fwd_kernel(q_ptr, e_ptr, ridx_ptr, uidx_ptr, t_ptr, loss_ptr, rest_ptr, inv_ptr,
-                    coef_ptr, us_ptr, gqu_ptr, K, L, D,
-                    HAS_U: tl.constexpr, HAS_T: tl.constexpr, NEED_GRAD: tl.constexpr, CDT: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_L: tl.constexpr,
-                    BLOCK_D: tl.constexpr, NDC: tl.constexpr, NL: tl.constexpr):
+def _emb_fwd_kernel(
+    q_ptr,
+    e_ptr,
+    ridx_ptr,
+    uidx_ptr,
+    t_ptr,
+    loss_ptr,
+    rest_ptr,
+    inv_ptr,
+    coef_ptr,
+    us_ptr,
+    gqu_ptr,
+    K,
+    L,
+    D,
+    HAS_U: tl.constexpr,
+    HAS_T: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    CDT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NDC: tl.constexpr,
+    NL: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     kmask = ks < K
@@ -192,8 +269,11 @@ def _emb_fwd_kernel(q_ptr, e_ptr, ridx_ptr, uidx_ptr, t_ptr, loss_ptr, rest_ptr,
         dc = cc * BLOCK_DC + tl.arange(0, BLOCK_DC)
         dmask = dc < D
         qc = tl.load(q_ptr + row * D + dc, mask=dmask, other=0.0).to(CDT)
-        ec = tl.load(e_ptr + rsafe[:, None] * D + dc[None, :], mask=rvalid[:, None] & dmask[None, :],
-                     other=0.0).to(CDT)
+        ec = tl.load(
+            e_ptr + rsafe[:, None] * D + dc[None, :],
+            mask=rvalid[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(CDT)
         s += tl.sum(ec * qc[None, :], axis=1)
     s = tl.where(rvalid, s, float("-inf"))
     ds = tl.arange(0, BLOCK_D)
@@ -209,8 +289,11 @@ def _emb_fwd_kernel(q_ptr, e_ptr, ridx_ptr, uidx_ptr, t_ptr, loss_ptr, rest_ptr,
             uidx = tl.load(uidx_ptr + row * L + ls, mask=lmask, other=-1)
             uvalid = uidx >= 0
             usafe = tl.where(uvalid, uidx, 0)
-            e = tl.load(e_ptr + usafe[:, None] * D + ds[None, :], mask=uvalid[:, None] & dmask[None, :],
-                        other=0.0).to(CDT)
+            e = tl.load(
+                e_ptr + usafe[:, None] * D + ds[None, :],
+                mask=uvalid[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(CDT)
             u = tl.where(uvalid, tl.sum(e * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m_u, tl.max(u, axis=0))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -239,18 +322,39 @@ def _emb_fwd_kernel(q_ptr, e_ptr, ridx_ptr, uidx_ptr, t_ptr, loss_ptr, rest_ptr,
 
 
 # Embedding form, gradients (one row per program), in two uses:
-#   GATHER (the forward, grad_output 1): grad_q = gq_u + sum_k coef_k E[ridx_k], the row's query gradient
-#       at unit upstream gradient (the ranked item rows are gathered again, in [BLOCK_KC, BLOCK_D] tiles);
-#   SCATTER (the backward, grad_output g): grad_E[ridx_k] += g coef_k q and grad_E[uidx_l] += g du_l q,
-#       du_l = exp(u_l + inv) the unranked score gradients at unit upstream gradient; the item rows are
-#       only written to, never read. grad_E is float32 (float64) and accumulated with atomic adds
-#       (relaxed): repeated ids add up correctly, but the addition order varies run to run.
+# GATHER (the forward, grad_output 1): grad_q = gq_u + sum_k coef_k E[ridx_k], the row's query
+# gradient at unit upstream gradient (the ranked item rows are gathered again, in [BLOCK_KC,
+# BLOCK_D] tiles); SCATTER (the backward, grad_output g): grad_E[ridx_k] += g coef_k q and
+# grad_E[uidx_l] += g du_l q, du_l = exp(u_l + inv) the unranked score gradients at unit upstream
+# gradient; the item rows are only written to, never read. grad_E is float32 (float64) and
+# accumulated with atomic adds (relaxed): repeated ids add up correctly, but the addition order
+# varies run to run.
 # Memory plan: the q row in registers, one [BLOCK, BLOCK_D] tile of item rows at a time.
 @triton.jit
-def _emb_grad_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, du_ptr, gqu_ptr, gq_ptr, ge_ptr,
-                     K, L, D, HAS_U: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
-                     CDT: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_L: tl.constexpr,
-                     BLOCK_D: tl.constexpr, NKC: tl.constexpr, NL: tl.constexpr):
+def _emb_grad_kernel(
+    go_ptr,
+    q_ptr,
+    e_ptr,
+    ridx_ptr,
+    uidx_ptr,
+    coef_ptr,
+    du_ptr,
+    gqu_ptr,
+    gq_ptr,
+    ge_ptr,
+    K,
+    L,
+    D,
+    HAS_U: tl.constexpr,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    CDT: tl.constexpr,
+    BLOCK_KC: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NKC: tl.constexpr,
+    NL: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(go_ptr + row).to(CDT)
     ds = tl.arange(0, BLOCK_D)
@@ -269,9 +373,12 @@ def _emb_grad_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, du_ptr,
             e = tl.load(e_ptr + safe[:, None] * D + ds[None, :], mask=m2, other=0.0).to(CDT)
             gk += tl.sum(c[:, None] * e, axis=0)
         if SCATTER:
-            tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :],
-                          (g * c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
-                          mask=m2, sem="relaxed")
+            tl.atomic_add(
+                ge_ptr + safe[:, None] * D + ds[None, :],
+                (g * c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
+                mask=m2,
+                sem="relaxed",
+            )
     if SCATTER:
         if HAS_U:
             for lc in range(NL):
@@ -282,14 +389,18 @@ def _emb_grad_kernel(go_ptr, q_ptr, e_ptr, ridx_ptr, uidx_ptr, coef_ptr, du_ptr,
                 safe = tl.where(valid, idx, 0)
                 c = g * tl.load(du_ptr + row * L + ls, mask=valid, other=0.0).to(CDT)
                 m2 = valid[:, None] & dmask[None, :]
-                tl.atomic_add(ge_ptr + safe[:, None] * D + ds[None, :],
-                              (c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty), mask=m2, sem="relaxed")
+                tl.atomic_add(
+                    ge_ptr + safe[:, None] * D + ds[None, :],
+                    (c[:, None] * q[None, :]).to(ge_ptr.dtype.element_ty),
+                    mask=m2,
+                    sem="relaxed",
+                )
     if GATHER:
         gq = tl.load(gqu_ptr + row * D + ds, mask=dmask, other=0.0).to(CDT)
         tl.store(gq_ptr + row * D + ds, (g * (gq + gk)).to(gq_ptr.dtype.element_ty), mask=dmask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _emb_blocks(K, L, D):
     bd = triton.next_power_of_2(max(D, 1))
     bk = triton.next_power_of_2(max(K, 1))
@@ -305,11 +416,30 @@ def _grad_launch(g, q, e, ridx, uidx, coef, du, gqu, gq, ge, *, gather, scatter)
     L = 0 if uidx is None else uidx.shape[1]
     _, _, bl, bd, bkc = _emb_blocks(K, L, D)
     _emb_grad_kernel[(B,)](
-        g, q, e, ridx, ridx if uidx is None else uidx, coef, coef if du is None else du, gqu, gq, ge, K, L, D,
-        HAS_U=uidx is not None and L > 0, GATHER=gather, SCATTER=scatter, CDT=_cdt(q.dtype),
-        BLOCK_KC=bkc, BLOCK_L=bl, BLOCK_D=bd, NKC=triton.cdiv(K, bkc), NL=triton.cdiv(L, bl),
+        g,
+        q,
+        e,
+        ridx,
+        ridx if uidx is None else uidx,
+        coef,
+        coef if du is None else du,
+        gqu,
+        gq,
+        ge,
+        K,
+        L,
+        D,
+        HAS_U=uidx is not None and L > 0,
+        GATHER=gather,
+        SCATTER=scatter,
+        CDT=_cdt(q.dtype),
+        BLOCK_KC=bkc,
+        BLOCK_L=bl,
+        BLOCK_D=bd,
+        NKC=triton.cdiv(K, bkc),
+        NL=triton.cdiv(L, bl),
         num_warps=4,
-    )  # fmt: skip
+    )
 
 
 def _ids(idx):
@@ -317,8 +447,9 @@ def _ids(idx):
 
 
 def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad):
-    """(loss [B], d_ranked [B, K], d_unranked [B, L], d_tail [B], grad_query [B, d]), the last four at
-    unit upstream gradient (empty [0] when absent or not needed), float32 (float64 for float64 input).
+    """(loss [B], d_ranked [B, K], d_unranked [B, L], d_tail [B], grad_query [B, d]), the last four
+    at unit upstream gradient (empty [0] when absent or not needed), float32 (float64 for float64
+    input).
 
     The fused forward kernel gives the loss, the ranked score gradients, the raw unranked scores and
     the unranked part of grad_query; the gradient kernel (GATHER) adds the ranked part."""
@@ -337,17 +468,42 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad
     def out(present, *shape):
         return torch.empty(shape if need_grad and present else 0, dtype=acc, device=dev)
 
-    coef, us, d_t, gqu = out(True, B, K), out(uidx is not None, B, L), out(t is not None, B), out(True, B, D)
+    coef, us, d_t, gqu = (
+        out(True, B, K),
+        out(uidx is not None, B, L),
+        out(t is not None, B),
+        out(True, B, D),
+    )
     if B == 0:
         return loss, coef, us, d_t, gqu
     bk, bdc, bl, bd, _ = _emb_blocks(K, L, D)
     _emb_fwd_kernel[(B,)](
-        q, e, ridx, ridx if uidx is None else uidx, q if t is None else t, loss, rest, inv,
-        coef if need_grad else loss, us if need_grad and L > 0 else loss, gqu if need_grad else loss,
-        K, L, D, HAS_U=uidx is not None and L > 0, HAS_T=t is not None, NEED_GRAD=bool(need_grad),
-        CDT=_cdt(q.dtype), BLOCK_K=bk, BLOCK_DC=bdc, BLOCK_L=bl, BLOCK_D=bd, NDC=triton.cdiv(D, bdc),
-        NL=triton.cdiv(L, bl), num_warps=4,
-    )  # fmt: skip
+        q,
+        e,
+        ridx,
+        ridx if uidx is None else uidx,
+        q if t is None else t,
+        loss,
+        rest,
+        inv,
+        coef if need_grad else loss,
+        us if need_grad and L > 0 else loss,
+        gqu if need_grad else loss,
+        K,
+        L,
+        D,
+        HAS_U=uidx is not None and L > 0,
+        HAS_T=t is not None,
+        NEED_GRAD=bool(need_grad),
+        CDT=_cdt(q.dtype),
+        BLOCK_K=bk,
+        BLOCK_DC=bdc,
+        BLOCK_L=bl,
+        BLOCK_D=bd,
+        NDC=triton.cdiv(D, bdc),
+        NL=triton.cdiv(L, bl),
+        num_warps=4,
+    )
     if not need_grad:
         return loss, coef, us, d_t, gqu
     gq = torch.empty((B, D), dtype=acc, device=dev)
@@ -359,8 +515,9 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad
 
 
 def _scatter_deterministic(ge, g, q, ridx, d_ranked, uidx, d_unranked, max_entries=2**19):
-    """grad_E[i] += sum_{(b, j): idx_bj = i} g_b d_bj q_b with index_add_ (sort-based and deterministic
-    under torch.use_deterministic_algorithms), over row chunks of at most max_entries entries taken in
+    """grad_E[i] += sum_{(b, j): idx_bj = i} g_b d_bj q_b with index_add_ (sort-based and
+    deterministic under torch.use_deterministic_algorithms), over row chunks of at most max_entries
+    entries taken in
     a fixed order, so that the [entries, d] source never exceeds max_entries * d values."""
     B = q.shape[0]
     parts = [(ridx, d_ranked)]
@@ -372,17 +529,21 @@ def _scatter_deterministic(ge, g, q, ridx, d_ranked, uidx, d_unranked, max_entri
         M = idx.shape[1]
         step = max(1, max_entries // max(M, 1))
         for b0 in range(0, B, step):
-            ids = idx[b0:b0 + step]
-            cc = torch.where(ids >= 0, c[b0:b0 + step], torch.zeros_like(c[b0:b0 + step]))
-            src = (cc[:, :, None] * qf[b0:b0 + step, None, :]).reshape(-1, qf.shape[1])
+            ids = idx[b0 : b0 + step]
+            cc = torch.where(ids >= 0, c[b0 : b0 + step], torch.zeros_like(c[b0 : b0 + step]))
+            src = (cc[:, :, None] * qf[b0 : b0 + step, None, :]).reshape(-1, qf.shape[1])
             ge.index_add_(0, ids.clamp_min(0).reshape(-1), src.to(ge.dtype))
 
 
-def emb_backward(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query):
+def emb_backward(
+    grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_unranked, grad_query
+):
     """(grad_query [n_rows, d], grad_item [N, d]) for the upstream grad [B], float32 (float64).
 
-    grad_item is accumulated with atomic adds by default (not bitwise reproducible run to run); under
-    torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based index_add_ instead
+    grad_item is accumulated with atomic adds by default (not bitwise reproducible run to run);
+    under
+    torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based index_add_
+        instead
     (reproducible, slower, at most 2^19 * d extra values).
     """
     q, ridx, uidx = take_rows(rows, query, _ids(ranked_idx), _ids(unranked_idx))
@@ -395,6 +556,18 @@ def emb_backward(grad, query, item, ranked_idx, unranked_idx, rows, d_ranked, d_
         if torch.are_deterministic_algorithms_enabled():
             _scatter_deterministic(ge, g, q, ridx, d_ranked, uidx, d_unranked)
         else:
-            _grad_launch(g, q, item.contiguous(), ridx, uidx, d_ranked, d_unranked, g, g, ge,
-                         gather=False, scatter=True)  # fmt: skip
+            _grad_launch(
+                g,
+                q,
+                item.contiguous(),
+                ridx,
+                uidx,
+                d_ranked,
+                d_unranked,
+                g,
+                g,
+                ge,
+                gather=False,
+                scatter=True,
+            )
     return add_rows(g[:, None] * grad_query, rows, query.shape[0]), ge

@@ -1,7 +1,8 @@
 """kdfast.topk_scores: each query's top-k keys by dot product, with per-query exclusions.
 
 Backends (one row each in BACKENDS, the same function in each module):
-    topk_scores(queries, keys, k, excl_indptr, excl_indices) -> (values [n_q, k] float32, indices int64)
+    topk_scores(queries, keys, k, excl_indptr, excl_indices) -> (values [n_q, k] float32, indices
+        int64)
 with queries/keys contiguous, n_q >= 1, n_k >= 1, and the exclusions a validated int64 CSR.
 """
 
@@ -74,12 +75,12 @@ def topk_scores(
 
     Returns:
         values [n_q, k] float32, descending, and indices [n_q, k] int64. Ties go to the lower key
-        index. Slots beyond the number of non-excluded keys hold index -1 and value -inf. A NaN score
-        ranks as -inf (below every finite score, ties by index) and is reported as -inf; -0.0 equals
-        0.0. Every backend returns the same order for the same float32 scores; scores themselves may
-        differ in the last bits between backends (summation order), which can reorder near-ties. Each
-        backend is bitwise deterministic run to run (cpp: whatever the thread count, for one CPU
-        instruction set).
+        index. Slots beyond the number of non-excluded keys hold index -1 and value -inf. A NaN
+        score ranks as -inf (below every finite score, ties by index) and is reported as -inf; -0.0
+        equals 0.0. Every backend returns the same order for the same float32 scores; scores
+        themselves may differ in the last bits between backends (summation order), which can reorder
+        near-ties. Each backend is bitwise deterministic run to run (cpp: whatever the thread count,
+        for one CPU instruction set).
     """
     checks.floating(queries, "queries", ndim=2)
     checks.floating(keys, "keys", ndim=2)

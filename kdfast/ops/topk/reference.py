@@ -1,6 +1,7 @@
 """Reference top-K of dot-product scores with exclusions (the oracle, and the "torch" backend):
 chunked matmul, mask, topk on the rank keys of kdfast._core.numerics (descending score, ties to the
-lower key index, NaN as -inf, -0 == +0; excluded keys and empty slots come out as index -1, value -inf).
+lower key index, NaN as -inf, -0 == +0; excluded keys and empty slots come out as index -1, value
+-inf).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, max_tile=1 << 24
     """Top-k keys by <query, key> per query, skipping each query's excluded keys.
 
     queries [n_q, d], keys [n_k, d] floating; k >= 1 (may exceed n_k); excl_indptr [n_q+1] and
-    excl_indices int64 CSR (ids may repeat, any order). Scores are accumulated in float32 (float64 for
-    float64 inputs) and ranked as float32. Returns values [n_q, k] float32 and indices [n_q, k] int64.
+    excl_indices int64 CSR (ids may repeat, any order). Scores are accumulated in float32 (float64
+    for float64 inputs) and ranked as float32. Returns values [n_q, k] float32 and indices [n_q, k]
+    int64.
     Peak memory: one tile of at most max_tile scores (+ its int64 keys) besides the result.
     """
     n_q, n_k = queries.shape[0], keys.shape[0]

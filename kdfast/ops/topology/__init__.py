@@ -6,11 +6,12 @@ autograd will need (of the inputs that require grad); the backward only scales t
 gradient (first order only: a second derivative raises).
 
 Backends (one row each in BACKENDS, the same functions in each module; teacher and student of one
-dtype; the loss in float32, float64 for float64 inputs; empty [0] tensors for gradients not asked for):
+dtype; the loss in float32, float64 for float64 inputs; empty [0] tensors for gradients not asked
+for):
     topology_loss_grads(teacher, student, grad_teacher, grad_student)
         -> (loss [], d loss/d teacher [N, d_t], d loss/d student [N, d_s])
-    grouped_topology_loss_grads(teacher, student, groups, n_groups, teacher_cos_filter, grad_student)
-        -> (loss [], counted ordered pairs [] int64, d loss/d student [N, d_s])
+    grouped_topology_loss_grads(teacher, student, groups, n_groups, teacher_cos_filter,
+        grad_student) -> (loss [], counted ordered pairs [] int64, d loss/d student [N, d_s])
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ REDUCTIONS = ("sum", "mean")
 # ---------------------------------------------------------------------------------------------- FTD
 def _ftd_impl(teacher, student, grad_teacher, grad_student, backend):
     impl = BACKENDS[backend]()
-    loss, gt, gs = impl.topology_loss_grads(teacher.contiguous(), student.contiguous(), grad_teacher,
-                                            grad_student)  # fmt: skip
+    loss, gt, gs = impl.topology_loss_grads(
+        teacher.contiguous(), student.contiguous(), grad_teacher, grad_student
+    )
     return loss.to(acc_dtype(student.dtype)), gt, gs
 
 
 @torch.library.custom_op("kdfast::topology_loss", mutates_args=())
 def _ftd_op(
-    teacher: torch.Tensor, student: torch.Tensor, grad_teacher: bool, grad_student: bool, backend: str
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    grad_teacher: bool,
+    grad_student: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _ftd_impl(teacher, student, grad_teacher, grad_student, backend)
 
@@ -61,7 +67,8 @@ def _(teacher, student, grad_teacher, grad_student, backend):
 def _ftd_setup(ctx, inputs, output):
     teacher, student, grad_teacher, grad_student, _ = inputs
     ctx.dtypes = (teacher.dtype if grad_teacher else None, student.dtype if grad_student else None)
-    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no [N, d] zeros for them
+    # the gradient outputs get no gradient: no [N, d] zeros for them
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], output[2])
 
 
@@ -74,9 +81,13 @@ def _ftd_backward(ctx, g_loss, *unused, bwd):
 
 
 _ftd = differentiable(
-    _ftd_op, _ftd_impl, setup=_ftd_setup, backward=_ftd_backward, name="topology_loss",
+    _ftd_op,
+    _ftd_impl,
+    setup=_ftd_setup,
+    backward=_ftd_backward,
+    name="topology_loss",
     module="topology",
-)  # fmt: skip
+)
 
 
 def _check_pair(teacher, student):
@@ -104,7 +115,8 @@ def topology_loss(
     Args:
         teacher: [N, d_t] floating (the teacher's entity representations); taken in the student's
             dtype.
-        student: [N, d_s] floating, same device (the student's representations of the same entities).
+        student: [N, d_s] floating, same device (the student's representations of the same
+            entities).
         reduction: "sum" (default; the authors' sum over pairs) or "mean" (divided by N^2).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
@@ -118,7 +130,8 @@ def topology_loss(
         L = sum_{a,b} (cos(t_a,t_b) - cos(s_a,s_b))^2 = ||A A^T - B B^T||_F^2
           = ||A^T A||_F^2 + ||B^T B||_F^2 - 2 ||A^T B||_F^2
         dL/dB = 4 (B (B^T B) - A (A^T B)),  dL/dA = 4 (A (A^T A) - B (B^T A)),
-    then through the row normalisation: dL/dx_a = (g_a - u_a <u_a, g_a>) / ||x_a||. The cpp and triton
+    then through the row normalisation: dL/dx_a = (g_a - u_a <u_a, g_a>) / ||x_a||. The cpp and
+        triton
     backends evaluate the right-hand side: O(N (d_t + d_s)^2) time and O((d_t + d_s)^2) extra memory
     (plus the [N, d] gradients); the torch backend is the direct N x N formula. A row of norm 0 has
     cosine 0 with every row (itself included) and gets gradient 0. The Gram rewrite subtracts
@@ -140,9 +153,13 @@ def _grouped_impl(teacher, student, groups, n_groups, teacher_cos_filter, grad_s
     checks.index_range(groups, "groups", n_groups)
     impl = BACKENDS[backend]()
     loss, count, gs = impl.grouped_topology_loss_grads(
-        teacher.contiguous(), student.contiguous(), groups.to(torch.int64).contiguous(), n_groups,
-        teacher_cos_filter, grad_student,
-    )  # fmt: skip
+        teacher.contiguous(),
+        student.contiguous(),
+        groups.to(torch.int64).contiguous(),
+        n_groups,
+        teacher_cos_filter,
+        grad_student,
+    )
     return loss.to(acc_dtype(student.dtype)), count.to(torch.int64), gs
 
 
@@ -156,7 +173,9 @@ def _grouped_op(
     grad_student: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _grouped_impl(teacher, student, groups, n_groups, teacher_cos_filter, grad_student, backend)
+    return _grouped_impl(
+        teacher, student, groups, n_groups, teacher_cos_filter, grad_student, backend
+    )
 
 
 @_grouped_op.register_fake
@@ -183,9 +202,13 @@ def _grouped_backward(ctx, g_loss, *unused, bwd):
 
 
 _grouped = differentiable(
-    _grouped_op, _grouped_impl, setup=_grouped_setup, backward=_grouped_backward,
-    name="grouped_topology_loss", module="topology",
-)  # fmt: skip
+    _grouped_op,
+    _grouped_impl,
+    setup=_grouped_setup,
+    backward=_grouped_backward,
+    name="grouped_topology_loss",
+    module="topology",
+)
 
 
 def grouped_topology_loss(
@@ -205,17 +228,20 @@ def grouped_topology_loss(
         student: [N, d_s] floating, same device.
         groups: [N] integer group id of each row, in [0, n_groups).
         n_groups: number of groups (>= 1).
-        teacher_cos_filter: keep only pairs whose teacher cosine is > 0 (the authors' code; default).
+        teacher_cos_filter: keep only pairs whose teacher cosine is > 0 (the authors' code;
+            default).
         reduction: "sum" (default) or "mean" (divided by the number of counted ordered pairs, or 1).
         backend: "auto", "torch", "cpp" or "triton".
 
     Returns:
         0-d float32 (float64 for float64 student) loss, differentiable with respect to the student.
 
-    Math, over ORDERED pairs with a == b included (the authors' masked matrix sum; a pair a != b counts
-    twice, the diagonal adds 0 because cos(x, x) = 1 on both sides, a zero row has cosine 0 everywhere):
+    Math, over ORDERED pairs with a == b included (the authors' masked matrix sum; a pair a != b
+    counts twice, the diagonal adds 0 because cos(x, x) = 1 on both sides, a zero row has cosine 0
+    everywhere):
         L = sum_{a,b: g_a == g_b [and cos(t_a,t_b) > 0]} (cos(s_a,s_b) - cos(t_a,t_b))^2
-        dL/dB_a = 4 sum_b m_ab (cos(s_a,s_b) - cos(t_a,t_b)) B_b, then through the row normalisation.
+        dL/dB_a = 4 sum_b m_ab (cos(s_a,s_b) - cos(t_a,t_b)) B_b, then through the row
+        normalisation.
     The fast backends sort rows by group (block-diagonal mask) and visit only same-group tiles,
     recomputing cosines on the fly: O(sum_g n_g^2 (d_t + d_s)) time, O(N (d_t + d_s)) extra memory.
     With the filter off both fast backends use the per-group Gram rewrite (O(N (d_t+d_s)^2), one
@@ -227,15 +253,17 @@ def grouped_topology_loss(
     checks.same_device(teacher=teacher, groups=groups)
     if groups.shape[0] != teacher.shape[0]:
         raise ValueError(
-            f"groups must have one entry per row: {teacher.shape[0]} rows, got {groups.shape[0]} ids"
+            f"groups must have one entry per row: {teacher.shape[0]} rows, "
+            f"got {groups.shape[0]} ids"
         )
     n_groups = checks.positive_int(n_groups, "n_groups")
     teacher_cos_filter = checks.boolean(teacher_cos_filter, "teacher_cos_filter")
     checks.reduction(reduction, REDUCTIONS)
     chosen = _backend.choose(backend, device.type, student.dtype, tuple(BACKENDS))
     teacher = teacher.detach().to(student.dtype)
-    loss, count, _ = _grouped(teacher, student, groups, n_groups, teacher_cos_filter,
-                              requires_grad(student), chosen)  # fmt: skip
+    loss, count, _ = _grouped(
+        teacher, student, groups, n_groups, teacher_cos_filter, requires_grad(student), chosen
+    )
     if reduction == "mean":
         loss = loss / count.clamp(min=1).to(loss.dtype)
     return loss

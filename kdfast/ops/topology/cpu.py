@@ -22,14 +22,22 @@ def topology_loss_grads(teacher, student, grad_teacher: bool, grad_student: bool
     if n == 0:
         return t.new_zeros(()), gt, gs
     loss = backend.require_ext().topology_ftd(
-        t.data_ptr(), s.data_ptr(), n, dt, s.shape[1], t.dtype == torch.float64, _ptr(gt), _ptr(gs),
+        t.data_ptr(),
+        s.data_ptr(),
+        n,
+        dt,
+        s.shape[1],
+        t.dtype == torch.float64,
+        _ptr(gt),
+        _ptr(gs),
         backend.num_threads(),
-    )  # fmt: skip
+    )
     return torch.tensor(loss, dtype=t.dtype), gt, gs
 
 
-def grouped_topology_loss_grads(teacher, student, groups, n_groups: int, teacher_cos_filter: bool,
-                                grad_student: bool):  # fmt: skip
+def grouped_topology_loss_grads(
+    teacher, student, groups, n_groups: int, teacher_cos_filter: bool, grad_student: bool
+):
     """HTD entity level: (loss [], count [] int64, d loss/d student or empty). Rows are visited by
     group (a stable sort) through the group boundaries."""
     t, s = teacher.contiguous(), student.contiguous()
@@ -40,7 +48,17 @@ def grouped_topology_loss_grads(teacher, student, groups, n_groups: int, teacher
     perm = torch.argsort(groups, stable=True).contiguous()
     offsets = from_counts(torch.bincount(groups, minlength=n_groups))
     loss, count = backend.require_ext().topology_grouped(
-        t.data_ptr(), s.data_ptr(), perm.data_ptr(), offsets.data_ptr(), n, n_groups, dt, s.shape[1],
-        bool(teacher_cos_filter), t.dtype == torch.float64, _ptr(gs), backend.num_threads(),
-    )  # fmt: skip
+        t.data_ptr(),
+        s.data_ptr(),
+        perm.data_ptr(),
+        offsets.data_ptr(),
+        n,
+        n_groups,
+        dt,
+        s.shape[1],
+        bool(teacher_cos_filter),
+        t.dtype == torch.float64,
+        _ptr(gs),
+        backend.num_threads(),
+    )
     return torch.tensor(loss, dtype=t.dtype), torch.tensor(count, dtype=torch.int64), gs

@@ -1,5 +1,5 @@
-"""Reference topology losses (Topology Distillation, KDD'21): the direct N x N formulas. They are the
-oracle of the tests and, through the two backend functions at the end (whose gradients are the
+"""Reference topology losses (Topology Distillation, KDD'21): the direct N x N formulas. They are
+the oracle of the tests and, through the two backend functions at the end (whose gradients are the
 oracle's own, by torch.func.vjp), the "torch" backend.
 
 Relations are cosine similarities of the rows. A row of norm 0 normalises to the zero vector: its
@@ -29,7 +29,9 @@ def topology_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (diff * diff).sum()
 
 
-def grouped_mask(teacher_cos: torch.Tensor, groups: torch.Tensor, teacher_cos_filter: bool) -> torch.Tensor:
+def grouped_mask(
+    teacher_cos: torch.Tensor, groups: torch.Tensor, teacher_cos_filter: bool
+) -> torch.Tensor:
     """The [N, N] bool mask of the counted ordered pairs."""
     mask = groups[:, None] == groups[None, :]
     if teacher_cos_filter:
@@ -63,8 +65,9 @@ def topology_loss_grads(teacher, student, grad_teacher: bool, grad_student: bool
     return loss, gt, gs
 
 
-def grouped_topology_loss_grads(teacher, student, groups, n_groups: int, teacher_cos_filter: bool,
-                                grad_student: bool):  # fmt: skip
+def grouped_topology_loss_grads(
+    teacher, student, groups, n_groups: int, teacher_cos_filter: bool, grad_student: bool
+):
     """Backend contract: (loss [], count [] int64, d loss/d student)."""
     dt = acc_dtype(student.dtype)
 
