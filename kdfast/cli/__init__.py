@@ -1,6 +1,6 @@
 """The `kdfast` command: `kdfast distill` (kdfast/cli/distill.py) and `kdfast topk`
-(kdfast/cli/topk.py).
-Each subcommand module has add_arguments(parser) and run(args) -> exit code."""
+(kdfast/cli/topk.py). Each subcommand module has add_arguments(parser) and run(args) -> exit code,
+and raises kdfast.cli.errors.UsageError for bad arguments or input files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from . import distill, topk
+from .errors import UsageError
 
 COMMANDS = {
     "topk": (
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(COMMANDS[args.command][0].run(args) or 0)
+    except UsageError as exc:
+        print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

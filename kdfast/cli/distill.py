@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
+
+from .errors import UsageError
 
 
 def add_arguments(p) -> None:
@@ -128,10 +129,6 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--out", default="kdfast-out", help="output folder (created)")
-
-
-class UsageError(Exception):
-    """A problem with the arguments, found before training."""
 
 
 def parse_methods(text: str):
@@ -278,14 +275,6 @@ def _write_json(results, path: Path) -> None:
     tmp.replace(path)
 
 
-def run(args) -> int:
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"kdfast distill: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _specs(args):
     """The pipeline's specs from the command line."""
     from ..experiment import DataSpec, TeacherSpec, TrainSpec
@@ -318,7 +307,7 @@ def _specs(args):
     return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
 
 
-def _run(args) -> int:
+def run(args) -> int:
     import dataclasses
 
     import torch

@@ -19,9 +19,7 @@ import sys
 import numpy as np
 import torch
 
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
+from .errors import UsageError
 
 
 def add_arguments(p):
@@ -66,28 +64,28 @@ def add_arguments(p):
 def load_embeddings(path: str, name: str) -> torch.Tensor:
     """A 2-D floating tensor from .npy or .pt."""
     if not os.path.isfile(path):
-        raise CommandError(f"--{name}: file not found: {path}")
+        raise UsageError(f"--{name}: file not found: {path}")
     try:
         if path.endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.endswith(".pt"):
             x = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise CommandError(f"--{name}: expected a .npy or .pt file, got {path}")
-    except CommandError:
+            raise UsageError(f"--{name}: expected a .npy or .pt file, got {path}")
+    except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file
-        raise CommandError(f"--{name}: cannot read {path}: {exc}") from None
+        raise UsageError(f"--{name}: cannot read {path}: {exc}") from None
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise CommandError(f"--{name}: {path} must hold one tensor, got {type(x).__name__}")
+        raise UsageError(f"--{name}: {path} must hold one tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise CommandError(
+        raise UsageError(
             f"--{name}: expected a 2-D array [rows, d], got shape {tuple(x.shape)} in {path}"
         )
     if not x.dtype.is_floating_point:
-        raise CommandError(f"--{name}: expected floating-point embeddings, got {x.dtype} in {path}")
+        raise UsageError(f"--{name}: expected floating-point embeddings, got {x.dtype} in {path}")
     return x
 
 
@@ -95,7 +93,7 @@ def load_exclude(path: str, n_q: int, n_k: int):
     import kdfast
 
     if not os.path.isfile(path):
-        raise CommandError(f"--exclude: file not found: {path}")
+        raise UsageError(f"--exclude: file not found: {path}")
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -106,21 +104,21 @@ def load_exclude(path: str, n_q: int, n_k: int):
 
                     obj = scipy.sparse.load_npz(path)
         except Exception as exc:  # noqa: BLE001
-            raise CommandError(f"--exclude: cannot read {path}: {exc}") from None
+            raise UsageError(f"--exclude: cannot read {path}: {exc}") from None
     else:
         from ..data import read_users_dat
 
         try:
             obj = read_users_dat(path)
         except ValueError as exc:
-            raise CommandError(f"--exclude: {exc}") from None
+            raise UsageError(f"--exclude: {exc}") from None
     n_rows = (len(obj[0]) - 1) if isinstance(obj, tuple) else obj.shape[0]
     if n_rows != n_q:
-        raise CommandError(f"--exclude: {path} has {n_rows} rows but there are {n_q} queries")
+        raise UsageError(f"--exclude: {path} has {n_rows} rows but there are {n_q} queries")
     try:
         return kdfast.as_csr(obj, "exclude", n_q, n_k, validate=True)
     except (ValueError, TypeError) as exc:
-        raise CommandError(f"--exclude: {exc}") from None
+        raise UsageError(f"--exclude: {exc}") from None
 
 
 def _slice_csr(indptr, indices, r0, r1):
@@ -151,46 +149,42 @@ def _ranked(queries, keys, k, csr, args, bar):
 def run(args) -> int:
     try:
         return _run(args)
-    except CommandError as exc:
-        print(f"kdfast topk: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        print(f"kdfast topk: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:  # from kdfast on the given data
+        raise UsageError(str(exc)) from None
 
 
 def _run(args) -> int:
     from tqdm import tqdm
 
     if args.k < 1:
-        raise CommandError(f"-k must be >= 1, got {args.k}")
+        raise UsageError(f"-k must be >= 1, got {args.k}")
     if args.batch < 1:
-        raise CommandError(f"--batch must be >= 1, got {args.batch}")
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if args.threads is not None:
         if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.demo:
         if args.queries or args.keys:
-            raise CommandError("give either --demo or --queries/--keys, not both")
+            raise UsageError("give either --demo or --queries/--keys, not both")
         n_q, n_k, d = args.demo
         if min(n_q, n_k, d) < 1:
-            raise CommandError(f"--demo sizes must be >= 1, got {n_q} {n_k} {d}")
+            raise UsageError(f"--demo sizes must be >= 1, got {n_q} {n_k} {d}")
         gen = torch.Generator().manual_seed(args.seed)
         queries, keys = torch.randn(n_q, d, generator=gen), torch.randn(n_k, d, generator=gen)
     else:
         if not (args.queries and args.keys):
-            raise CommandError("give --queries and --keys (or --demo N_Q N_K D)")
+            raise UsageError("give --queries and --keys (or --demo N_Q N_K D)")
         queries, keys = load_embeddings(args.queries, "queries"), load_embeddings(args.keys, "keys")
         if queries.shape[1] != keys.shape[1]:
-            raise CommandError(
+            raise UsageError(
                 f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}"
             )
     n_q, n_k = queries.shape[0], keys.shape[0]
     csr = load_exclude(args.exclude, n_q, n_k) if args.exclude else None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
-        raise CommandError(f"--out: directory does not exist: {out_dir}")
+        raise UsageError(f"--out: directory does not exist: {out_dir}")
     n_batches = math.ceil(n_q / args.batch) + (math.ceil(n_k / args.batch) if args.item_side else 0)
     result = {}
     with tqdm(
