@@ -112,10 +112,9 @@ def run_op(op, jobs, args, env, out_dir, tmp, deadline):
         if left is not None and left < 5:
             row["note"] = "skipped: budget spent"
         else:
-            part, result = (
-                os.path.join(tmp, "part.json"),
-                os.path.join(tmp, f"result{len(rows)}.pt"),
-            )
+            part, result = os.path.join(tmp, "part.json"), os.path.join(tmp, "result.pt")
+            if os.path.exists(result):  # the last child's: not this one's
+                os.remove(result)
             cmd = [
                 sys.executable,
                 "-m",
