@@ -8,12 +8,14 @@ scores (s_ui = <e_u, e_i>); the trainer and every KD method work on these tables
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from ._core.csr import row_ids
+from ._core.files import atomic_write
 
 
 class BPRMF(torch.nn.Module):
@@ -121,22 +123,15 @@ def build_model(kind: str, n_users: int, n_items: int, dim: int, train, *, gener
 def save_teacher(path, user: torch.Tensor, item: torch.Tensor, meta: dict) -> None:
     """Save a trained teacher: its score embeddings (user [U, d], item [I, d], float32) and metadata
     (model, dim, data fingerprint, protocol, split seed, training seed, metrics ...), with
-    torch.save,
-    written atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(
-        {
-            "format": "kdfast-teacher-1",
-            "kdfast": __version__,
-            "user": user.detach().float().cpu().contiguous(),
-            "item": item.detach().float().cpu().contiguous(),
-            "meta": dict(meta),
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    torch.save, written atomically (kdfast._core.files.atomic_write)."""
+    blob = {
+        "format": "kdfast-teacher-1",
+        "kdfast": __version__,
+        "user": user.detach().float().cpu().contiguous(),
+        "item": item.detach().float().cpu().contiguous(),
+        "meta": dict(meta),
+    }
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_teacher(path, *, expect: dict | None = None):
@@ -146,10 +141,18 @@ def load_teacher(path, *, expect: dict | None = None):
     mismatch raises ValueError naming the entry, so a teacher is never reused on other data or
     splits.
     """
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    retrain = "delete it or pass another --teacher path to train a new teacher"
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, pickle.UnpicklingError) as e:
+        raise ValueError(f"teacher file {path} is unreadable ({e}); {retrain}") from None
     if not isinstance(blob, dict) or blob.get("format") != "kdfast-teacher-1":
-        raise ValueError(f"{path} is not a kdfast teacher file")
-    meta = blob["meta"]
+        raise ValueError(f"{path} is not a kdfast teacher file; {retrain}")
+    if not all(isinstance(blob.get(k), torch.Tensor) for k in ("user", "item")):
+        raise ValueError(f"teacher file {path} holds no embedding tables; {retrain}")
+    meta = blob.get("meta")
+    if not isinstance(meta, dict):
+        raise ValueError(f"teacher file {path} holds no metadata; {retrain}")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise ValueError(

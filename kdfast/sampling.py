@@ -25,7 +25,7 @@ import torch
 
 from ._core import backend as _backend
 from ._core import checks as _checks
-from ._core.csr import as_csr, has_pair, row_ids
+from ._core.csr import as_csr, from_counts, has_pair, row_ids
 
 _MAX_ROUNDS = 64
 
@@ -95,7 +95,7 @@ def rank_discounted_sample(
                 _backend.num_threads(),
             )
         return out
-    logits = -torch.arange(1, n + 1, dtype=torch.float64, device=device) / float(temperature)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=device)
     u = torch.rand(
         (n_rows, n),
         generator=generator,
@@ -103,7 +103,11 @@ def rank_discounted_sample(
         device=_draw_device(generator, device),
     ).to(device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    pos = torch.topk(logits + gumbel, k, dim=1).indices
+    # keys -r/T + g, or T times them (the same order) where 1/T could overflow: T -> 0 gives the
+    # first k positions, the limit of the law, as the C++ sampler does
+    t = float(temperature)
+    keys = -ranks / t + gumbel if t >= 1.0 else -ranks + t * gumbel
+    pos = torch.topk(keys, k, dim=1).indices
     return torch.sort(pos, dim=1).values
 
 
@@ -134,6 +138,38 @@ def exclusion_keys(n_rows, n_ids, exclude=None, extra=None, device="cpu"):
         )
     keys = torch.unique(torch.cat(rows) * n_ids + torch.cat(ids))
     counts = torch.bincount(torch.div(keys, n_ids, rounding_mode="floor"), minlength=n_rows)
+    return keys, counts
+
+
+_KEYS_FORMAT = (
+    "keys must be row * n_ids + id, sorted, unique, with per-row counts, as exclusion_keys returns"
+)
+
+
+def _checked_keys(excluded_keys, n_rows, n_ids):
+    """A caller-built (keys, counts) pair, checked as both backends need it (O(number of keys)):
+    ValueError naming what is wrong, instead of samples that silently take excluded ids."""
+    if not (isinstance(excluded_keys, (tuple, list)) and len(excluded_keys) == 2):
+        raise TypeError(
+            f"excluded_keys must be a (keys, counts) pair, got {type(excluded_keys).__name__}"
+        )
+    keys = _checks.integer(excluded_keys[0], "excluded_keys keys", ndim=1).to(torch.int64)
+    counts = _checks.integer(excluded_keys[1], "excluded_keys counts", ndim=1).to(torch.int64)
+    if counts.numel() != n_rows:
+        raise ValueError(
+            f"excluded_keys holds counts for {counts.numel()} rows, expected n_rows = {n_rows}"
+        )
+    if (n_rows and int(counts.min()) < 0) or int(counts.sum()) != keys.numel():
+        raise ValueError(
+            f"excluded_keys counts must be >= 0 and sum to the {keys.numel()} keys ({_KEYS_FORMAT})"
+        )
+    if keys.numel() > 1 and bool((keys[1:] <= keys[:-1]).any()):
+        raise ValueError(f"excluded_keys are not sorted and unique ({_KEYS_FORMAT})")
+    rows = torch.div(keys, n_ids, rounding_mode="floor")
+    bad = rows != row_ids(from_counts(counts.to(keys.device)))
+    if bool(bad.any()):
+        r = int(row_ids(from_counts(counts.to(keys.device)))[bad][0])
+        raise ValueError(f"excluded_keys holds keys outside row {r} ({_KEYS_FORMAT})")
     return keys, counts
 
 
@@ -190,11 +226,7 @@ def uniform_excluding_sample(
     if excluded_keys is not None:
         if exclude is not None or extra is not None:
             raise ValueError("pass either excluded_keys or exclude/extra, not both")
-        keys, counts = excluded_keys
-        if counts.numel() != n_rows:
-            raise ValueError(
-                f"excluded_keys holds counts for {counts.numel()} rows, expected n_rows = {n_rows}"
-            )
+        keys, counts = _checked_keys(excluded_keys, n_rows, n_ids)
     else:
         keys, counts = exclusion_keys(n_rows, n_ids, exclude, extra, device)
     avail = n_ids - counts
@@ -207,15 +239,8 @@ def uniform_excluding_sample(
     if _use_cpp(backend, device):
         out = torch.empty((n_rows, size), dtype=torch.int64)
         if n_rows:
-            offsets = torch.zeros(n_rows + 1, dtype=torch.int64)
-            torch.cumsum(counts, 0, out=offsets[1:])
+            offsets = from_counts(counts.cpu())
             keys = keys.contiguous()
-            if keys.dtype != torch.int64 or keys.numel() != int(offsets[-1]):
-                raise ValueError(
-                    "excluded_keys must be int64 keys and counts as returned by exclusion_keys "
-                    f"(got {keys.numel()} {keys.dtype} keys for counts summing to "
-                    f"{int(offsets[-1])})"
-                )
             # raises ValueError for a key outside its row
             _backend.ext().uniform_excluding_sample(
                 _seed(generator),

@@ -67,12 +67,18 @@ def same_dim(a, a_name: str, b, b_name: str) -> None:
 
 
 def same_device(**tensors) -> torch.device:
-    """All given (non-None) tensors live on one device; returns it."""
+    """All given (non-None) tensors live on one device that holds data (not "meta"); returns it."""
     devices = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on the same device, got {desc}")
-    return next(iter(devices.values()))
+    device = next(iter(devices.values()))
+    if device.type == "meta":
+        raise ValueError(
+            f"{', '.join(devices)} on the meta device hold no data; kdfast ops compute on CPU or "
+            "CUDA tensors (torch.compile traces them with fake tensors of those devices)"
+        )
+    return device
 
 
 def index_range(idx: torch.Tensor, name: str, upper: int, allow_pad: bool = False) -> None:

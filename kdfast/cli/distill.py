@@ -13,8 +13,10 @@ match). Bad arguments (unknown method, missing data, unwritable output) fail bef
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 from .errors import UsageError
@@ -270,9 +272,9 @@ def plot(results: dict, monitor: str, path: Path) -> None:
 
 
 def _write_json(results, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
+    from .._core.files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
 def _specs(args):
@@ -307,7 +309,79 @@ def _specs(args):
     return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One kdfast distill at a time per --out folder: a lock file holding this process's id (a lock
+    left by a process that is gone is taken over)."""
+    lock = out / ".kdfast-distill.lock"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = _lock_owner(lock)
+            if pid is not None and _alive(pid):
+                raise UsageError(
+                    f"--out {str(out)!r} is in use by another kdfast distill (process {pid}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise UsageError(f"--out {str(out)!r}: cannot take the lock {lock}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path):
+    try:
+        return int(lock.read_text().strip() or -1)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _keep_previous(out: Path, log) -> None:
+    """A finished run's results.json (and plot) in --out are renamed results-<time>.json, never
+    overwritten."""
+    old = out / "results.json"
+    if not old.exists():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+    n, suffix = 0, ""
+    while (out / f"results-{stamp}{suffix}.json").exists():
+        n += 1
+        suffix = f"-{n}"
+    old.replace(out / f"results-{stamp}{suffix}.json")
+    plot_file = out / "validation.png"
+    if plot_file.exists():
+        plot_file.replace(out / f"validation-{stamp}{suffix}.png")
+    log(f"--out held the results of an earlier run: kept as results-{stamp}{suffix}.json")
+
+
 def run(args) -> int:
+    _check_args(args)
+    out = Path(args.out)
+    _check_writable(out, "--out folder")
+    with _exclusive(out):
+        return _run(args, out)
+
+
+def _run(args, out: Path) -> int:
     import dataclasses
 
     import torch
@@ -315,13 +389,10 @@ def run(args) -> int:
     from .. import experiment, metrics
     from .._core import backend as _backend
 
-    _check_args(args)
     methods = parse_methods(args.methods)
     overrides = parse_options(args.option, [m for m, _ in methods])
     methods = [(m, {**opts, **overrides.get(m, {})}) for m, opts in methods]
     methods = [(m, _validated(m, opts) if m != "none" else {}) for m, opts in methods]
-    out = Path(args.out)
-    _check_writable(out, "--out folder")
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
     if not teacher_path.exists():
         _check_writable(teacher_path.parent, "the folder of the teacher file")
@@ -348,6 +419,7 @@ def run(args) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--data {args.data}: {exc}") from None
     log = print
+    _keep_previous(out, log)
     log(f"data: {dataset.describe()}")
     log(f"split: {split.describe()}")
     config = {k: v for k, v in vars(args).items() if k != "func"}

@@ -198,10 +198,11 @@ def _run(args) -> int:
             result["item_values"], result["item_indices"] = _ranked(
                 keys, queries, args.k, t_csr, args, bar
             )
-    np.savez(args.out, **result)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # what np.savez writes
+    np.savez(out, **result)
     if not args.quiet:
         print(
-            f"wrote {args.out}: top-{args.k} of {n_k} keys for {n_q} queries"
+            f"wrote {out}: top-{args.k} of {n_k} keys for {n_q} queries"
             + (f" and top-{args.k} of {n_q} queries for {n_k} keys" if args.item_side else ""),
             file=sys.stderr,
         )

@@ -143,6 +143,8 @@ def _int_token(tok, path, lineno, what):
         raise _bad(path, lineno, f"{what} {tok!r} is not an integer") from None
     if v < 0:
         raise _bad(path, lineno, f"{what} {v} is negative")
+    if v >= 2**63:
+        raise _bad(path, lineno, f"{what} {v} does not fit in a 64-bit integer")
     return v
 
 
@@ -276,8 +278,8 @@ def load_pairs(path, *, sep: str | None = None, min_user_interactions: int = 5) 
             )
         rows.append((lineno, toks[0], toks[1]))
 
-    def is_int(t):
-        return t.lstrip("-").isdigit()
+    def is_int(t):  # an id that fits in int64 (larger ones are kept as strings, like names)
+        return t.lstrip("-").isdigit() and -(2**63) <= int(t) < 2**63
 
     if (
         len(rows) > 1

@@ -168,10 +168,9 @@ class KDMethod(torch.nn.Module):
         filled in; ValueError naming `label`. Default: none."""
 
     # -- the batch ---------------------------------------------------------------------------------
-    def check_batch(self, student_user, student_item, users, pos, neg) -> None:
-        """The batch check of every method: floating 2-D student tables of n_users and n_items rows
-        and one width (student_dim when set), users, pos and neg integer 1-D of one length, their
-        ids in range."""
+    def check_student(self, student_user, student_item) -> None:
+        """The student tables: floating 2-D, n_users and n_items rows of one width (student_dim
+        when set). Methods that use them in start_epoch check them there too."""
         checks.floating(student_user, "student_user", ndim=2)
         checks.floating(student_item, "student_item", ndim=2)
         dim = student_user.shape[1] if self.student_dim is None else self.student_dim
@@ -181,6 +180,11 @@ class KDMethod(torch.nn.Module):
                 f"student tables must be [{self.n_users}, {cols}] and [{self.n_items}, {cols}], "
                 f"got {tuple(student_user.shape)} and {tuple(student_item.shape)}"
             )
+
+    def check_batch(self, student_user, student_item, users, pos, neg) -> None:
+        """The batch check of every method: the student tables (check_student), users, pos and neg
+        integer 1-D of one length, their ids in range."""
+        self.check_student(student_user, student_item)
         for name, t in (("users", users), ("pos", pos), ("neg", neg)):
             checks.integer(t, name, ndim=1)
         if not users.shape[0] == pos.shape[0] == neg.shape[0]:

@@ -323,6 +323,7 @@ class DCD(KDMethod):
         return cls(user, item, n_users, n_items, lam, lam_item, rank_every, backend, generator)
 
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
+        self.check_student(student_user, student_item)
         rerank = epoch % self.rank_every == 0
         with torch.no_grad():
             su, si = student_user.detach(), student_item.detach()

@@ -63,6 +63,7 @@ import torch
 
 from .._core import checks
 from .._core.csr import as_csr, row_ids, select_rows
+from .._core.files import atomic_write
 from ..ops.full_catalog import full_catalog_log_tail, full_catalog_set_loss, gathered_scores
 from ..ops.plackett_luce import plackett_luce_loss
 from ..ops.topk import topk_scores
@@ -106,11 +107,7 @@ def save_trajectories(
         entry["user"] = torch.stack([u.detach().float().cpu() for u, _ in t["checkpoints"]])
         entry["item"] = torch.stack([i.detach().float().cpu() for _, i in t["checkpoints"]])
         blob["teachers"].append(entry)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_trajectories(path, *, train=None, n_users: int | None = None, n_items: int | None = None):
@@ -457,6 +454,7 @@ class HetComp(KDMethod):
             self.pi_t = self._ensemble()
 
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
+        self.check_student(student_user, student_item)
         p, s = self.opts["period"], self.opts["start"]
         if self.phase == 1 and epoch > 0 and epoch >= s and epoch % p == 0:
             self.dkc(epoch, student_user, student_item)

@@ -215,6 +215,7 @@ class RD(KDMethod):
         return w
 
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
+        self.check_student(student_user, student_item)
         if self.dynamic and epoch >= self.warmup:
             with torch.no_grad():
                 self.weights = self._dynamic_weights(student_user.detach(), student_item.detach())
