@@ -175,3 +175,66 @@ def test_atomic_writes_use_private_temporary_names(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     user, item, _ = kdfast.models.load_teacher(target)
     assert user.shape == (3, 2) and not list(tmp_path.glob("*.part"))
+
+
+# ------------------------------------------------------------------------------ non-finite inputs
+NAN, INF = float("nan"), float("inf")
+
+
+def _pl_rows(backend, ranked, unranked, log_tail):
+    dev = "cpu" if backend == "cpp" else ("cuda" if torch.cuda.is_available() else "cpu")
+    r, u, t = (
+        None if x is None else torch.tensor(x, dtype=torch.float32, device=dev)
+        for x in (ranked, unranked, log_tail)
+    )
+    return kdfast.plackett_luce_loss(r, u, log_tail=t, reduction="none", backend=backend).cpu()
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
+def test_plackett_luce_non_finite_rule(backend):
+    """The rule of docs (README, Plackett-Luce): -inf is padding; a NaN among a row's ranked scores,
+    unranked scores or log_tail makes its loss NaN; a +inf unranked score or log_tail makes it +inf.
+    Rows without them are untouched."""
+    ranked = [[1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [NAN, 0.5]]
+    unranked = [[0.2, NAN], [0.2, INF], [0.2, -INF], [-INF, -INF], [-INF, -INF], [0.2, 0.1]]
+    log_tail = [0.0, 0.0, 0.0, NAN, INF, 0.0]
+    got = _pl_rows(backend, ranked, unranked, log_tail)
+    assert torch.isnan(got[0]) and torch.isposinf(got[1]) and torch.isfinite(got[2])
+    assert torch.isnan(got[3]) and torch.isposinf(got[4]) and torch.isnan(got[5])
+    padded = _pl_rows(backend, [[1.0, 0.5]], [[0.2]], [0.0])
+    torch.testing.assert_close(got[2:3], padded)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
+def test_plackett_luce_from_embeddings_non_finite_rule(backend):
+    """The same rule when a score is gathered from a non-finite embedding."""
+    dev = "cpu" if backend == "cpp" else ("cuda" if torch.cuda.is_available() else "cpu")
+    q = torch.ones(3, 2, device=dev)
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [NAN, 0.0], [INF, 0.0]], device=dev)
+    ranked = torch.tensor([[0, 1]] * 3, device=dev)
+    unranked = torch.tensor([[2, -1], [3, -1], [-1, -1]], device=dev)
+    got = kdfast.plackett_luce_loss_from_embeddings(
+        q, e, ranked, unranked, reduction="none", backend=backend
+    ).cpu()
+    assert torch.isnan(got[0]) and torch.isposinf(got[1]) and torch.isfinite(got[2])
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
+def test_topology_losses_are_scale_free_per_row(backend):
+    """Cosines do not depend on a row's scale: rows of norm 1e20 or 1e-25 in float32 (whose squares
+    overflow or underflow) give the loss of the unscaled rows, not that of zero rows."""
+    dev = "cpu" if backend == "cpp" else ("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)
+    scale = torch.tensor([1e20, 1e-25, 1.0, 1e15, 1e-18, 3.0])[:, None]
+    groups = torch.tensor([0, 0, 1, 1, 0, 1], device=dev)
+
+    def losses(t, s):
+        t, s = t.to(dev), s.to(dev)
+        return (
+            kdfast.topology_loss(t, s, backend=backend).cpu(),
+            kdfast.grouped_topology_loss(t, s, groups, 2, backend=backend).cpu(),
+        )
+
+    for got, want in zip(losses(t * scale, s * scale), losses(t, s)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -24,8 +24,12 @@ def reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def inv_norms(x: torch.Tensor) -> torch.Tensor:
-    """[N, 1] 1 / ||x_row||, and 0 for rows of norm 0."""
-    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    """[N, 1] 1 / ||x_row||, and 0 for rows of norm 0. The norm is taken of the row divided by its
+    largest magnitude (then multiplied back), so rows far from 1 in scale (1e20 or 1e-25 in float32,
+    whose squares overflow or underflow) keep their exact direction."""
+    m = x.detach().abs().amax(dim=1, keepdim=True)
+    m = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
+    n = torch.linalg.vector_norm(x / m, dim=1, keepdim=True) * m
     pos = n > 0
     return torch.where(pos, 1.0 / torch.where(pos, n, torch.ones_like(n)), torch.zeros_like(n))
 

@@ -25,10 +25,26 @@ def _lse_combine(m1, z1, m2, z2):
 
 @triton.jit
 def _logaddexp(a, b):
+    # NaN in, NaN out (tl.maximum would drop it); +inf in, +inf out
     mx = tl.maximum(a, b)
     mn = tl.minimum(a, b)
     safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return tl.where(mx == float("-inf"), mx, safe + tl.log(1.0 + tl.exp(mn - safe)))
+    out = tl.where(mx == float("-inf"), mx, safe + tl.log(1.0 + tl.exp(mn - safe)))
+    return tl.where((a != a) | (b != b), a + b, out)
+
+
+@triton.jit
+def _non_finite(flags, u, AXIS: tl.constexpr):
+    # flags |= 1 for a NaN in u, |= 2 for a +inf (the online log-sum-exp cannot carry them)
+    nan = tl.max((u != u).to(tl.int32), axis=AXIS)
+    inf = tl.max((u == float("inf")).to(tl.int32), axis=AXIS)
+    return flags | nan | (2 * inf)
+
+
+@triton.jit
+def _with_non_finite(rest, flags):
+    # the unranked log-mass of the non-finite rule: NaN if a NaN was seen, else +inf if a +inf was
+    return tl.where((flags & 1) != 0, float("nan"), tl.where((flags & 2) != 0, float("inf"), rest))
 
 
 @triton.jit
@@ -83,6 +99,7 @@ def _fwd_kernel(
     rmask = rows < B
     m_r = tl.full([R], float("-inf"), CDT)
     z_r = tl.zeros([R], CDT)
+    flags = tl.zeros([R], tl.int32)
     if HAS_U:
         for lc in range(NL):
             ls = lc * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -90,11 +107,12 @@ def _fwd_kernel(
             u = tl.load(u_ptr + rows[:, None] * L + ls[None, :], mask=msk, other=float("-inf")).to(
                 CDT
             )
+            flags = _non_finite(flags, u, 1)
             m_new = tl.maximum(m_r, tl.max(u, axis=1))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             z_r = z_r * tl.exp(m_r - safe) + tl.sum(tl.exp(u - safe[:, None]), axis=1)
             m_r = m_new
-    rest = tl.where(z_r > 0, m_r + tl.log(z_r), float("-inf"))
+    rest = _with_non_finite(tl.where(z_r > 0, m_r + tl.log(z_r), float("-inf")), flags)
     if HAS_T:
         t = tl.load(t_ptr + rows, mask=rmask, other=float("-inf")).to(CDT)
         rest = _logaddexp(rest, t)
@@ -281,6 +299,7 @@ def _emb_fwd_kernel(
     q = tl.load(q_ptr + row * D + ds, mask=dmask, other=0.0).to(CDT)
     m_u = tl.max(tl.full([BLOCK_L], float("-inf"), CDT), axis=0)
     z_u = tl.sum(tl.zeros([BLOCK_L], CDT), axis=0)
+    flags = tl.sum(tl.zeros([BLOCK_L], tl.int32), axis=0)
     acc = tl.zeros([BLOCK_D], CDT)
     if HAS_U:
         for lc in range(NL):
@@ -295,6 +314,7 @@ def _emb_fwd_kernel(
                 other=0.0,
             ).to(CDT)
             u = tl.where(uvalid, tl.sum(e * q[None, :], axis=1), float("-inf"))
+            flags = _non_finite(flags, u, 0)
             m_new = tl.maximum(m_u, tl.max(u, axis=0))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             scale = tl.exp(m_u - safe)
@@ -304,7 +324,7 @@ def _emb_fwd_kernel(
                 tl.store(us_ptr + row * L + ls, u, mask=lmask)
                 acc = acc * scale + tl.sum(w[:, None] * e, axis=0)
             m_u = m_new
-    rest = tl.where(z_u > 0, m_u + tl.log(z_u), float("-inf"))
+    rest = _with_non_finite(tl.where(z_u > 0, m_u + tl.log(z_u), float("-inf")), flags)
     if HAS_T:
         rest = _logaddexp(rest, tl.load(t_ptr + row).to(CDT))
     rest1 = tl.zeros([1], CDT) + rest

@@ -30,11 +30,23 @@ _GRAD_WARPS = 8
 def _inv_norm_kernel(
     x_ptr, out_ptr, n, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ND: tl.constexpr
 ):
-    # out[a] = 1 / ||x_a|| (0 for a zero row), fp32 accumulation.
-    # Memory: reads x once in [BLOCK_N, BLOCK_D] tiles, writes n floats.
+    # out[a] = 1 / ||x_a|| (0 for a zero row), fp32 accumulation. The squares are taken of x_a / m_a,
+    # m_a = max |x_a|, so that rows far from 1 in scale (1e20, 1e-25) neither overflow nor underflow.
+    # Memory: reads x twice (the max, then the scaled squares) in [BLOCK_N, BLOCK_D] tiles, writes n
+    # floats.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n
+    m = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c in range(ND):
+        cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * d + cols[None, :],
+            mask=rmask[:, None] & (cols[None, :] < d),
+            other=0.0,
+        ).to(tl.float32)
+        m = tl.maximum(m, tl.max(tl.abs(x), axis=1))
+    scale = tl.where(m > 0, 1.0 / tl.where(m > 0, m, 1.0), 0.0)
     ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c in range(ND):
         cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -43,8 +55,9 @@ def _inv_norm_kernel(
             mask=rmask[:, None] & (cols[None, :] < d),
             other=0.0,
         ).to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-    inv = tl.where(ss > 0, 1.0 / tl.sqrt(tl.where(ss > 0, ss, 1.0)), 0.0)
+        xs = x * scale[:, None]
+        ss += tl.sum(xs * xs, axis=1)
+    inv = tl.where(ss > 0, scale / tl.sqrt(tl.where(ss > 0, ss, 1.0)), 0.0)
     tl.store(out_ptr + rows, inv, mask=rmask)
 
 
@@ -383,8 +396,10 @@ def _grouped_kernel(
                 mask=bmask[:, None] & kmask[None, :],
                 other=0.0,
             )
-            c += tl.dot(ta.to(tl.float32), tl.trans(tb.to(tl.float32)), input_precision="ieee")
-        c = c * ita[:, None] * itb[None, :]
+            # normalised before the product: raw dot products of rows of norm 1e20 overflow
+            ta = ta.to(tl.float32) * ita[:, None]
+            tb = tb.to(tl.float32) * itb[:, None]
+            c += tl.dot(ta, tl.trans(tb), input_precision="ieee")
         bb = (
             tl.load(
                 s_ptr + rb[:, None] * ds + cs[None, :],
