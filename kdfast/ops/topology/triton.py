@@ -30,10 +30,10 @@ _GRAD_WARPS = 8
 def _inv_norm_kernel(
     x_ptr, out_ptr, n, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ND: tl.constexpr
 ):
-    # out[a] = 1 / ||x_a|| (0 for a zero row), fp32 accumulation. The squares are taken of x_a / m_a,
-    # m_a = max |x_a|, so that rows far from 1 in scale (1e20, 1e-25) neither overflow nor underflow.
-    # Memory: reads x twice (the max, then the scaled squares) in [BLOCK_N, BLOCK_D] tiles, writes n
-    # floats.
+    # out[a] = 1 / ||x_a|| (0 for a zero row), fp32 accumulation. The squares are taken of
+    # x_a / m_a, m_a = max |x_a|, so that rows far from 1 in scale (1e20, 1e-25) neither overflow
+    # nor underflow. Memory: reads x twice (the max, then the scaled squares) in [BLOCK_N, BLOCK_D]
+    # tiles, writes n floats.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n
