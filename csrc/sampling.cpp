@@ -118,24 +118,46 @@ void rank_discounted(uint64_t seed, int64_t n_rows, int64_t n, int64_t k, double
     errors.rethrow();
 }
 
-// The ids of one row that are excluded or already drawn. Dense: a bitmap of n_ids bits (the row's ids are
-// marked, and unmarked again at the end of the row). Sparse: a binary search in the row's excluded ids
-// (sorted here if the caller's were not) and an open-addressing hash set of the drawn ids.
+// The ids of one row that are excluded or already drawn, two ways with one interface (sample_row is
+// compiled for each, so the draw loop tests no mode):
+//   Bitmap     n_ids bits per thread (the row's ids are marked, and unmarked again at the end of the row),
+//              while n_ids <= kBitmapIds;
+//   SparseSet  a binary search in the row's excluded ids (sorted here if the caller's were not) and an
+//              open-addressing hash set of the drawn ids: memory in the row's sizes, not in n_ids.
 constexpr int64_t kBitmapIds = int64_t(1) << 27;  // 16 MiB of bitmap per thread at most
 
-class Taken {
+class Bitmap {
   public:
-    void init(int64_t n_ids) {
-        dense_ = n_ids <= kBitmapIds;
-        if (dense_) bits_.assign(static_cast<size_t>((n_ids + 63) / 64), 0);
+    void init(int64_t n_ids) { bits_.assign(static_cast<size_t>((n_ids + 63) / 64), 0); }
+
+    // The row's excluded ids are keys[p] - base, p < n (each in [0, n_ids)).
+    void begin_row(const int64_t* keys, int64_t n, int64_t base, int64_t /*size*/) {
+        for (int64_t p = 0; p < n; ++p) mark(keys[p] - base);
+    }
+    bool test(int64_t i) const { return (bits_[i >> 6] >> (i & 63)) & 1; }
+    void draw(int64_t i) { mark(i); }  // an id that test() did not find
+    // The ids of [0, n_ids) that are not excluded, in increasing order (rows completed exactly).
+    void free_ids(int64_t n_ids, std::vector<int64_t>& out) const {
+        out.clear();
+        for (int64_t i = 0; i < n_ids; ++i)
+            if (!test(i)) out.push_back(i);
+    }
+    // Undoes the row: the arguments of begin_row, and the ids drawn[0..n_drawn) that draw() added.
+    void end_row(const int64_t* keys, int64_t n, int64_t base, const int64_t* drawn, int64_t n_drawn) {
+        for (int64_t j = 0; j < n_drawn; ++j) unmark(drawn[j]);
+        for (int64_t p = 0; p < n; ++p) unmark(keys[p] - base);
     }
 
-    // The row's excluded ids are keys[p] - base, p < n (each in [0, n_ids)); at most `size` draws follow.
+  private:
+    void mark(int64_t i) { bits_[i >> 6] |= uint64_t(1) << (i & 63); }
+    void unmark(int64_t i) { bits_[i >> 6] &= ~(uint64_t(1) << (i & 63)); }
+
+    std::vector<uint64_t> bits_;
+};
+
+class SparseSet {
+  public:
     void begin_row(const int64_t* keys, int64_t n, int64_t base, int64_t size) {
-        if (dense_) {
-            for (int64_t p = 0; p < n; ++p) mark(keys[p] - base);
-            return;
-        }
         excluded_.resize(static_cast<size_t>(n));
         for (int64_t p = 0; p < n; ++p) excluded_[p] = keys[p] - base;
         if (!std::is_sorted(excluded_.begin(), excluded_.end())) std::sort(excluded_.begin(), excluded_.end());
@@ -144,35 +166,20 @@ class Taken {
         shift_ = shift;
         drawn_.assign(size_t(1) << (64 - shift), -1);
     }
-
     bool test(int64_t i) const {
-        if (dense_) return (bits_[i >> 6] >> (i & 63)) & 1;
         if (std::binary_search(excluded_.begin(), excluded_.end(), i)) return true;
         for (size_t h = slot(i);; h = (h + 1) & (drawn_.size() - 1)) {
             if (drawn_[h] == i) return true;
             if (drawn_[h] < 0) return false;
         }
     }
-
-    // Adds a drawn id (one that test() did not find).
     void draw(int64_t i) {
-        if (dense_) {
-            mark(i);
-            return;
-        }
         size_t h = slot(i);
         while (drawn_[h] >= 0) h = (h + 1) & (drawn_.size() - 1);
         drawn_[h] = i;
     }
-
-    // The ids of [0, n_ids) that are not excluded, in increasing order (rows completed exactly).
     void free_ids(int64_t n_ids, std::vector<int64_t>& out) const {
         out.clear();
-        if (dense_) {
-            for (int64_t i = 0; i < n_ids; ++i)
-                if (!test(i)) out.push_back(i);
-            return;
-        }
         int64_t i = 0;
         for (const int64_t x : excluded_) {
             for (; i < x; ++i) out.push_back(i);
@@ -180,28 +187,19 @@ class Taken {
         }
         for (; i < n_ids; ++i) out.push_back(i);
     }
-
-    // Undoes the row: the arguments of begin_row, and the ids drawn[0..n_drawn) that draw() added.
-    void end_row(const int64_t* keys, int64_t n, int64_t base, const int64_t* drawn, int64_t n_drawn) {
-        if (!dense_) return;
-        for (int64_t j = 0; j < n_drawn; ++j) unmark(drawn[j]);
-        for (int64_t p = 0; p < n; ++p) unmark(keys[p] - base);
-    }
+    void end_row(const int64_t*, int64_t, int64_t, const int64_t*, int64_t) {}
 
   private:
-    void mark(int64_t i) { bits_[i >> 6] |= uint64_t(1) << (i & 63); }
-    void unmark(int64_t i) { bits_[i >> 6] &= ~(uint64_t(1) << (i & 63)); }
     size_t slot(int64_t i) const { return static_cast<size_t>((uint64_t(i) * 0x9E3779B97F4A7C15ULL) >> shift_); }
 
-    bool dense_ = true;
     int shift_ = 60;
-    std::vector<uint64_t> bits_;
     std::vector<int64_t> excluded_, drawn_;
 };
 
 // One row of uniform_excluding, whose excluded ids are keys[p] - base, p < n_ex (checked): `size` ids into o.
+template <typename Set>
 void sample_row(uint64_t seed, int64_t row, int64_t n_ids, int64_t size, const int64_t* keys, int64_t n_ex,
-                int64_t base, int64_t avail, Taken& taken, std::vector<int64_t>& free_ids, int64_t* o) {
+                int64_t base, int64_t avail, Set& taken, std::vector<int64_t>& free_ids, int64_t* o) {
     taken.begin_row(keys, n_ex, base, size);
     Rng rng(seed, static_cast<uint64_t>(row));
     int64_t n_drawn = 0;
@@ -236,13 +234,17 @@ void uniform_excluding(uint64_t seed, int64_t n_rows, int64_t n_ids, int64_t siz
     // rows above max_row have no valid key: row * n_ids would not fit in int64
     const int64_t max_row =
         n_ids == 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::max() / n_ids;
+    const bool dense = n_ids <= kBitmapIds;
     py::gil_scoped_release release;
     kdfast::RegionErrors errors;
 #pragma omp parallel num_threads(kdfast::team_size(n_threads))
     {
-        Taken taken;
+        Bitmap bitmap;
+        SparseSet sparse;
         std::vector<int64_t> free_ids;
-        errors.run([&] { taken.init(n_ids); });
+        errors.run([&] {
+            if (dense) bitmap.init(n_ids);
+        });
 #pragma omp for schedule(dynamic, 64)
         for (int64_t row = 0; row < n_rows; ++row) {
             if (errors.stops(row)) continue;
@@ -264,7 +266,12 @@ void uniform_excluding(uint64_t seed, int64_t n_rows, int64_t n_ids, int64_t siz
                     throw std::invalid_argument("excluded_keys holds keys outside row " + std::to_string(row) +
                                                 " (keys must be row * n_ids + id, sorted, with per-row counts, "
                                                 "as returned by exclusion_keys)");
-                sample_row(seed, row, n_ids, size, keys + lo, hi - lo, base, avail, taken, free_ids, out + row * size);
+                if (dense)
+                    sample_row(seed, row, n_ids, size, keys + lo, hi - lo, base, avail, bitmap, free_ids,
+                               out + row * size);
+                else
+                    sample_row(seed, row, n_ids, size, keys + lo, hi - lo, base, avail, sparse, free_ids,
+                               out + row * size);
             });
         }
     }
