@@ -26,7 +26,7 @@ from .train import DEFAULT_MONITOR, Trainer
 
 #: the columns of the summary per protocol (the monitored metric is added when it is not among them)
 SUMMARY = {
-    "loo": ("HR@10", "NDCG@10", "MRR@10", "NDCG@20"),
+    "loo": ("NDCG@10", "HR@10", "MRR@10", "NDCG@20"),
     "full": ("Recall@20", "NDCG@20", "Recall@50", "NDCG@50"),
 }
 
