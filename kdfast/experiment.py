@@ -7,8 +7,8 @@ functions, so a teacher is never reused on other data or another split, whoever 
     dataset, split = load_split(DataSpec(data="citeulike-t", protocol="loo"))
     train = TrainSpec(epochs=200, eval_every=5)
     teacher = get_teacher(dataset, split, data_spec, TeacherSpec(model="bprmf", dim=200), train,
-        path="t.pt")
-    result = train_student(split, teacher, "rrd", {"lam": 0.01}, student_dim=20, train=train)
+    path="t.pt") result = train_student(split, teacher, "rrd", {"lam": 0.01}, student_dim=20,
+    train=train)
 """
 
 from __future__ import annotations

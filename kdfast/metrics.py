@@ -83,8 +83,7 @@ def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
     """Recall@K, NDCG@K, Precision@K (means over rows) of top-k lists against ground truth.
 
     topk: int64 [n, k_max] ranked item ids (-1 = empty slot); truth: CSR pair with n rows of
-        relevant
-    items (sorted within rows or not; every row non-empty); n_items: the id bound.
+    relevant items (sorted within rows or not; every row non-empty); n_items: the id bound.
     """
     n, kmax = topk.shape
     if max(ks) > kmax:
@@ -114,8 +113,7 @@ def evaluate(
     """Metrics of embeddings on a Split's "valid" or "test" part (protocol from the split).
 
     loo: HR/NDCG/MRR at ns over the split's candidates. full: Recall/NDCG/Precision at ks, ranking
-        all
-    items except training items (and, for "test", the validation items too), over users with at
+    all items except training items (and, for "test", the validation items too), over users with at
     least one item in that part.
     """
     if part not in ("valid", "test"):

@@ -74,8 +74,7 @@ class LightGCN(torch.nn.Module):
     """LightGCN (He et al., SIGIR'20): E^(k+1) = A_hat E^(k), final embedding = mean of E^(0..L).
 
     n_users, n_items, dim: as BPRMF; train: the training interactions (int64 CSR pair users ->
-        items),
-    which define the graph; n_layers: L (default 2). Initialisation N(0, 0.01) as BPRMF.
+    items), which define the graph; n_layers: L (default 2). Initialisation N(0, 0.01) as BPRMF.
     """
 
     kind = "lightgcn"

@@ -17,9 +17,8 @@ Per epoch (docs/METHODS.md section 1):
      the best validation state.
 The model (and method) may live on any device; batches are moved there once per epoch.
 Seeded and deterministic on the CPU: the negatives and the batch order come from a torch.Generator
-    seeded
-with `seed`, and the global torch RNG (used by methods' own noise, e.g. Gumbel) is seeded with it
-too.
+seeded with `seed`, and the global torch RNG (used by methods' own noise, e.g. Gumbel) is seeded
+with it too.
 """
 
 from __future__ import annotations
@@ -74,14 +73,13 @@ class Trainer:
     method: a kdfast.methods.base.KDMethod already built (or None for plain BPR);
     epochs: maximum epochs; batch_size: training pairs per step (1024); lr, weight_decay: Adam's;
     eval_every: validate every E epochs (and after the last); patience: evaluations without
-        improvement
-    before stopping (20); monitor: the validation metric to maximise (default NDCG@10 for loo,
-    Recall@50 for full); seed: RNG seed; progress: tqdm bars; log: a function taking one line per
-    evaluation (None: silent); name: label in the log; backend: kdfast.topk_scores backend for full
-    ranking;
+    improvement before stopping (20); monitor: the validation metric to maximise (default NDCG@10
+    for loo, Recall@50 for full); seed: RNG seed; progress: tqdm bars; log: a function taking one
+    line per evaluation (None: silent); name: label in the log; backend: kdfast.topk_scores backend
+    for full ranking;
     on_epoch_end: None or a function (epoch, model) called after each epoch's training steps, before
-        its
-    validation (epoch is 1-based), e.g. to keep checkpoints along the training trajectory (HetComp).
+    its validation (epoch is 1-based), e.g. to keep checkpoints along the training trajectory
+    (HetComp).
     """
 
     def __init__(

@@ -238,3 +238,25 @@ def test_topology_losses_are_scale_free_per_row(backend):
 
     for got, want in zip(losses(t * scale, s * scale), losses(t, s)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpp", "triton"))
+def test_topk_non_finite_scores_rank_last(backend):
+    """A score that is not finite - NaN, or a float32 dot product that overflows, whose sign would
+    depend on the summation order (+inf and -inf partial sums) - ranks as -inf on every backend and
+    instruction set, ties to the lower index."""
+    dev = "cpu" if backend == "cpp" else ("cuda" if torch.cuda.is_available() else "cpu")
+    big = 3e38
+    keys = torch.zeros(40, 32)
+    keys[3, :16], keys[3, 16:] = big, -big  # partial sums overflow to +inf and -inf: inf - inf
+    keys[5, :] = big  # overflows to +inf
+    keys[7, 0] = NAN
+    keys[9, 0] = 1.0  # the one positive finite score
+    keys[11, 0] = -1.0  # the one negative finite score
+    q = torch.ones(2, 32)
+    v, i = kdfast.topk_scores(q.to(dev), keys.to(dev), 40, backend=backend)
+    zeros = [j for j in range(40) if j not in (3, 5, 7, 9, 11)]
+    want = [9] + zeros + [11, 3, 5, 7]  # the non-finite last, by index
+    for row_v, row_i in zip(v.cpu(), i.cpu()):
+        assert row_i.tolist() == want
+        assert row_v[0] == 1.0 and torch.isneginf(row_v[-3:]).all()

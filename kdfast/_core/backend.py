@@ -117,12 +117,11 @@ def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | No
     `dtype`.
 
     available: the backends the op has (an op or a sampler may lack one). dtype: the floating dtype
-        of
-    the call's tensors, when it matters (the cpp kernels take float32 and float64 only).
-    "auto" (or KDFAST_BACKEND) picks triton on CUDA, cpp on the CPU, and torch where neither can
-    run; KDFAST_BACKEND naming a backend the op lacks counts as "auto". Raises ValueError for an
-    unknown name, RuntimeError saying how to get it when an explicitly requested backend cannot run
-    here, TypeError when it cannot take `dtype`.
+    of the call's tensors, when it matters (the cpp kernels take float32 and float64 only). "auto"
+    (or KDFAST_BACKEND) picks triton on CUDA, cpp on the CPU, and torch where neither can run;
+    KDFAST_BACKEND naming a backend the op lacks counts as "auto". Raises ValueError for an unknown
+    name, RuntimeError saying how to get it when an explicitly requested backend cannot run here,
+    TypeError when it cannot take `dtype`.
     """
     device = torch.device(device)
     requested = _requested(backend)

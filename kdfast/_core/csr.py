@@ -6,8 +6,7 @@ scipy.sparse matrix, and checks it. Every helper is vectorised (no Python loop o
 the device of its input.
 
 Pair keys: the sorted int64 keys row * n_cols + id of a CSR's entries, for membership tests by
-    binary
-search (pair_keys, has_pair).
+binary search (pair_keys, has_pair).
 """
 
 from __future__ import annotations

@@ -40,11 +40,14 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- rank keys
-# The top-K order of every backend: descending score, ties to the LOWER key index, NaN ranks as
-# -inf, -0.0 equals +0.0. One total order on int64 rank keys implements it: key = ordered(score) *
-# 2^32 + (2^32 - 1 - index) where ordered() maps float32 bits to an int32 that sorts like the float.
-# Keys are unique per row, so an int64 top-k on them is exact and deterministic. Excluded keys and
-# empty slots take the key EMPTY and come out as index -1, value -inf.
+# The top-K order of every backend: descending score, ties to the LOWER key index, -0.0 equals
+# +0.0, and a score that is not finite (NaN, or a float32 dot product that overflowed to +-inf,
+# whose sign would depend on the summation order) ranks as -inf. One total order on int64 rank keys
+# implements it:
+#     key = ordered(score) * 2^32 + (2^32 - 1 - index)
+# where ordered() maps float32 bits to an int32 that sorts like the float. Keys are unique per row,
+# so an int64 top-k on them is exact and deterministic. Excluded keys and empty slots take the key
+# EMPTY and come out as index -1, value -inf.
 EMPTY = -(2**63)
 _LOW = (1 << 32) - 1
 
@@ -52,7 +55,7 @@ _LOW = (1 << 32) - 1
 def encode_rank_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rank keys (int64) of float32 scores at the given int64 key indices (broadcastable)."""
     s = scores.to(torch.float32)
-    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s) + 0.0  # NaN->-inf, -0->+0
+    s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("-inf"))) + 0.0  # -0 -> +0
     b = s.view(torch.int32).to(torch.int64)
     ordered = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
     return ordered * (1 << 32) + (_LOW - index)

@@ -436,8 +436,7 @@ def load(
     """Load a data set by name or path: "synthetic", "citeulike-t" or a file/folder.
 
     fmt: "auto" (by file name: users.dat -> users-dat; u.data, ratings.dat, ratings.csv ->
-        movielens;
-    anything else -> pairs), or "users-dat", "movielens", "pairs".
+    movielens; anything else -> pairs), or "users-dat", "movielens", "pairs".
     """
     formats = ("auto", "users-dat", "movielens", "pairs")
     if fmt not in formats:

@@ -180,9 +180,8 @@ def full_catalog_log_tail(
     skip_idx[b] (the fused op both losses use; differentiable in user_emb and item_emb).
 
     Args: user_emb [B, d], item_emb [I, d] floating, same dtype; skip_idx [B, M] int64 or None (-1
-        is
-    padding; repeats allowed); exclude CSR with B rows (see kdfast.as_csr) or None; clamp float > 0
-    or None; backend "auto" | "torch" | "cpp" | "triton". Returns [B] float32 (float64 for float64
+    is padding; repeats allowed); exclude CSR with B rows (see kdfast.as_csr) or None; clamp float >
+    0 or None; backend "auto" | "torch" | "cpp" | "triton". Returns [B] float32 (float64 for float64
     inputs); -inf for a row whose items are all excluded.
     """
     if skip_idx is None:
@@ -202,13 +201,12 @@ def full_catalog_listwise_loss(
 
     Args:
         user_emb: [B, d] float32 (float64, and float16/bfloat16 on GPU, accepted): the batch's
-            users.
-        item_emb: [I, d], same dtype and device: every item.
+        users. item_emb: [I, d], same dtype and device: every item.
         ranked_idx: [B, K] int64 item ids in teacher order; -1 is padding (anywhere in the row).
         exclude: CSR with B rows (e.g. each user's training items; repeats allowed) or None.
         clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40);
-            None.
-        reduction: "sum" (default, as every lambda in docs/METHODS.md assumes), "mean" over rows, or
+        None. reduction: "sum" (default, as every lambda in docs/METHODS.md assumes), "mean" over
+        rows, or
             "none" ([B]).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 

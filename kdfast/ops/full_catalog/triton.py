@@ -501,16 +501,13 @@ def _config(user_emb, item_emb, indptr):
     """Tiles, exclusion-search depth, accumulator and dot precision.
 
     Precision: float16/bfloat16 inputs take "tf32" dots (their values are exact in tf32, so the
-        score
-    products are exact; only the backward's probability matrix is rounded to tf32, below the
+    score products are exact; only the backward's probability matrix is rounded to tf32, below the
     precision of the half-precision gradient returned); float32 takes "tf32" only when
     torch.backends.cuda.matmul.allow_tf32 is set, else exact "ieee" dots; float64 is always exact.
     Tiles: sm_90 compiles of every variant (bench/compile_triton.py) showed the exact-precision
-        (FMA)
-    dots at 64 x 64 tiles collapsing to 32 registers and 3-6 KB of stack per thread, and 32 x 64
-    tiles (float32) or 32 x 32 (float64) compiling without spills; tensor-core (tf32) dots keep 64 x
-    64 up to
-    d = 64.
+    (FMA) dots at 64 x 64 tiles collapsing to 32 registers and 3-6 KB of stack per thread, and 32 x
+    64 tiles (float32) or 32 x 32 (float64) compiling without spills; tensor-core (tf32) dots keep
+    64 x 64 up to d = 64.
     """
     d = user_emb.shape[1]
     bd = max(16, triton.next_power_of_2(d))

@@ -12,11 +12,10 @@ def topk_scores(queries, keys, k, excl_indptr, excl_indices, *, isa: str = "auto
     """Top-k keys per query on the CPU (C++/OpenMP); the contract of kdfast.ops.topk.
 
     queries [n_q, d], keys [n_k, d]: contiguous float32 or float64 CPU tensors (float64: dot
-        products
-    in double, rounded to float32 for ranking). The exclusion rows are sorted here when they are not
-    (the kernel walks them in step with the keys). isa: "auto" or a kernel variant ("avx512",
-    "avx2", "generic") for tests. Bitwise deterministic for a given isa, whatever the number of
-    threads.
+    products in double, rounded to float32 for ranking). The exclusion rows are sorted here when
+    they are not (the kernel walks them in step with the keys). isa: "auto" or a kernel variant
+    ("avx512", "avx2", "generic") for tests. Bitwise deterministic for a given isa, whatever the
+    number of threads.
     """
     n_q, d = queries.shape
     n_k = keys.shape[0]

@@ -142,10 +142,9 @@ def topk_scores(
     order: descending float32 score <q, k_j>, ties to the lower j, NaN as -inf, -1 / -inf in empty
     slots.
     Memory: the output, splits * n_q * KP int64 partial keys (KP = next power of two >= k, >= 16),
-        for
-    "buffer" splits * n_q * (C + 2) int64 (candidate lists, C = 2 * max(KP, BN), and counts), and
-    the canonical exclusion CSR (plus splits * n_q start pointers when splits > 1). Nothing grows
-    with n_k.
+    for "buffer" splits * n_q * (C + 2) int64 (candidate lists, C = 2 * max(KP, BN), and counts),
+    and the canonical exclusion CSR (plus splits * n_q start pointers when splits > 1). Nothing
+    grows with n_k.
     """
     n_q, d = queries.shape
     n_k = keys.shape[0]

@@ -1,9 +1,8 @@
 """Triton kernels of kdfast.ops.topk.triton (imported on first use, so that TRITON_INTERPRET
 applies).
 
-Rank keys as in kdfast._core.numerics: key = ordered(score) * 2^32 + (2^32 - 1 - index), EMPTY =
-    -2^63;
-2^62 marks "no further excluded id" (beyond every tile).
+Rank keys as in kdfast._core.numerics: key = ordered(score) * 2^32 + (2^32 - 1 - index),
+EMPTY = -2^63; 2^62 marks "no further excluded id" (beyond every tile).
 """
 
 import triton
@@ -126,14 +125,14 @@ def _load_q(q_ptr, rows64, row_ok, dd, d, stride_q):
 
 @triton.jit
 def _scores(q, k_ptr, cols, col_ok, dd, d, stride_k, PREC: tl.constexpr):
-    # score tile [BM, BN] = q @ k[cols]^T in float32, NaN -> -inf
+    # score tile [BM, BN] = q @ k[cols]^T in float32; not finite (NaN, an overflow) -> -inf
     kt = tl.load(
         k_ptr + cols[None, :].to(tl.int64) * stride_k + dd[:, None],
         mask=col_ok[None, :] & (dd[:, None] < d),
         other=0.0,
     )
     s = tl.dot(q, kt, input_precision=PREC)
-    return tl.where(s == s, s, float("-inf"))
+    return tl.where((s == s) & (tl.abs(s) < float("inf")), s, float("-inf"))
 
 
 @triton.jit

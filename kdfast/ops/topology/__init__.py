@@ -114,10 +114,9 @@ def topology_loss(
 
     Args:
         teacher: [N, d_t] floating (the teacher's entity representations); taken in the student's
-            dtype.
-        student: [N, d_s] floating, same device (the student's representations of the same
-            entities).
-        reduction: "sum" (default; the authors' sum over pairs) or "mean" (divided by N^2).
+        dtype. student: [N, d_s] floating, same device (the student's representations of the same
+        entities). reduction: "sum" (default; the authors' sum over pairs) or "mean" (divided by
+        N^2).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
     Returns:
@@ -131,10 +130,9 @@ def topology_loss(
           = ||A^T A||_F^2 + ||B^T B||_F^2 - 2 ||A^T B||_F^2
         dL/dB = 4 (B (B^T B) - A (A^T B)),  dL/dA = 4 (A (A^T A) - B (B^T A)),
     then through the row normalisation: dL/dx_a = (g_a - u_a <u_a, g_a>) / ||x_a||. The cpp and
-        triton
-    backends evaluate the right-hand side: O(N (d_t + d_s)^2) time and O((d_t + d_s)^2) extra memory
-    (plus the [N, d] gradients); the torch backend is the direct N x N formula. A row of norm 0 has
-    cosine 0 with every row (itself included) and gets gradient 0. The Gram rewrite subtracts
+    triton backends evaluate the right-hand side: O(N (d_t + d_s)^2) time and O((d_t + d_s)^2) extra
+    memory (plus the [N, d] gradients); the torch backend is the direct N x N formula. A row of norm
+    0 has cosine 0 with every row (itself included) and gets gradient 0. The Gram rewrite subtracts
     quantities of size ~N^2/d, so float32 results carry an absolute error of about 1e-7 of that.
     Deterministic for a given backend, thread count and shapes. First-order only.
     """
@@ -229,8 +227,8 @@ def grouped_topology_loss(
         groups: [N] integer group id of each row, in [0, n_groups).
         n_groups: number of groups (>= 1).
         teacher_cos_filter: keep only pairs whose teacher cosine is > 0 (the authors' code;
-            default).
-        reduction: "sum" (default) or "mean" (divided by the number of counted ordered pairs, or 1).
+        default). reduction: "sum" (default) or "mean" (divided by the number of counted ordered
+        pairs, or 1).
         backend: "auto", "torch", "cpp" or "triton".
 
     Returns:

@@ -3,9 +3,8 @@
 Imported on first use by kdfast.ops.topology, so TRITON_INTERPRET set by the tests applies. All dots
 use
 input_precision="ieee" (no TF32): the Gram rewrite subtracts large sums and needs full fp32
-    products.
-Everything is computed in float32 (float64 inputs too: use the cpp or torch backend for float64
-accuracy).
+products. Everything is computed in float32 (float64 inputs too: use the cpp or torch backend for
+float64 accuracy).
 """
 
 from __future__ import annotations
