@@ -4,11 +4,11 @@ trained and saved), one student per KD method, and the summary of the results.
 `kdfast distill`, bench/cpu_epoch.py and results/hetcomp_teachers.py all run through these
 functions, so a teacher is never reused on other data or another split, whoever asks for it:
 
-    dataset, split = load_split(DataSpec(data="citeulike-t", protocol="loo"))
+    spec = DataSpec(data="citeulike-t", protocol="loo")
+    dataset, split = load_split(spec)
     train = TrainSpec(epochs=200, eval_every=5)
-    teacher = get_teacher(dataset, split, data_spec, TeacherSpec(model="bprmf", dim=200), train,
-    path="t.pt") result = train_student(split, teacher, "rrd", {"lam": 0.01}, student_dim=20,
-    train=train)
+    teacher = get_teacher(dataset, split, spec, TeacherSpec("bprmf", 200), train, path="t.pt")
+    result = train_student(split, teacher, "rrd", {"lam": 0.01}, student_dim=20, train=train)
 """
 
 from __future__ import annotations

@@ -1,20 +1,17 @@
 """Teacher-ranking samplers (RRD, IR-RRD and the methods that sample from a teacher's list).
 
 rank_discounted_sample: K positions WITHOUT replacement from ranks 1..N with p(r) ~ exp(-r / T),
-sorted. uniform_excluding_sample: L ids per row, uniform over ids not in the row's exclusion lists,
-without replacement within a row, by rejection against sorted per-row lists (no dense rows x ids
-mask). Both are vectorised over rows, draw from a torch.Generator and run on the device of their
-inputs.
+    sorted.
+uniform_excluding_sample: L ids per row, uniform over ids not in the row's exclusion lists, without
+    replacement within a row, by rejection against sorted per-row lists (no dense rows x ids mask).
+Both are vectorised over rows, draw from a torch.Generator and run on the device of their inputs.
 
 backend: "torch" (the tensor code below, any device) or "cpp" (the C++ kernels of csrc/sampling.cpp,
 CPU only: one seeded random stream per row, the same result for any thread count); "auto" takes cpp
-on
-    the
-CPU when the extension is built, as the ops do (kdfast._core.backend.resolve, KDFAST_BACKEND
-included;
-KDFAST_BACKEND=triton counts as "auto" here). Both draw their
-randomness from `generator` (cpp: one 62-bit seed per call) and follow the same laws, but the two
-backends give different samples for the same generator state.
+on the CPU when the extension is built, as the ops do (kdfast._core.backend.resolve, KDFAST_BACKEND
+included; KDFAST_BACKEND=triton counts as "auto" here). Both draw their randomness from `generator`
+(cpp: one 62-bit seed per call) and follow the same laws, but the two backends give different
+samples for the same generator state.
 """
 
 from __future__ import annotations
@@ -204,8 +201,9 @@ def uniform_excluding_sample(
         n_ids: number of ids to draw from (items, or users).
         size: L >= 1, at most the number of available ids of every row.
         exclude: CSR with n_rows rows (e.g. the observed items), or None.
-        extra: int64 [n_rows, M] more ids to exclude per row (e.g. the teacher's top-N), -1 padding;
-        or None. generator: torch.Generator (numbers are drawn on its device), or None.
+        extra: int64 [n_rows, M] more ids to exclude per row (e.g. the teacher's top-N), -1
+            padding; or None.
+        generator: torch.Generator (numbers are drawn on its device), or None.
         excluded_keys: the result of exclusion_keys(n_rows, n_ids, exclude, extra) built beforehand,
             in place of exclude/extra (which must then be None).
     Returns int64 [n_rows, size], no id repeated within a row, none excluded; order is random.

@@ -162,9 +162,9 @@ def _prepare(user_emb, item_emb, idx, idx_name, exclude, clamp, reduction, backe
 
 
 def gathered_scores(user_emb, item_emb, idx, clamp):
-    """(scores, valid): clamp(<u_b, v_idx[b,k]>) [B, K] with -inf where idx is -1 (padding), float32
-    (float64 for float64), differentiable; valid = idx >= 0. clamp: a float (inf for none) or
-    None."""
+    """(scores, valid): clamp(<u_b, v_idx[b,k]>) [B, K] with -inf where idx is -1 (padding),
+    float32 (float64 for float64), differentiable; valid = idx >= 0. clamp: a float (inf for none)
+    or None."""
     dt = acc_dtype(user_emb.dtype)
     valid = idx >= 0
     s = torch.einsum("bd,bkd->bk", user_emb.to(dt), item_emb[idx.clamp_min(0)].to(dt))
@@ -201,13 +201,14 @@ def full_catalog_listwise_loss(
 
     Args:
         user_emb: [B, d] float32 (float64, and float16/bfloat16 on GPU, accepted): the batch's
-        users. item_emb: [I, d], same dtype and device: every item.
+            users.
+        item_emb: [I, d], same dtype and device: every item.
         ranked_idx: [B, K] int64 item ids in teacher order; -1 is padding (anywhere in the row).
         exclude: CSR with B rows (e.g. each user's training items; repeats allowed) or None.
-        clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40);
-        None. reduction: "sum" (default, as every lambda in docs/METHODS.md assumes), "mean" over
-        rows, or
-            "none" ([B]).
+        clamp: c > 0 clamps every score to [-c, c] with zero gradient outside (HetComp uses 40),
+            or None.
+        reduction: "sum" (default, as every lambda in docs/METHODS.md assumes), "mean" over rows,
+            or "none" ([B]).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
     Math, per row with ranked scores s_1..s_K (valid entries only) and tail T_b = items neither

@@ -123,8 +123,9 @@ def plackett_luce_loss(ranked, unranked=None, *, log_tail=None, reduction="sum",
         unranked: optional [B, L] scores (same dtype) of items ranked below all of them, in no
             order; -inf is padding.
         log_tail: optional [B] log of extra mass added to every denominator (the rest of the
-        catalog). reduction: "sum" (the papers' convention), "mean" over rows, or "none" ([B]
-        per-row losses).
+            catalog).
+        reduction: "sum" (the papers' convention), "mean" over rows, or "none" ([B] per-row
+            losses).
         backend: "auto", "torch", "cpp" (float32/float64 CPU tensors) or "triton" (CUDA; float16 and
             bfloat16 accepted with float32 math).
 
@@ -286,14 +287,15 @@ def plackett_luce_loss_from_embeddings(
 ):
     """plackett_luce_loss on dot-product scores gathered from embeddings, in one kernel.
 
-    s_bk = <query_emb[b], item_emb[ranked_idx[b, k]]>, u_bl = <query_emb[b],
-        item_emb[unranked_idx[b, l]]>;
+    s_bk = <query_emb[b], item_emb[ranked_idx[b, k]]>,
+    u_bl = <query_emb[b], item_emb[unranked_idx[b, l]]>;
     id -1 is padding (the score is -inf). The loss is plackett_luce_loss(s, u, log_tail=...,
     reduction=...), computed without materialising the [B, K+L, d] gathered tensor.
 
     Args:
         query_emb: [B, d] floating (float16/bfloat16 on the GPU, float32 math; float64 -> float64
-        math). item_emb: [N, d], same dtype and device.
+            math).
+        item_emb: [N, d], same dtype and device.
         ranked_idx: [B, K] integer ids in [0, N) or -1, teacher order.
         unranked_idx: optional [B, L] integer ids in [0, N) or -1.
         rows: optional int64 [R] ids in [0, B): evaluate only these rows, exactly as if query_emb,

@@ -75,12 +75,13 @@ def topk_scores(
 
     Returns:
         values [n_q, k] float32, descending, and indices [n_q, k] int64. Ties go to the lower key
-        index. Slots beyond the number of non-excluded keys hold index -1 and value -inf. A NaN
-        score ranks as -inf (below every finite score, ties by index) and is reported as -inf; -0.0
-        equals 0.0. Every backend returns the same order for the same float32 scores; scores
-        themselves may differ in the last bits between backends (summation order), which can reorder
-        near-ties. Each backend is bitwise deterministic run to run (cpp: whatever the thread count,
-        for one CPU instruction set).
+        index. Slots beyond the number of non-excluded keys hold index -1 and value -inf. A score
+        that is not finite (NaN, or a float32 product that overflows, whose sign depends on the
+        summation order) ranks as -inf (below every finite score, ties by index) and is reported
+        as -inf; -0.0 equals 0.0. Every backend returns the same order for the same float32
+        scores; scores themselves may differ in the last bits between backends (summation order),
+        which can reorder near-ties. Each backend is bitwise deterministic run to run (cpp:
+        whatever the thread count, for one CPU instruction set).
     """
     checks.floating(queries, "queries", ndim=2)
     checks.floating(keys, "keys", ndim=2)

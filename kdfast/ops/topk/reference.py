@@ -1,7 +1,7 @@
 """Reference top-K of dot-product scores with exclusions (the oracle, and the "torch" backend):
 chunked matmul, mask, topk on the rank keys of kdfast._core.numerics (descending score, ties to the
-lower key index, NaN as -inf, -0 == +0; excluded keys and empty slots come out as index -1, value
--inf).
+lower key index, a score that is not finite as -inf, -0 == +0; excluded keys and empty slots come
+out as index -1, value -inf).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 One fused kernel scores a block of BM queries against tiles of BN keys with tl.dot and keeps each
 query's running top-K on chip, so neither the n_q x n_k score matrix nor any per-query buffer that
-grows with n_k is ever stored. The order is the reference's exactly (kdfast._core.numerics): int64
-rank keys
+grows with n_k is ever stored. The order is the reference's exactly (kdfast._core.numerics):
+int64 rank keys
     key = ordered(score) * 2^32 + (2^32 - 1 - index)
-(NaN ranks as -inf, -0 == +0, ties to the lower index, excluded/empty slots = EMPTY = -2^63 -> index
--1).
+(a score that is not finite ranks as -inf, -0 == +0, ties to the lower index, excluded/empty
+slots = EMPTY = -2^63 -> index -1).
 
 Two variants (module-level CONFIG["variant"] or the `variant` argument):
   "buffer" (default, fast): each row appends the keys of a tile whose score reaches the row's
@@ -139,8 +139,8 @@ def topk_scores(
         excl_chunk: excluded ids examined per row and step inside a tile.
 
     Returns values [n_q, k] float32 (descending) and indices [n_q, k] int64 with the reference
-    order: descending float32 score <q, k_j>, ties to the lower j, NaN as -inf, -1 / -inf in empty
-    slots.
+    order: descending float32 score <q, k_j>, ties to the lower j, not finite as -inf, -1 / -inf
+    in empty slots.
     Memory: the output, splits * n_q * KP int64 partial keys (KP = next power of two >= k, >= 16),
     for "buffer" splits * n_q * (C + 2) int64 (candidate lists, C = 2 * max(KP, BN), and counts),
     and the canonical exclusion CSR (plus splits * n_q start pointers when splits > 1). Nothing

@@ -20,7 +20,7 @@ def _score_key(key):
 
 @triton.jit
 def _encode(s, cols, BN: tl.constexpr):
-    # rank keys of cleaned scores s [BM, BN] (no NaN) at key indices cols [BN]
+    # rank keys of cleaned scores s [BM, BN] (finite or -inf) at key indices cols [BN]
     b = s.to(tl.int32, bitcast=True)
     b = tl.where(s == 0.0, 0, b)  # -0 -> +0
     o = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
@@ -218,7 +218,7 @@ def _buffer_kernel(
     WHILE_LOOP: tl.constexpr,
 ):
     # Math: for the rows r of this block and the keys j of this program's range [lo, hi),
-    #   s[r, j] = <q_r, k_j> (float32 accumulation), NaN -> -inf;
+    #   s[r, j] = <q_r, k_j> (float32 accumulation), not finite -> -inf;
     #   part[split, r, :KP] = the KP largest rank keys over j not excluded for r, sorted descending.
     # Memory plan: q block [BM, BD] in registers for the whole scan; per tile one key tile [BD, BN]
     # read and the score tile [BM, BN] in registers; per row a threshold (float32: the score of its

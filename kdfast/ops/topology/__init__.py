@@ -113,10 +113,11 @@ def topology_loss(
     """Full Topology Distillation loss: squared differences of all pairwise cosine similarities.
 
     Args:
-        teacher: [N, d_t] floating (the teacher's entity representations); taken in the student's
-        dtype. student: [N, d_s] floating, same device (the student's representations of the same
-        entities). reduction: "sum" (default; the authors' sum over pairs) or "mean" (divided by
-        N^2).
+        teacher: [N, d_t] floating (the teacher's entity representations), taken in the student's
+            dtype.
+        student: [N, d_s] floating, same device (the student's representations of the same
+            entities).
+        reduction: "sum" (default; the authors' sum over pairs) or "mean" (divided by N^2).
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
     Returns:
@@ -227,8 +228,9 @@ def grouped_topology_loss(
         groups: [N] integer group id of each row, in [0, n_groups).
         n_groups: number of groups (>= 1).
         teacher_cos_filter: keep only pairs whose teacher cosine is > 0 (the authors' code;
-        default). reduction: "sum" (default) or "mean" (divided by the number of counted ordered
-        pairs, or 1).
+            default).
+        reduction: "sum" (default) or "mean" (divided by the number of counted ordered pairs, or
+            1).
         backend: "auto", "torch", "cpp" or "triton".
 
     Returns:
