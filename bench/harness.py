@@ -267,6 +267,22 @@ def check_row(op, case, got, want, tol_val, tol_grad):
     }
 
 
+def non_finite_row(op, case, fn):
+    """A GPU check's row for the documented non-finite rules: fn() -> (got, want), two tensors whose
+    NaN and +-inf patterns must be equal and whose finite values must agree (rel. 1e-4)."""
+    try:
+        got, want = (x.detach().double().cpu() for x in fn())
+        same = all(
+            torch.equal(f(got), f(want)) for f in (torch.isnan, torch.isposinf, torch.isneginf)
+        )
+        finite = torch.isfinite(want)
+        err = rel_err(got[finite], want[finite]) if bool(finite.any()) else 0.0
+        ok, detail = same and err <= 1e-4, f"same non-finite pattern: {same}, rel_err {err:.2e}"
+    except Exception as exc:  # noqa: BLE001 - a failed check, not a failed run
+        ok, detail = False, one_line(exc)
+    return {"op": op, "case": case, "ok": ok, "detail": detail}
+
+
 def agreement(out, ref):
     """How a provider's result agrees with the baseline's: per tensor of the same shape, the share
     of equal entries (integer tensors) or the largest difference over the finite entries relative

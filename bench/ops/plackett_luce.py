@@ -29,6 +29,7 @@ from bench.harness import (
     copy_rate,
     floor_step,
     gpu_timings,
+    non_finite_row,
     poison_cuda_cache,
     value_and_grads,
 )
@@ -97,6 +98,31 @@ def _ref_emb(ri, ui):
     )
 
 
+def _non_finite(device):
+    """The rule of every backend: a NaN among a row's scores or log_tail makes its loss NaN, a +inf
+    unranked score or log_tail +inf; -inf is padding. Triton against the reference."""
+    nan, inf = float("nan"), float("inf")
+    s = torch.tensor([[1.0, 0.5]] * 5 + [[nan, 0.5]])
+    u = torch.tensor([[0.2, nan], [0.2, inf], [0.2, -inf], [-inf, -inf], [-inf, -inf], [0.2, 0.1]])
+    t = torch.tensor([0.0, 0.0, 0.0, nan, inf, 0.0])
+    got = kdfast.plackett_luce_loss(
+        s.to(device), u.to(device), log_tail=t.to(device), reduction="none", backend="triton"
+    )
+    return got, ref.plackett_luce_loss(s.double(), u.double(), t.double(), "none")
+
+
+def _non_finite_emb(device):
+    """The same rule when a score is gathered from a NaN or an inf embedding."""
+    nan, inf = float("nan"), float("inf")
+    q = torch.ones(3, 2)
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [nan, 0.0], [inf, 0.0]])
+    ri, ui = torch.tensor([[0, 1]] * 3), torch.tensor([[2, -1], [3, -1], [-1, -1]])
+    got = kdfast.plackett_luce_loss_from_embeddings(
+        q.to(device), e.to(device), ri.to(device), ui.to(device), reduction="none", backend="triton"
+    )
+    return got, ref.plackett_luce_loss_from_embeddings(q.double(), e.double(), ri, ui, None, "none")
+
+
 def checks(device, smoke):
     res = []
     shapes = (
@@ -151,6 +177,8 @@ def checks(device, smoke):
     r["ok"] = r["ok"] and same
     r["detail"] += f"; bitwise equal run to run: {same}"
     res.append(r)
+    res.append(non_finite_row(OP, "non-finite scores", lambda: _non_finite(device)))
+    res.append(non_finite_row(OP, "non-finite embeddings", lambda: _non_finite_emb(device)))
     return res
 
 

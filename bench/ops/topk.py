@@ -28,6 +28,7 @@ from bench.harness import (
     floor_step,
     gpu_timings,
     matmul_rate,
+    non_finite_row,
     poison_cuda_cache,
     tf32,
     with_tf32,
@@ -198,7 +199,20 @@ def checks(device, smoke):
         out.append(
             {"op": OP, "case": f"{variant} {prec} integer ties", "ok": not why, "detail": why}
         )
+    out.append(non_finite_row(OP, "non-finite scores rank last", lambda: _non_finite(device)))
     return out
+
+
+def _non_finite(device):
+    """Indices of a case whose float32 products overflow to +inf, to inf - inf, or meet a NaN: every
+    non-finite score ranks as -inf (the rule of every backend), against the reference."""
+    keys = torch.zeros(40, 32)
+    keys[3, :16], keys[3, 16:] = 3e38, -3e38
+    keys[5], keys[7, 0], keys[9, 0], keys[11, 0] = 3e38, float("nan"), 1.0, -1.0
+    q = torch.ones(2, 32)
+    _, i = kdfast.topk_scores(q.to(device), keys.to(device), 40, backend="triton")
+    _, want = kdfast.topk_scores(q, keys, 40, backend="torch")
+    return i.double(), want.double()
 
 
 # ------------------------------------------------------------------------------------- benchmarks

@@ -27,6 +27,7 @@ from bench.harness import (
     Step,
     check_row,
     gpu_timings,
+    non_finite_row,
     poison_cuda_cache,
     value_and_grads,
 )
@@ -65,6 +66,29 @@ def _grouped(teacher, groups, k, filt, backend):
             teacher, student, groups, k, teacher_cos_filter=filt, backend=backend
         )
     )
+
+
+def _scale_free(device):
+    """Cosines do not depend on a row's scale: rows of norm 1e20 or 1e-25 (whose float32 squares
+    overflow or underflow) give the loss of the unscaled rows, FTD and HTD."""
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)
+    scale = torch.tensor([1e20, 1e-25, 1.0, 1e15, 1e-18, 3.0])[:, None]
+    groups = torch.tensor([0, 0, 1, 1, 0, 1], device=device)
+    ts, ss = (t * scale).to(device), (s * scale).to(device)
+    got = torch.stack(
+        [
+            kdfast.topology_loss(ts, ss, backend="triton"),
+            kdfast.grouped_topology_loss(ts, ss, groups, 2, backend="triton"),
+        ]
+    )
+    want = torch.stack(
+        [
+            ref.topology_loss(t.double(), s.double()),
+            ref.grouped_topology_loss(t.double(), s.double(), groups.cpu())[0],
+        ]
+    )
+    return got, want
 
 
 def checks(device, smoke):
@@ -113,6 +137,7 @@ def checks(device, smoke):
             )
             got = value_and_grads(_grouped(t, groups, k, filt, "triton"), (s,), go)
             res.append(check_row(OP, f"grouped N{n} K{k} filter={filt}", got, want, 2e-5, 2e-5))
+    res.append(non_finite_row(OP, "rows of norm 1e20 and 1e-25", lambda: _scale_free(device)))
     return res
 
 
