@@ -55,8 +55,7 @@ def get_teacher(args, data, split, spec):
 
 def one_run(name, split, teacher, args, seed):
     """(seconds per epoch, method set-up seconds) of a fresh student trained --epochs epochs with
-    the
-    method NAME, or NAME@BACKEND: the method built with backend=BACKEND (e.g. rrd@torch)."""
+    the method NAME, or NAME@BACKEND: the method built with backend=BACKEND (e.g. rrd@torch)."""
     model = experiment.new_model(
         "bprmf", args.student_dim, split, torch.Generator().manual_seed(seed)
     )

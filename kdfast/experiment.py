@@ -169,8 +169,7 @@ def get_teacher(
     log=print,
 ) -> Teacher:
     """The teacher: loaded from `path` when it exists (its fingerprint must match this data, split
-    and
-    model: ValueError otherwise), else trained and, with a path, saved there."""
+    and model: ValueError otherwise), else trained and, with a path, saved there."""
     expect = teacher_fingerprint(dataset, data_spec, teacher)
     device = torch.device(train.device)
     if path is not None and Path(path).exists():

@@ -51,8 +51,7 @@ class BPRMF(torch.nn.Module):
 
 def normalized_adjacency(train, n_users: int, n_items: int) -> torch.Tensor:
     """The symmetric-normalised bipartite adjacency D^-1/2 A D^-1/2 of the training graph, as a
-    sparse
-    tensor of size (U + I) x (U + I) (float32, coalesced COO). train: int64 CSR pair users ->
+    sparse tensor of size (U + I) x (U + I) (float32, coalesced COO). train: int64 CSR pair users ->
     items."""
     indptr, indices = train
     rows = row_ids(indptr)

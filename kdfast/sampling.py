@@ -29,15 +29,13 @@ _MAX_ROUNDS = 64
 
 def _draw_device(generator, device):
     """Random numbers are drawn on the generator's device (so a CPU generator works for CUDA
-    samples, at
-    the cost of a copy) and moved to `device`."""
+    samples, at the cost of a copy) and moved to `device`."""
     return torch.device(device) if generator is None else torch.device(generator.device)
 
 
 def _use_cpp(backend, device) -> bool:
     """Whether the C++ sampler runs (RuntimeError saying why when "cpp" is asked for and cannot, or
-    for
-    "triton", which the samplers lack)."""
+    for "triton", which the samplers lack)."""
     return _backend.resolve(backend, device, available=("torch", "cpp")) == "cpp"
 
 

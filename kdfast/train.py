@@ -151,8 +151,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train; returns {"best_epoch", "valid" (metrics at the best epoch), "test" (same state),
         "seconds_per_epoch" (training only, evaluation excluded), "epochs_run", "history":
-        [{"epoch",
-        "loss", "valid"}, ...]}. The model is left in its best-validation state."""
+        [{"epoch", "loss", "valid"}, ...]}. The model is left in its best-validation state."""
         from tqdm.auto import tqdm
 
         torch.manual_seed(self.seed)

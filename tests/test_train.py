@@ -18,8 +18,7 @@ def torch_backend(monkeypatch):
 
 class L2Pull(KDMethod):
     """Test method: lam * sum over the batch of (s_student - scale * s_teacher)^2 on (u, pos) and
-    (u, neg),
-    with a trainable scale; records its start_epoch calls."""
+    (u, neg), with a trainable scale; records its start_epoch calls."""
 
     name = "l2-pull"
 

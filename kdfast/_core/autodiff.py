@@ -88,8 +88,7 @@ def differentiable(
 def check_kept(ctx, kept: dict, name: str) -> None:
     """RuntimeError when autograd wants the gradient of input i (ctx.needs_input_grad) but the
     forward was told not to keep it (kept[i] False): a direct call of the custom op with the wrong
-    flag, which
-    would otherwise give a silently missing gradient or read an empty buffer."""
+    flag, which would otherwise give a silently missing gradient or read an empty buffer."""
     for i, was_kept in kept.items():
         if ctx.needs_input_grad[i] and not was_kept:
             raise RuntimeError(
@@ -160,8 +159,7 @@ def _partial(fn, inputs, wanted):
 
 def _spread(pick, got, n, fill):
     """The n gradients: got[j] at position pick[j], fill() (a fresh placeholder: outputs of a custom
-    op
-    must not alias each other) elsewhere."""
+    op must not alias each other) elsewhere."""
     grads = [fill() for _ in range(n)]
     for i, g in zip(pick, got):
         grads[i] = g
@@ -193,8 +191,7 @@ def value_and_grads(fn, inputs, wanted, *, has_aux=False):
 
 def vjp(fn, inputs, grad, wanted):
     """The gradients of fn(*inputs) against the upstream `grad`, for the inputs with wanted[i] (None
-    for
-    the others): the backward of a reference function, by torch.func.vjp."""
+    for the others): the backward of a reference function, by torch.func.vjp."""
     pick, partial = _partial(fn, inputs, wanted)
     with _functorch_enabled():
         value, pullback = torch.func.vjp(partial, *(inputs[i] for i in pick))

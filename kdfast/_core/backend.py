@@ -3,8 +3,8 @@
 Three backends implement every hot op:
   "torch"  - the pure-PyTorch reference of the op (kdfast/ops/<op>/reference.py); always available.
   "cpp"    - the C++/OpenMP kernels of the optional extension kdfast._C; float32/float64 CPU
-  tensors. "triton" - the Triton kernels (kdfast/ops/<op>/triton.py); CUDA tensors, or CPU tensors
-  when
+             tensors.
+  "triton" - the Triton kernels (kdfast/ops/<op>/triton.py); CUDA tensors, or CPU tensors when
              TRITON_INTERPRET=1 (the Triton interpreter, slow: for tests).
 `backend="auto"` picks triton for CUDA tensors and cpp for CPU tensors, falling back to torch; the
 environment variable KDFAST_BACKEND, when set, replaces "auto". This module is the only reader of
@@ -169,8 +169,7 @@ def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | No
 @torch.compiler.assume_constant_result
 def choose(backend: str, device_type: str, dtype: torch.dtype | None, available: tuple) -> str:
     """resolve() for the ops, evaluated once at trace time under torch.compile: the choice depends
-    on
-    the environment, not on tensor data, and resolution imports the extension (untraceable)."""
+    on the environment, not on tensor data, and resolution imports the extension (untraceable)."""
     return resolve(backend, torch.device(device_type), available=available, dtype=dtype)
 
 

@@ -1,7 +1,6 @@
 """Argument and option checks: each returns the checked value and raises TypeError/ValueError naming
 the argument and what was expected. The ops check their tensors with the first group, the methods
-and
-the command line their options with the second."""
+and the command line their options with the second."""
 
 from __future__ import annotations
 

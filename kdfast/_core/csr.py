@@ -20,8 +20,7 @@ from . import checks
 def validate_csr(indptr: torch.Tensor, indices: torch.Tensor, name: str, n_cols: int) -> None:
     """Value checks of an int64 CSR pair (they read the data, so ops run them inside the op body,
     where torch.compile sees real tensors): indptr starts at 0, never decreases, ends at nnz; ids
-    are
-    in [0, n_cols)."""
+    are in [0, n_cols)."""
     if indptr.numel() == 0:
         raise ValueError(f"{name} indptr must have n_rows + 1 >= 1 entries, got 0")
     if int(indptr[0]) != 0:

@@ -1,6 +1,5 @@
 """Numerics shared by the ops: the accumulation dtype, loss reductions, safe row normalisation, and
-the
-rank keys that define the top-K order on every backend."""
+the rank keys that define the top-K order on every backend."""
 
 from __future__ import annotations
 

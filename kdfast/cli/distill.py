@@ -224,8 +224,7 @@ def _check_args(args) -> None:
 
 def report_table(results: dict, protocol: str, monitor: str) -> str:
     """The printed summary: teacher and one row per student, with the change of `monitor` relative
-    to
-    the no-KD student ("none") when it ran."""
+    to the no-KD student ("none") when it ran."""
     from ..experiment import format_table, summary_columns, summary_rows
 
     cols = summary_columns(protocol, monitor)

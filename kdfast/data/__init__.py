@@ -1,6 +1,5 @@
 """Data sets, loaders and splits: kdfast.data.load("synthetic" | "citeulike-t" | path) ->
-Interactions,
-kdfast.data.make_split(data, "loo" | "full", seed=0) -> Split."""
+Interactions, kdfast.data.make_split(data, "loo" | "full", seed=0) -> Split."""
 
 from .datasets import (
     CITEULIKE_SHA256,

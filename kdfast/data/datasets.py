@@ -190,8 +190,7 @@ def load_users_dat(
     path, *, name: str = "citeulike-t", min_user_interactions: int = 5
 ) -> Interactions:
     """Load a CiteULike-style users.dat (see read_users_dat): line u is user u's items. Users with
-    zero
-    items may appear."""
+    zero items may appear."""
     indptr, items = read_users_dat(path)
     users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
     return from_pairs(
@@ -362,8 +361,7 @@ def citeulike_path(path=None, *, download: bool = True) -> Path:
     """Locate CiteULike-t users.dat: `path` (a file or a folder holding users.dat), else
     $KDFAST_DATA (a file, a folder with users.dat, or a folder with citeulike-t/users.dat), else the
     cache ($KDFAST_CACHE or ~/.cache/kdfast) where it is downloaded from its public source and
-    checked
-    against its sha256. Raises FileNotFoundError saying where it looked."""
+    checked against its sha256. Raises FileNotFoundError saying where it looked."""
     tried = []
     candidates = []
     if path is not None:

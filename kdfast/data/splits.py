@@ -89,8 +89,7 @@ def _sample_unobserved(rng, n_items, observed_sorted, n):
 
 def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Split:
     """Leave-one-out split: per user (with >= 3 items) one random validation and one random test
-    item,
-    each with n_neg sampled unobserved negatives."""
+    item, each with n_neg sampled unobserved negatives."""
     if n_neg < 1:
         raise ValueError(f"n_neg must be >= 1, got {n_neg}")
     rng = np.random.default_rng(seed)
@@ -131,8 +130,7 @@ def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Spl
 
 def random_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> Split:
     """Per-user random split into train / valid / test by the given fractions (rounded; train gets
-    at
-    least one item and the remainder goes to test). Evaluated users: those with a test item."""
+    at least one item and the remainder goes to test). Evaluated users: those with a test item."""
     f = np.asarray(fractions, dtype=np.float64)
     if f.shape != (3,) or (f < 0).any() or abs(f.sum() - 1.0) > 1e-9 or f[0] <= 0:
         raise ValueError(

@@ -1,9 +1,8 @@
 """The op contract, clause by clause, for every public op (tests/ops/contract.py) on every backend:
 reference match (values and gradients, upstream gradient != 1), float64 gradcheck, opcheck of the
 custom ops, torch.compile(fullgraph=True), determinism, inputs left untouched, bad input rejected,
-and
-a second derivative refused. The op-specific tests (test_<op>.py) cover what is particular to one
-op."""
+and a second derivative refused. The op-specific tests (test_<op>.py) cover what is particular to
+one op."""
 
 import pytest
 import torch
@@ -107,8 +106,8 @@ def test_gradcheck_float64(spec, backend):
             full[i] = x
         return _first(spec.call(tuple(full), kwargs, backend))
 
-    # Triton: fast mode (a random projection of the Jacobian); the interpreter makes full Jacobians
-    #     slow
+    # Triton: fast mode (a random projection of the Jacobian): the interpreter makes full
+    # Jacobians slow
     assert torch.autograd.gradcheck(
         f,
         [args[i] for i in spec.diff],

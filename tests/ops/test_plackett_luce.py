@@ -23,8 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 def make(B, K, L, *, tail=True, dtype=torch.float64, seed=0, scale=3.0, device="cpu"):
     """Random scores with ragged -inf padding: ranked lists of random length (row 0 fully padded
-    when
-    B > 2), unranked entries padded at random positions."""
+    when B > 2), unranked entries padded at random positions."""
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, K, generator=g, dtype=torch.float64) * scale
     lengths = torch.randint(0, K + 1, (B,), generator=g)
@@ -126,8 +125,7 @@ def test_all_padded_rows_give_zero(backend, device_for):
 @pytest.mark.parametrize("backend", ALL)
 def test_huge_scores_are_exact_in_float32(backend, device_for):
     """Scores of +-1e4 (the authors' raw-exp form overflows above ~88): finite, and equal to the
-    float64
-    reference to float32 rounding of the inputs."""
+    float64 reference to float32 rounding of the inputs."""
     dev = device_for(backend)
     s, u, t = make(4, 9, 13, dtype=torch.float32, seed=5, scale=1.0, device=dev)
     s, u, t = (
@@ -180,8 +178,8 @@ def test_property_cpp_matches_reference(B, K, L, tail, scale, seed):
         if g is not None:
             assert_close(g, gr, rtol=1e-8, atol=1e-8)
     # properties: every valid term log D_k - s_k >= 0, ranked gradients sum to <= 0 per row when
-    #     there
-    # is extra mass, and the loss is invariant to adding a constant to every score and the tail.
+    # there is extra mass, and the loss is invariant to adding a constant to every score and the
+    # tail.
     assert (loss >= -1e-9).all()
     shifted, _ = run(
         kd(backend),
@@ -213,8 +211,7 @@ def test_rrd_call_convention():
 @pytest.mark.parametrize("dtype,grad_tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_half_inputs_float32_math(backend, device_for, dtype, grad_tol):
     """float16/bfloat16 scores: the loss is float32 (float32 math), the gradients come back in the
-    input
-    dtype; relative RMS error against the float64 reference of the same (rounded) inputs."""
+    input dtype; relative RMS error against the float64 reference of the same (rounded) inputs."""
     s, u, t = make(4, 6, 9, dtype=dtype, seed=21, device=device_for(backend))
     loss, grads = run(kd(backend), s, u, t.float(), "none", 1.5)
     loss_r, grads_r = run(ref64, s, u, t.float(), "none", 1.5)

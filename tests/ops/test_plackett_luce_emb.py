@@ -1,7 +1,6 @@
 """kdfast.plackett_luce_loss_from_embeddings: every backend against gather + reference loss (values
 and gradients for query, item table and log_tail, with repeated ids and -1 padding), gradcheck,
-tracing,
-determinism and bad inputs."""
+tracing, determinism and bad inputs."""
 
 import pytest
 import torch
@@ -246,8 +245,7 @@ def test_half_embeddings_float32_math(backend, device_for, dtype, grad_tol):
 @pytest.mark.parametrize("backend", backend_params("triton"))
 def test_triton_deterministic_mode(backend, device_for):
     """Under torch.use_deterministic_algorithms the item gradient is summed without atomics: equal
-    to
-    the reference, and bitwise equal run to run."""
+    to the reference, and bitwise equal run to run."""
     dev = device_for(backend)
     q, e, ri, ui, t = make(5, 6, 4, 3, 8, dtype=torch.float32, seed=23, device=dev)
     before = torch.are_deterministic_algorithms_enabled()

@@ -38,8 +38,7 @@ def no_excl(n_q):
 
 def tie_aware_equal(q, kk, excl, vals, idx, rvals, ridx, tol=1e-5):
     """Same empty slots, no excluded or repeated index, and the float64 scores of the chosen keys
-    equal
-    those of the reference's keys position by position (near-ties may swap)."""
+    equal those of the reference's keys position by position (near-ties may swap)."""
     assert not torch.isnan(vals).any()
     assert torch.equal(idx == -1, ridx == -1)
     valid = idx >= 0

@@ -100,8 +100,8 @@ def test_ftd_zero_rows_have_zero_gradient_and_zero_cosine(backend):
     loss = kdfast.topology_loss(t, ss, backend=backend)
     loss.backward()
     assert torch.all(ss.grad[2] == 0)
-    # a zero student row: cos = 0 with everything, so its pairs contribute cos(t_2, t_b)^2 (diagonal
-    #     too)
+    # a zero student row: cos = 0 with everything, so its pairs contribute cos(t_2, t_b)^2
+    # (diagonal too)
     a = R.normalize_rows(t)
     b = R.normalize_rows(s)
     direct = ((a @ a.T - b @ b.T) ** 2).sum()

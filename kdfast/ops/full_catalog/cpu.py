@@ -1,6 +1,5 @@
 """C++ (OpenMP) backend of the full-catalog log-tail (csrc/full_catalog.cpp), with the signatures of
-the
-op's backend contract (kdfast.ops.full_catalog): float32/float64 CPU tensors, results in that
+the op's backend contract (kdfast.ops.full_catalog): float32/float64 CPU tensors, results in that
 dtype."""
 
 from __future__ import annotations

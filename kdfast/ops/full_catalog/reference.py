@@ -38,9 +38,8 @@ def _chunk_size(n_rows, n_items, max_tile):
 
 def chunk_log_sum(u, v, rows, ids, clamp):
     """lse_b = log sum_j exp(clamp(<u_b, v_j>)) over the items v of one chunk, leaving out the
-    entries
-    (rows, ids); -inf (with gradient 0, never NaN) for a row with every item of the chunk left
-    out."""
+    entries (rows, ids); -inf (with gradient 0, never NaN) for a row with every item of the chunk
+    left out."""
     s = (u @ v.T).clamp(-clamp, clamp)
     keep = torch.ones_like(s, dtype=torch.bool)
     keep[rows, ids] = False

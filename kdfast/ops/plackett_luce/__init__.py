@@ -309,9 +309,8 @@ def plackett_luce_loss_from_embeddings(
     Determinism: the cpp backend sums each item row in a fixed order (batch row, then position; the
     same for any thread count), bitwise reproducible; the triton backend accumulates item gradients
     with float32 atomic adds by default, whose order (and so the last bits) can vary run to run, and
-    under
-    torch.use_deterministic_algorithms(True) sums them with a chunked sort-based index_add_ instead
-    (reproducible, slower). First-order only (a second derivative raises).
+    under torch.use_deterministic_algorithms(True) sums them with a chunked sort-based index_add_
+    instead (reproducible, slower). First-order only (a second derivative raises).
     """
     checks.floating(query_emb, "query_emb", ndim=2)
     checks.floating(item_emb, "item_emb", ndim=2)

@@ -70,9 +70,8 @@ def emb_forward(query, item, ranked_idx, unranked_idx, log_tail, rows, need_grad
 
     One fused pass per row: gather the scores, evaluate the loss and (need_grad) the row's gradients
     at unit upstream gradient (empty tensors stand for what is absent or not needed). The kernel
-    checks
-    the ids as it reads them: ValueError naming the argument for an id outside [-1, N) (rows:
-    outside [0, query rows)).
+    checks the ids as it reads them: ValueError naming the argument for an id outside [-1, N)
+    (rows: outside [0, query rows)).
     """
     q, e = query.contiguous(), item.contiguous()
     n_rows, d = q.shape

@@ -24,9 +24,8 @@ def plackett_luce_loss(ranked, unranked=None, log_tail=None, reduction="sum"):
     """The loss per row ("none"), summed ("sum") or averaged over rows ("mean"); differentiable.
 
     ranked [B, K], unranked [B, L] or None, log_tail [B] or None; -inf entries are padding (NaN is
-    not
-    padding: it propagates). Computed in float32 (float64 for float64 inputs). A row with no valid
-    ranked entry has loss 0 and gradient 0.
+    not padding: it propagates). Computed in float32 (float64 for float64 inputs). A row with no
+    valid ranked entry has loss 0 and gradient 0.
     """
     dt = acc_dtype(ranked.dtype)
     s = ranked.to(dt)

@@ -1,7 +1,7 @@
 """What the embedding form's torch and triton backends share around their kernels: the id checks
 (the cpp kernel makes them as it reads the ids) and the `rows=` indirection, which those backends
-take as
-gathered copies of the rows and scatter back in the backward (the cpp kernel reads through it)."""
+take as gathered copies of the rows and scatter back in the backward (the cpp kernel reads through
+it)."""
 
 from __future__ import annotations
 

@@ -561,8 +561,7 @@ def emb_backward(
     """(grad_query [n_rows, d], grad_item [N, d]) for the upstream grad [B], float32 (float64).
 
     grad_item is accumulated with atomic adds by default (not bitwise reproducible run to run);
-    under
-    torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based index_add_
+    under torch.use_deterministic_algorithms(True) it is summed by a chunked, sort-based index_add_
     instead (reproducible, slower, at most 2^19 * d extra values).
     """
     q, ridx, uidx = take_rows(rows, query, _ids(ranked_idx), _ids(unranked_idx))

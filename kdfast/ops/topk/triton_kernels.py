@@ -225,12 +225,11 @@ def _buffer_kernel(
     # current k-th key) and the fill count of its candidate list buf[split, r, :C] (int64, global,
     # L2-resident). Keys whose score reaches the threshold are appended (positions from a row-wise
     # cumsum); lists about to overflow are compacted R rows at a time (tl.topk over [R, C] -> KP
-    # kept),
-    # which raises the thresholds. Writes: the lists, aux[split, r, 0:2], then part[split, rows,
-    #     :KP].
+    # kept), which raises the thresholds. Writes: the lists, aux[split, r, 0:2], then
+    # part[split, rows, :KP].
     # Exclusions: per row a pointer into its sorted excluded ids; a tile looks at them only when
-    #     some
-    # row's next excluded id falls inside it. WHILE_LOOP: the interpreter's form of the tile loop.
+    # some row's next excluded id falls inside it. WHILE_LOOP: the interpreter's form of the tile
+    # loop.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     row0 = pid_m * BM
@@ -391,8 +390,7 @@ def _merge_kernel(
     # Memory plan: q block [BM, BD] and the running top-KP rank keys best [BM, KP] (int64, sorted
     # descending) in registers; per tile one key tile read and its rank keys [BM, BN] built in
     # registers (excluded / out-of-range keys = EMPTY); when some key beats its row's k-th key the
-    # tile
-    # is merged: best = topk(join(best, tile keys), KP). Writes part[split, rows, :KP] once.
+    # tile is merged: best = topk(join(best, tile keys), KP). Writes part[split, rows, :KP] once.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)

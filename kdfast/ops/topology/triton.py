@@ -1,8 +1,7 @@
 """Triton kernels for the topology losses (FTD Gram rewrite, HTD entity-level tiled masked sum).
 
 Imported on first use by kdfast.ops.topology, so TRITON_INTERPRET set by the tests applies. All dots
-use
-input_precision="ieee" (no TF32): the Gram rewrite subtracts large sums and needs full fp32
+use input_precision="ieee" (no TF32): the Gram rewrite subtracts large sums and needs full fp32
 products. Everything is computed in float32 (float64 inputs too: use the cpp or torch backend for
 float64 accuracy).
 """
@@ -99,8 +98,7 @@ def _gram_partial_kernel(
     ROWS: tl.constexpr,
 ):
     # FTD pass 1: part[split, I, J] = sum_{a in split} Z[a, I]^T Z[a, J] for one (I, J) column tile
-    #     pair
-    # with I <= J (the Gram is symmetric: the host mirrors the upper tiles). Grid (n_splits,
+    # pair with I <= J (the Gram is symmetric: the host mirrors the upper tiles). Grid (n_splits,
     # n_pairs). Reads the split's rows of t, s (each row read once per column tile pair); keeps a
     # TILE x TILE fp32 accumulator in registers; writes one tile of the [n_splits, D_PAD, D_PAD]
     # partial buffer. The splits are summed afterwards in a fixed order (no atomics).
@@ -147,8 +145,8 @@ def _ftd_grad_kernel(
 ):
     # FTD pass 2: dZ = scale * Z W (W = sgn * Q, D_PAD x D_PAD, zero padded), then per part
     # dx_a = inv_a (dZ_a - Z_a <Z_a, dZ_a>). One program per block of ROWS rows; only the column
-    #     tiles
-    # [J_LO, J_HI) that hold a wanted gradient (the student's alone when the teacher is frozen).
+    # tiles [J_LO, J_HI) that hold a wanted gradient (the student's alone when the teacher is
+    # frozen).
     # Registers: ROWS x TILE accumulators; W read from L2. One column tile: one sweep. Several: two
     # sweeps, the first accumulating the per-part row dots <Z_a, dZ_a>, the second recomputing each
     # dZ tile and storing the projected gradient.
@@ -284,8 +282,8 @@ def topology_loss_grads(teacher, student, grad_teacher: bool, grad_student: bool
     w = q * _sign(dt, d_pad, t.device)
     loss = (w.double() * q.double()).sum().float()
     if grad_teacher or grad_student:
-        # the column tiles that hold a wanted gradient: teacher columns [0, dt), student [dt, dt +
-        #     ds)
+        # the column tiles that hold a wanted gradient: teacher columns [0, dt), student
+        # [dt, dt + ds)
         j_lo = 0 if grad_teacher else (dt // _TILE) * _TILE
         j_hi = d_pad if grad_student else triton.cdiv(dt, _TILE) * _TILE
         _ftd_grad_kernel[(triton.cdiv(n, _ROWS),)](
@@ -316,8 +314,7 @@ def topology_loss_grads(teacher, student, grad_teacher: bool, grad_student: bool
 @functools.lru_cache(maxsize=16)
 def _tile_pairs(n_tiles: int, device: torch.device):
     """The column tile pairs (I, J) with I <= J as two int32 vectors, and the [d_pad, d_pad] mask of
-    the
-    strictly lower tiles (I > J), which the Gram kernel leaves to the mirror."""
+    the strictly lower tiles (I > J), which the Gram kernel leaves to the mirror."""
     ii, jj = torch.triu_indices(n_tiles, n_tiles)
     tile = torch.arange(n_tiles * _TILE) // _TILE
     lower = tile[:, None] > tile[None, :]
@@ -352,8 +349,8 @@ def _grouped_kernel(
     #   loss += sum diff^2, count += sum m, gB_a += diff B_b.
     # Then dS_a = inv_a * 4 (gB_a - B_a <B_a, gB_a>), stored at the ORIGINAL row perm[a].
     # Memory: rows are gathered through perm (no sorted copies); registers hold BLOCK x BLOCK
-    #     cosines,
-    # BLOCK x DS_PAD student rows and gradient; one loss/count slot per program (summed afterwards).
+    # cosines, BLOCK x DS_PAD student rows and gradient; one loss/count slot per program (summed
+    # afterwards).
     pid = tl.program_id(0)
     a0 = tl.load(tile_start_ptr + pid)
     g_end = tl.load(tile_gend_ptr + pid)
