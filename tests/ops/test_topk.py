@@ -1,7 +1,5 @@
 """kdfast.topk_scores: every backend against the reference, exclusions, edge cases, bad input."""
 
-import importlib.util
-
 import pytest
 import scipy.sparse
 import torch
@@ -12,23 +10,7 @@ import kdfast
 from kdfast.ops.topk.reference import topk_scores as reference_topk
 from tests.conftest import backend_params
 
-HAS_TRITON_TOPK = importlib.util.find_spec("kdfast.ops.topk.triton") is not None
-
-
-def _params():
-    out = []
-    for p in backend_params("torch", "cpp", "triton"):
-        if p.values[0] == "triton" and not HAS_TRITON_TOPK:
-            p = pytest.param(
-                "triton",
-                marks=pytest.mark.skip(reason="kdfast/triton/topk.py not in this tree"),
-                id="triton",
-            )
-        out.append(p)
-    return out
-
-
-BACKENDS = _params()
+BACKENDS = backend_params("torch", "cpp", "triton")
 TINY = 64 * 64  # n_q * n_k at most, for the Triton interpreter
 
 

@@ -1,5 +1,5 @@
 """kdfast.topology_loss (FTD) and kdfast.grouped_topology_loss (HTD entity level) against the direct
-N x N formulas (autograd of kdfast.reference.topology), on every backend."""
+N x N formulas (autograd of kdfast.ops.topology.reference), on every backend."""
 
 import pytest
 import torch
