@@ -8,7 +8,8 @@
 // the current item tile transposed ([D x kItems], allocated once per thread) so the score loops run along
 // items (vectorisable).
 // Rows walk their sorted exclusion list with a pointer as the item blocks advance (binary search where a
-// walk starts mid-row). Every output element is summed by one thread in a fixed order: deterministic.
+// walk starts mid-row). Every output element is summed by one thread in a fixed order (items, or rows, in
+// increasing order): deterministic, the same bits for any thread count.
 // The dot products and sums are accumulated in T (float for float32 inputs, double for float64).
 #include <algorithm>
 #include <cmath>
@@ -62,15 +63,11 @@ inline void mark_excluded(const int64_t* indices, const int64_t* end, int64_t* p
     }
 }
 
-template <typename T>
-void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, const int64_t* indptr,
-                   const int64_t* indices, double clamp_d, T* out, int n_threads) {
-    const T clamp = static_cast<T>(clamp_d);
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const size_t n_vt =
-        kdfast::scratch_count("full_catalog_log_tail: the item tile (D x 128 values)", sizeof(T), {D, kItems});
-    const int64_t n_blocks = (B + kRows - 1) / kRows;
-    kdfast::RegionErrors errors;
+// Calls f(blk, vt) for every blk in [0, n_blocks) on n_threads threads (dynamic schedule), vt a per-thread
+// item tile of D x kItems values (`what` names it in the error raised when it cannot be allocated).
+template <typename T, typename F>
+void for_blocks(const char* what, int64_t n_blocks, int64_t D, int n_threads, kdfast::RegionErrors& errors, F&& f) {
+    const size_t n_vt = kdfast::scratch_count(what, sizeof(T), {D, kItems});
 #pragma omp parallel num_threads(kdfast::team_size(n_threads))
     {
         std::vector<T> vt;
@@ -78,42 +75,67 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             if (errors.failed()) continue;
-            const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
-            int64_t ptr[kRows], end[kRows];
-            T m[kRows], s[kRows];
-            T tile[kRows][kItems];
-            unsigned char mark[kRows][kItems];
-            for (int64_t r = 0; r < nr; ++r) {
-                ptr[r] = indptr[r0 + r];
-                end[r] = indptr[r0 + r + 1];
-                m[r] = ninf;
-                s[r] = 0;
-            }
-            for (int64_t j0 = 0; j0 < I; j0 += kItems) {
-                const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
-                mark_excluded(indices, end, ptr, nr, j0, j1, mark);
-                transpose_tile(V, j0, nj, D, vt.data());
-                score_tile(U, r0, nr, vt.data(), nj, D, tile);
-                for (int64_t r = 0; r < nr; ++r) {
-                    T tmax = ninf;
-                    for (int64_t j = 0; j < nj; ++j) {
-                        T x = std::min(std::max(tile[r][j], -clamp), clamp);
-                        x = mark[r][j] ? ninf : x;
-                        tile[r][j] = x;
-                        tmax = std::max(tmax, x);
-                    }
-                    const T nm = std::max(m[r], tmax);
-                    if (nm == ninf) continue;
-                    T acc = 0;
-                    for (int64_t j = 0; j < nj; ++j) acc += std::exp(tile[r][j] - nm);
-                    s[r] = s[r] * std::exp(m[r] - nm) + acc;
-                    m[r] = nm;
-                }
-            }
-            for (int64_t r = 0; r < nr; ++r) out[r0 + r] = (m[r] == ninf) ? ninf : std::log(s[r]) + m[r];
+            f(blk, vt.data());
         }
     }
     errors.rethrow();
+}
+
+// Walks the whole catalog for rows [r0, r0 + nr): f(j0, nj, tile, mark) per tile of kItems items from j0,
+// tile[r][j] = <U[r0 + r], V[j0 + j]> (raw) and mark[r][j] = 1 for the items excluded from row r0 + r.
+template <typename T, typename F>
+KDFAST_INLINE void walk_catalog(const T* U, const T* V, int64_t r0, int64_t nr, int64_t I, int64_t D,
+                                const int64_t* indptr, const int64_t* indices, T* vt, F&& f) {
+    int64_t ptr[kRows], end[kRows];
+    T tile[kRows][kItems];
+    unsigned char mark[kRows][kItems];
+    for (int64_t r = 0; r < nr; ++r) {
+        ptr[r] = indptr[r0 + r];
+        end[r] = indptr[r0 + r + 1];
+    }
+    for (int64_t j0 = 0; j0 < I; j0 += kItems) {
+        const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
+        mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+        transpose_tile(V, j0, nj, D, vt);
+        score_tile(U, r0, nr, vt, nj, D, tile);
+        f(j0, nj, tile, mark);
+    }
+}
+
+template <typename T>
+void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, const int64_t* indptr,
+                   const int64_t* indices, double clamp_d, T* out, int n_threads) {
+    kdfast::RegionErrors errors;
+    const char* what = "full_catalog_log_tail: the item tile (D x 128 values)";
+    for_blocks<T>(what, (B + kRows - 1) / kRows, D, n_threads, errors, [&](int64_t blk, T* vt) {
+        // the worker's own copies (no store through a T* can alias them): the hot loops keep them in registers
+        const T clamp = static_cast<T>(clamp_d), ninf = -std::numeric_limits<T>::infinity();
+        const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
+        T m[kRows], s[kRows];
+        for (int64_t r = 0; r < nr; ++r) {
+            m[r] = ninf;
+            s[r] = 0;
+        }
+        walk_catalog(U, V, r0, nr, I, D, indptr, indices, vt,
+                     [&](int64_t, int64_t nj, T(*tile)[kItems], unsigned char (*mark)[kItems]) {
+                         for (int64_t r = 0; r < nr; ++r) {
+                             T tmax = ninf;
+                             for (int64_t j = 0; j < nj; ++j) {
+                                 T x = std::min(std::max(tile[r][j], -clamp), clamp);
+                                 x = mark[r][j] ? ninf : x;
+                                 tile[r][j] = x;
+                                 tmax = std::max(tmax, x);
+                             }
+                             const T nm = std::max(m[r], tmax);
+                             if (nm == ninf) continue;
+                             T acc = 0;
+                             for (int64_t j = 0; j < nj; ++j) acc += std::exp(tile[r][j] - nm);
+                             s[r] = s[r] * std::exp(m[r] - nm) + acc;
+                             m[r] = nm;
+                         }
+                     });
+        for (int64_t r = 0; r < nr; ++r) out[r0 + r] = (m[r] == ninf) ? ninf : std::log(s[r]) + m[r];
+    });
 }
 
 template <typename T>
@@ -122,92 +144,63 @@ inline T grad_entry(T raw, T clamp, T g, T lt) {
     return g * std::exp(std::min(std::max(raw, -clamp), clamp) - lt);
 }
 
+// grad_user: one thread per block of kRows rows, walking all items; grad_item: one thread per block of
+// kItems items, walking all rows (binary search into each row's ids).
 template <typename T>
 void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, int64_t I, int64_t D,
                    const int64_t* indptr, const int64_t* indices, double clamp_d, T* GU, T* GI, int n_threads) {
-    const T clamp = static_cast<T>(clamp_d);
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const size_t n_vt =
-        kdfast::scratch_count("full_catalog_log_tail_backward: the item tile (D x 128 values)", sizeof(T), {D, kItems});
-    // grad_user: one thread per block of rows, walking all items.
-    const int64_t n_row_blocks = (B + kRows - 1) / kRows;
-    kdfast::RegionErrors errors;
-#pragma omp parallel num_threads(kdfast::team_size(n_threads))
-    {
-        std::vector<T> vt;
-        errors.run([&] { vt.resize(n_vt); });
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = 0; blk < n_row_blocks; ++blk) {
-            if (errors.failed()) continue;
-            const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
-            int64_t ptr[kRows], end[kRows];
-            unsigned char mark[kRows][kItems];
-            T tile[kRows][kItems];
+    const char* what = "full_catalog_log_tail_backward: the item tile (D x 128 values)";
+    kdfast::RegionErrors errors;  // (empty again after each region: for_blocks rethrows)
+    for_blocks<T>(what, (B + kRows - 1) / kRows, D, n_threads, errors, [&](int64_t blk, T* vt) {
+        const T clamp = static_cast<T>(clamp_d), ninf = -std::numeric_limits<T>::infinity();  // (as above)
+        const int64_t r0 = blk * kRows, nr = std::min(kRows, B - r0);
+        for (int64_t r = 0; r < nr; ++r) std::fill(GU + (r0 + r) * D, GU + (r0 + r + 1) * D, T(0));
+        walk_catalog(U, V, r0, nr, I, D, indptr, indices, vt,
+                     [&](int64_t j0, int64_t nj, T(*tile)[kItems], unsigned char (*mark)[kItems]) {
+                         for (int64_t r = 0; r < nr; ++r) {
+                             const int64_t b = r0 + r;
+                             if (LT[b] == ninf || G[b] == 0) continue;
+                             T* gu = GU + b * D;
+                             for (int64_t j = 0; j < nj; ++j) {
+                                 if (mark[r][j]) continue;
+                                 const T* v = V + (j0 + j) * D;
+                                 const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
+                                 if (p == 0) continue;
+                                 for (int64_t k = 0; k < D; ++k) gu[k] += p * v[k];
+                             }
+                         }
+                     });
+    });
+    for_blocks<T>(what, (I + kItems - 1) / kItems, D, n_threads, errors, [&](int64_t blk, T* vt) {
+        const T clamp = static_cast<T>(clamp_d), ninf = -std::numeric_limits<T>::infinity();
+        const int64_t j0 = blk * kItems, j1 = std::min(I, j0 + kItems), nj = j1 - j0;
+        std::fill(GI + j0 * D, GI + j1 * D, T(0));
+        unsigned char mark[kRows][kItems];
+        int64_t ptr[kRows], end[kRows];
+        T tile[kRows][kItems];
+        transpose_tile(V, j0, nj, D, vt);
+        for (int64_t r0 = 0; r0 < B; r0 += kRows) {
+            const int64_t nr = std::min(kRows, B - r0);
             for (int64_t r = 0; r < nr; ++r) {
-                ptr[r] = indptr[r0 + r];
                 end[r] = indptr[r0 + r + 1];
-                std::fill(GU + (r0 + r) * D, GU + (r0 + r + 1) * D, T(0));
+                ptr[r] = std::lower_bound(indices + indptr[r0 + r], indices + end[r], j0) - indices;
             }
-            for (int64_t j0 = 0; j0 < I; j0 += kItems) {
-                const int64_t j1 = std::min(I, j0 + kItems), nj = j1 - j0;
-                mark_excluded(indices, end, ptr, nr, j0, j1, mark);
-                transpose_tile(V, j0, nj, D, vt.data());
-                score_tile(U, r0, nr, vt.data(), nj, D, tile);
-                for (int64_t r = 0; r < nr; ++r) {
-                    const int64_t b = r0 + r;
-                    if (LT[b] == ninf || G[b] == 0) continue;
-                    T* gu = GU + b * D;
-                    for (int64_t j = 0; j < nj; ++j) {
-                        if (mark[r][j]) continue;
-                        const T* v = V + (j0 + j) * D;
-                        const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
-                        if (p == 0) continue;
-                        for (int64_t k = 0; k < D; ++k) gu[k] += p * v[k];
-                    }
+            mark_excluded(indices, end, ptr, nr, j0, j1, mark);
+            score_tile(U, r0, nr, vt, nj, D, tile);
+            for (int64_t r = 0; r < nr; ++r) {
+                const int64_t b = r0 + r;
+                if (LT[b] == ninf || G[b] == 0) continue;
+                const T* u = U + b * D;
+                for (int64_t j = 0; j < nj; ++j) {
+                    if (mark[r][j]) continue;
+                    const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
+                    if (p == 0) continue;
+                    T* gi = GI + (j0 + j) * D;
+                    for (int64_t k = 0; k < D; ++k) gi[k] += p * u[k];
                 }
             }
         }
-    }
-    errors.rethrow();  // (errors stays empty when this returns: the next region uses it too)
-    // grad_item: one thread per block of items, walking all rows (binary search into each row's ids).
-    const int64_t n_item_blocks = (I + kItems - 1) / kItems;
-#pragma omp parallel num_threads(kdfast::team_size(n_threads))
-    {
-        std::vector<T> vt;
-        errors.run([&] { vt.resize(n_vt); });
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t blk = 0; blk < n_item_blocks; ++blk) {
-            if (errors.failed()) continue;
-            const int64_t j0 = blk * kItems, j1 = std::min(I, j0 + kItems), nj = j1 - j0;
-            std::fill(GI + j0 * D, GI + j1 * D, T(0));
-            unsigned char mark[kRows][kItems];
-            int64_t ptr[kRows], end[kRows];
-            T tile[kRows][kItems];
-            transpose_tile(V, j0, nj, D, vt.data());
-            for (int64_t r0 = 0; r0 < B; r0 += kRows) {
-                const int64_t nr = std::min(kRows, B - r0);
-                for (int64_t r = 0; r < nr; ++r) {
-                    end[r] = indptr[r0 + r + 1];
-                    ptr[r] = std::lower_bound(indices + indptr[r0 + r], indices + end[r], j0) - indices;
-                }
-                mark_excluded(indices, end, ptr, nr, j0, j1, mark);
-                score_tile(U, r0, nr, vt.data(), nj, D, tile);
-                for (int64_t r = 0; r < nr; ++r) {
-                    const int64_t b = r0 + r;
-                    if (LT[b] == ninf || G[b] == 0) continue;
-                    const T* u = U + b * D;
-                    for (int64_t j = 0; j < nj; ++j) {
-                        if (mark[r][j]) continue;
-                        const T p = grad_entry(tile[r][j], clamp, G[b], LT[b]);
-                        if (p == 0) continue;
-                        T* gi = GI + (j0 + j) * D;
-                        for (int64_t k = 0; k < D; ++k) gi[k] += p * u[k];
-                    }
-                }
-            }
-        }
-    }
-    errors.rethrow();
+    });
 }
 
 }  // namespace

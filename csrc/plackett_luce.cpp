@@ -17,7 +17,7 @@ namespace {
 template <typename T>
 KDFAST_INLINE void fwd_row_t(const T* s, const T* u, const T* t, int64_t K, int64_t L, T* e, T* r, T* loss, T* rest,
                              T* inv) {
-    *rest = log_rest(u, L, t);
+    *rest = log_rest<false>(u, L, t);  // the NaN rule is applied by forward(), out of this hot path
     ranked_row(s, K, *rest, T(1), e, r, loss, inv, static_cast<T*>(nullptr));
 }
 
@@ -47,11 +47,11 @@ void bwd_row(double g, const double* s, const double* u, const double* t, double
     bwd_row_t(g, s, u, t, rest, a_total, K, L, e, r, gs, gu, gt);
 }
 
-template <typename T>
-void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L, T* loss, T* rest, T* inv,
-             int n_threads) {
-    const size_t n_scratch =
-        kdfast::scratch_count("pl_forward: the per-thread scratch (K values)", sizeof(T), {std::max<int64_t>(K, 1)});
+// Calls row(b, e, r) for every row b on n_threads threads (dynamic schedule), e and r each a per-thread
+// scratch of K values; `what` names that scratch in the error raised when it cannot be allocated.
+template <typename T, typename F>
+void for_each_row(const char* what, int64_t B, int64_t K, int n_threads, F&& row) {
+    const size_t n_scratch = kdfast::scratch_count(what, sizeof(T), {std::max<int64_t>(K, 1)});
     py::gil_scoped_release release;
     kdfast::RegionErrors errors;
 #pragma omp parallel num_threads(kdfast::team_size(n_threads))
@@ -64,36 +64,34 @@ void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L
 #pragma omp for schedule(dynamic, 64)
         for (int64_t b = 0; b < B; ++b) {
             if (errors.failed()) continue;
-            fwd_row(s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b, K,
-                    u == nullptr ? 0 : L, e.data(), r.data(), loss + b, rest + b, inv + b);
+            row(b, e.data(), r.data());
         }
     }
     errors.rethrow();
 }
 
 template <typename T>
+void forward(const T* s, const T* u, const T* t, int64_t B, int64_t K, int64_t L, T* loss, T* rest, T* inv,
+             int n_threads) {
+    for_each_row<T>("pl_forward: the per-thread scratch (K values)", B, K, n_threads, [=](int64_t b, T* e, T* r) {
+        const T* ub = u == nullptr ? nullptr : u + b * L;
+        const T* tb = t == nullptr ? nullptr : t + b;
+        const int64_t Lb = u == nullptr ? 0 : L;
+        fwd_row(s + b * K, ub, tb, K, Lb, e, r, loss + b, rest + b, inv + b);
+        if (std::isinf(rest[b]) && has_nan(ub, Lb, tb)) {  // the NaN rule: the row again, with rest NaN
+            rest[b] = std::numeric_limits<T>::quiet_NaN();
+            ranked_row(s + b * K, K, rest[b], T(1), e, r, loss + b, inv + b, static_cast<T*>(nullptr));
+        }
+    });
+}
+
+template <typename T>
 void backward(const T* go, const T* s, const T* u, const T* t, const T* rest, const T* inv, int64_t B, int64_t K,
               int64_t L, T* gs, T* gu, T* gt, int n_threads) {
-    const size_t n_scratch =
-        kdfast::scratch_count("pl_backward: the per-thread scratch (K values)", sizeof(T), {std::max<int64_t>(K, 1)});
-    py::gil_scoped_release release;
-    kdfast::RegionErrors errors;
-#pragma omp parallel num_threads(kdfast::team_size(n_threads))
-    {
-        std::vector<T> e, r;
-        errors.run([&] {
-            e.resize(n_scratch);
-            r.resize(n_scratch);
-        });
-#pragma omp for schedule(dynamic, 64)
-        for (int64_t b = 0; b < B; ++b) {
-            if (errors.failed()) continue;
-            bwd_row(go[b], s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b, rest[b],
-                    inv[b], K, L, e.data(), r.data(), gs + b * K, u == nullptr ? nullptr : gu + b * L,
-                    t == nullptr ? nullptr : gt + b);
-        }
-    }
-    errors.rethrow();
+    for_each_row<T>("pl_backward: the per-thread scratch (K values)", B, K, n_threads, [=](int64_t b, T* e, T* r) {
+        bwd_row(go[b], s + b * K, u == nullptr ? nullptr : u + b * L, t == nullptr ? nullptr : t + b, rest[b], inv[b],
+                K, L, e, r, gs + b * K, u == nullptr ? nullptr : gu + b * L, t == nullptr ? nullptr : gt + b);
+    });
 }
 
 }  // namespace

@@ -2,7 +2,9 @@
 // (private to plackett_luce.cpp, plackett_luce_emb_forward.cpp and plackett_luce_emb_backward.cpp).
 //
 // Math, per row b (s = ranked scores in teacher order, u = unranked scores, t = log of a tail mass;
-// -inf entries are padding and contribute nothing):
+// -inf entries are padding and contribute nothing; a NaN among s, u or t makes the row's loss NaN, else a
+// +inf among u or t makes it +inf (a +inf among s: NaN, as inf - inf); a row without a valid ranked score
+// has loss 0):
 //   log D_k = logaddexp( revlogcumsumexp(s)_k , rest ),   rest = logsumexp(u, t)
 //   loss    = sum_{k valid} (log D_k - s_k)
 //   A_j     = log sum_{k<=j, k valid} 1/D_k     (a prefix log-sum-exp of -log D)
@@ -146,13 +148,30 @@ KDFAST_INLINE void scaled_exp(const T* x, int64_t n, T shift, T g, T* out) {
     for (int64_t i = 0; i < n; ++i) out[i] = g * fast_exp(x[i] + shift);
 }
 
-// log( sum_l exp(u_l) + exp(t) ) over the non-padding entries; -inf when there are none.
+// Whether u[0..L) or *t (when t != nullptr) holds a NaN (out of line: asked only of rows whose rest is inf).
 template <typename T>
+__attribute__((noinline, cold)) bool has_nan(const T* u, int64_t L, const T* t) {
+    bool nan = t != nullptr && std::isnan(*t);
+    for (int64_t l = 0; l < L && !nan; ++l) nan = std::isnan(u[l]);
+    return nan;
+}
+
+// log( sum_l exp(u_l) + exp(t) ) over the non-padding entries: -inf when there are none, else +inf when one
+// of them is +inf; with kNanRule, NaN when u or t holds a NaN (the non-finite rule). row_max skips NaN: with
+// a finite maximum a NaN flows through the sum of exps, and only a row whose maximum is -inf or +inf
+// (nothing valid, or a +inf) is scanned for one. Without kNanRule such a row's NaN is skipped: the caller
+// applies the rule (the score form does, after its row, where the check costs its hot loop nothing).
+template <bool kNanRule, typename T>
 KDFAST_INLINE T log_rest(const T* u, int64_t L, const T* t) {
     T m = row_max(u, L);
     if (t != nullptr && *t > m) m = *t;
-    if (m == neg_inf<T>()) return m;
-    if (m == std::numeric_limits<T>::infinity()) return m;
+    if constexpr (kNanRule) {
+        if (m == neg_inf<T>() || m == std::numeric_limits<T>::infinity())
+            return has_nan(u, L, t) ? std::numeric_limits<T>::quiet_NaN() : m;
+    } else {
+        if (m == neg_inf<T>()) return m;
+        if (m == std::numeric_limits<T>::infinity()) return m;
+    }
     T z = sum_exp(u, L, m);
     if (t != nullptr) z += std::exp(*t - m);
     return m + std::log(z);

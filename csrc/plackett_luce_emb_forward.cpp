@@ -1,6 +1,7 @@
 // Relaxed Plackett-Luce loss on the CPU, embedding form, forward (pl_emb_forward): the fused gather.
 // s_bj = <q_b, E[idx_bj]> (idx -1 -> -inf) is gathered row by row into scratch (layout of the batch at
-// "embedding form" in plackett_luce.h); the loss is then that of the score form, and, when gradients are
+// "embedding form" in plackett_luce.h); the loss is then that of the score form (a score gathered from a
+// non-finite embedding falls under its non-finite rule like any other), and, when gradients are
 // wanted, the row's gradient at grad_output = 1 is taken at once: score gradients dr, du, dt and the
 // query part gq_b = sum_j ds_bj E[idx_bj], while the row's item vectors are still in cache. The backward
 // (plackett_luce_emb_backward.cpp) only scales and scatters them.
@@ -120,7 +121,7 @@ KDFAST_INLINE void emb_row_t(const T* qb, const T* e, const int64_t* ri, const i
     const bool ahead = (K + L) * d * static_cast<int64_t>(sizeof(T)) > kNextRowBytes;
     gather_dots(qb, e, ri, K, d, N, ahead, "ranked_idx", s);
     if (ui != nullptr) gather_dots(qb, e, ui, L, d, N, ahead, "unranked_idx", u);
-    const T rest = log_rest(u, ui == nullptr ? 0 : L, tb);
+    const T rest = log_rest<true>(u, ui == nullptr ? 0 : L, tb);
     T inv;
     ranked_row(s, K, rest, T(1), eb, rb, loss, &inv, dr);
     if (dr == nullptr) return;

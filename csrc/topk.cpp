@@ -4,10 +4,12 @@
 // input precision (float32, or float64 for float64 inputs) and then rounded to float32. Each score
 // gets the int64 rank key
 //     key(s, j) = ordered(s) * 2^32 + (2^32 - 1 - j),
-// where ordered() maps float32 bits to an int32 that sorts like the float, after NaN -> -inf and
-// -0 -> +0 (the same encoding as kdfast/reference/topk.py). Keys are unique within a row, so the k
-// largest keys define the output exactly: descending score, ties to the lower key index. Slots beyond
-// the number of non-excluded keys hold EMPTY = INT64_MIN, reported as index -1 and value -inf.
+// where ordered() maps float32 bits to an int32 that sorts like the float, after -0 -> +0 and a score
+// that is not finite -> -inf (NaN, or +-inf: a float32 dot product that overflowed, whose sign depends on
+// the summation order; the same encoding as encode_rank_keys in kdfast/_core/numerics.py). Keys are
+// unique within a row, so the k largest keys define the output exactly: descending score, ties to the
+// lower key index, a non-finite score reported as -inf. Slots beyond the number of non-excluded keys hold
+// EMPTY = INT64_MIN, reported as index -1 and value -inf.
 //
 // Memory plan (no n_q x n_k score matrix ever exists):
 //   * keys are packed once into panels of NR keys, transposed: packed[panel][d][NR] (n_k*d values,
@@ -17,11 +19,12 @@
 //     rows and each panel, an MR x NR score micro-tile is computed in vector registers (d inner, FMA);
 //   * every row keeps a running threshold (its current k-th best key and that key's float score):
 //     the micro-tile is compared with the row thresholds in registers and, in the common case that
-//     nothing beats them, dropped at once. Scores that pass are rank-encoded and, unless excluded,
-//     appended to the row's candidate buffer (2*min(k, n_k) keys); a full buffer is cut back to its
-//     k best with nth_element, which raises the threshold. Keys reach a row in increasing index
-//     order, so a score equal to the threshold's score always loses the tie: "s <= threshold" is
-//     an exact reject test;
+//     nothing beats them, dropped at once (a NaN or +inf score always passes that test; its rank key,
+//     that of -inf, then loses to the row's threshold key). Scores that pass are rank-encoded and,
+//     unless excluded, appended to the row's candidate buffer (2*min(k, n_k) keys); a full buffer is
+//     cut back to its k best with nth_element, which raises the threshold. Keys reach a row in
+//     increasing index order, so a score equal to the threshold's score always loses the tie:
+//     "s <= threshold" is an exact reject test;
 //   * exclusions are the row's sorted id list (canonical CSR), walked by a pointer that only moves
 //     when a candidate passes the threshold;
 //   * per thread: QB*d query values + QB*2*min(k, n_k) int64 candidates; output n_q*k values/indices.
@@ -49,8 +52,8 @@ constexpr int64_t EMPTY = std::numeric_limits<int64_t>::min();
 constexpr int64_t LOW = 0xFFFFFFFFLL;
 
 inline int64_t rank_key(float s, int64_t index) {
-    if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
-    if (s == 0.0f) s = 0.0f;  // -0 -> +0
+    if (!std::isfinite(s)) s = -std::numeric_limits<float>::infinity();  // NaN, +-inf -> -inf
+    if (s == 0.0f) s = 0.0f;                                             // -0 -> +0
     int32_t b;
     std::memcpy(&b, &s, sizeof b);
     const int64_t ordered = b >= 0 ? b : (b ^ 0x7FFFFFFF);
@@ -149,9 +152,10 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
                         acc[i][1] += k1 * b;
                     }
                 }
-                // Fast reject: the micro-tile is dropped when every lane has s <= thr (a NaN score or
-                // a NaN threshold fails the test). Compared in 32-byte pieces, which GCC vectorises
-                // for every variant (it scalarises 64-byte vector compares).
+                // Fast reject: the micro-tile is dropped when every lane has s <= thr (a NaN or +inf
+                // score, or a NaN threshold, fails the test: offer() then ranks the score as -inf).
+                // Compared in 32-byte pieces, which GCC vectorises for every variant (it scalarises
+                // 64-byte vector compares).
                 {
                     typedef T H __attribute__((vector_size(32)));
                     typedef decltype(H{} <= H{}) M;
@@ -331,7 +335,7 @@ void topk_scores(std::uintptr_t queries, std::uintptr_t keys, int64_t n_q, int64
 }  // namespace
 
 void register_topk(pybind11::module_& m) {
-    m.def("topk_scores", &topk_scores, "Top-k keys per query by dot product (raw buffers; see kdfast/cpp/topk.py).",
+    m.def("topk_scores", &topk_scores, "Top-k keys per query by dot product (raw buffers; see kdfast/ops/topk/cpu.py).",
           py::arg("queries"), py::arg("keys"), py::arg("n_q"), py::arg("n_k"), py::arg("d"), py::arg("k"),
           py::arg("excl_indptr"), py::arg("excl_indices"), py::arg("out_values"), py::arg("out_indices"),
           py::arg("is_double"), py::arg("n_threads"), py::arg("isa") = "auto");

@@ -1,25 +1,30 @@
 // Topology Distillation kernels (FTD and HTD entity level) on the CPU, never forming N x N.
 //
 // Notation: t [N, dt], s [N, ds] row-major; A, B their row-normalised versions (a row of norm 0 maps to
-// 0 and gets gradient 0); Z = [A | B], width D = dt + ds.
+// 0 and gets gradient 0; the norm is scale-free: rows of norm 1e20 or 1e-25 in float32 keep their
+// direction, see normalize_row); Z = [A | B], width D = dt + ds.
 //
 // ftd: L = ||A A^T - B B^T||_F^2 = sum_ij sgn_ij Q_ij^2 with Q = Z^T Z (D x D) and sgn = +1 on the
 //   diagonal blocks (AA, BB), -1 on the off-diagonal blocks (AB, BA). Gradient: dL/dZ = 4 Z W with
 //   W = sgn * Q, then per part dL/dx_a = inv_a (g_a - u_a <u_a, g_a>).
 //   Memory plan: each thread accumulates a D x D (double) partial Gram over its contiguous row range, in
-//   blocks of kRows rows normalised into a transposed [D][kRows] buffer (dots of contiguous vectors);
-//   partials are reduced in thread order (deterministic for a thread count). The gradient pass reads W
-//   (D x D, cache resident) and a block of rows, and writes the gradient rows. Extra memory O(T D^2).
+//   blocks of kRows rows normalised into z [kRows][D], added to a block Gram by contiguous axpys
+//   (Q_i,j>=i += z_ri z_rj); partials are reduced in thread order (deterministic for a thread count). The gradient pass
+//   reads W (D x D, cache resident) and a block of rows, and writes the gradient rows. Extra memory O(T D^2).
 //
 // grouped (HTD entity level), rows visited in group-sorted order perm (offsets [G+1]):
 //   L = sum_{a,b same group [, <A_a,A_b> > 0]} (<B_a,B_b> - <A_a,A_b>)^2 ; dL/dB_a = 4 sum_b m_ab diff_ab B_b
 //   filter on: tiles of kTile a-rows x kTile b-rows inside one group; cosines recomputed from
-//     normalised group-sorted copies An [N, dt], Bn [N, ds] (O(N D) extra); each work item (group,
+//     normalised group-sorted copies An [N, dt], Bn [N, ds] and transposed b-tiles (under 3 N D values
+//     extra in all, whatever the number of groups: see grouped_tiled_impl); each work item (group,
 //     a-tile) owns its loss slot and its gradient rows, so the result does not depend on scheduling.
-//   filter off: per-group Gram rewrite (as ftd, per group), parallel over groups.
+//   filter off: per-group Gram rewrite (as ftd, per group), parallel over groups; extra memory per
+//     thread: the group's D x D Gram (double), W and a block Gram (D x D each), kRows rows of scratch;
+//     and one double per group.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -49,13 +54,42 @@ struct acc_of<double> {
     using type = double;
 };
 
-// inv norm of a row (0 for a zero row), accumulated in Acc
+// Row normalisation, scale-free: z = x / ||x|| (in Acc) and the inverse norm 1 / ||x|| (which the
+// gradient's projection scales by). Every ordinary row takes z = x * (1 / sqrt(sum x^2)). When that sum
+// overflows, or is so small that squares below the smallest normal number could matter (rows of norm 1e20 or
+// 1e-25 in float32), the row is divided by its largest magnitude m before squaring:
+// z = (x / m) / sqrt(sum (x / m)^2), inverse norm 1 / (m sqrt(...)) (inf only for a row whose norm is
+// below 1 / max, i.e. of subnormal entries; z stays exact). A row of norm 0 gets z = 0 and inverse norm 0; so
+// does a row holding a NaN or an inf (z = x * 0 then keeps NaN where x is not finite).
 template <typename T, typename Acc>
-inline Acc inv_norm(const T* x, int64_t d) {
+__attribute__((noinline, cold)) Acc normalize_scaled(const T* x, int64_t d, Acc plain_squares, Acc* z) {
+    Acc m = 0;
+    for (int64_t k = 0; k < d; ++k) m = std::max(m, std::fabs(Acc(x[k])));
+    if (std::isnan(plain_squares) || !(m > 0 && m <= std::numeric_limits<Acc>::max())) {
+        for (int64_t k = 0; k < d; ++k) z[k] = Acc(x[k]) * Acc(0);
+        return 0;
+    }
+    Acc ss = 0;
+    for (int64_t k = 0; k < d; ++k) {
+        const Acc y = Acc(x[k]) / m;
+        ss += y * y;
+    }
+    const Acc nrm = std::sqrt(ss);  // in [1, sqrt(d)]
+    for (int64_t k = 0; k < d; ++k) z[k] = Acc(x[k]) / m / nrm;
+    return Acc(1) / (m * nrm);
+}
+
+template <typename T, typename Acc>
+inline Acc normalize_row(const T* x, int64_t d, Acc* z) {
     Acc ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (int64_t k = 0; k < d; ++k) ss += Acc(x[k]) * Acc(x[k]);
-    return ss > 0 ? Acc(1) / std::sqrt(ss) : Acc(0);
+    // sums of d squares of at least this much lose nothing to subnormal squares (d < 2^23)
+    const Acc lowest = std::numeric_limits<Acc>::min() * Acc(1 << 24);
+    if (!(ss >= lowest && ss <= std::numeric_limits<Acc>::max())) return normalize_scaled(x, d, ss, z);
+    const Acc inv = Acc(1) / std::sqrt(ss);
+    for (int64_t k = 0; k < d; ++k) z[k] = Acc(x[k]) * inv;
+    return inv;
 }
 
 using kdfast::simd_dot;
@@ -88,12 +122,9 @@ void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t 
         const int nb = int(std::min<int64_t>(kRows, r1 - b0));
         for (int r = 0; r < nb; ++r) {
             const int64_t row = row_of(perm, b0 + r);
-            const T* tr = t + row * dt;
-            const T* sr = s + row * ds;
-            const Acc it = inv_norm<T, Acc>(tr, dt), is = inv_norm<T, Acc>(sr, ds);
             Acc* zr = &z[size_t(r) * D];
-            for (int64_t c = 0; c < dt; ++c) zr[c] = Acc(tr[c]) * it;
-            for (int64_t c = 0; c < ds; ++c) zr[dt + c] = Acc(sr[c]) * is;
+            normalize_row(t + row * dt, dt, zr);
+            normalize_row(s + row * ds, ds, zr + dt);
         }
         for (int64_t i = 0; i < D; ++i) {
             Acc* qi = &qb[size_t(i) * D];
@@ -138,13 +169,9 @@ void grad_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t 
         const int nb = int(std::min<int64_t>(kRows, r1 - b0));
         for (int r = 0; r < nb; ++r) {
             const int64_t row = row_of(perm, b0 + r);
-            const T* tr = t + row * dt;
-            const T* sr = s + row * ds;
             Acc* zr = &z[size_t(r) * D];
-            inv[2 * r] = inv_norm<T, Acc>(tr, dt);
-            inv[2 * r + 1] = inv_norm<T, Acc>(sr, ds);
-            for (int64_t c = 0; c < dt; ++c) zr[c] = Acc(tr[c]) * inv[2 * r];
-            for (int64_t c = 0; c < ds; ++c) zr[dt + c] = Acc(sr[c]) * inv[2 * r + 1];
+            inv[2 * r] = normalize_row(t + row * dt, dt, zr);
+            inv[2 * r + 1] = normalize_row(s + row * ds, ds, zr + dt);
         }
         std::fill(acc.begin(), acc.end(), Acc(0));
         for (int64_t i = 0; i < D; ++i) {
@@ -259,7 +286,24 @@ std::pair<double, int64_t> grouped_gram_impl(const T* t, const T* s, const int64
     return {loss, count};
 }
 
+// The tile of rows [a0, a1) of an [N, dt] and bn [N, ds], transposed into at [dt][kTile] and bt [ds][kTile]
+// (columns a1 - a0 on are left as they are), so that a row's cosines with the tile are contiguous axpys.
+template <typename Acc>
+inline void transpose_tile(const Acc* an, const Acc* bn, int64_t a0, int64_t a1, int64_t dt, int64_t ds, Acc* at,
+                           Acc* bt) {
+    for (int64_t a = a0; a < a1; ++a) {
+        for (int64_t k = 0; k < dt; ++k) at[k * kTile + (a - a0)] = an[size_t(a) * dt + k];
+        for (int64_t k = 0; k < ds; ++k) bt[k * kTile + (a - a0)] = bn[size_t(a) * ds + k];
+    }
+}
+
 // Tiled masked kernel (teacher-cosine filter on); gradient to the student only.
+// Work items are the a-tiles (kTile rows) of each group, in group order; item (g, a-tile) walks the
+// b-tiles of group g. A b-tile is read transposed and zero padded ([dt][kTile], [ds][kTile]). The tiles
+// of groups of more than kTile rows are transposed once, into shared arrays (fewer than 2 n_g (dt + ds)
+// values for a group of n_g rows: its last tile is the only partial one); a group of at most kTile rows
+// has one work item, whose thread transposes the group into its own scratch. Extra memory: an, bn and
+// those tiles, under 3 N (dt + ds) values, plus kTile (dt + 2 ds) per thread and O(N) indices.
 template <typename T>
 std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int64_t* perm, const int64_t* off,
                                               int64_t n, int64_t n_groups, int64_t dt, int64_t ds, bool filter, T* gs,
@@ -268,53 +312,66 @@ std::pair<double, int64_t> grouped_tiled_impl(const T* t, const T* s, const int6
     std::vector<Acc> an(size_t(n) * dt), bn(size_t(n) * ds), invs(n);
 #pragma omp parallel for schedule(static) num_threads(kdfast::team_size(n_threads))
     for (int64_t i = 0; i < n; ++i) {
-        const T* tr = t + perm[i] * dt;
-        const T* sr = s + perm[i] * ds;
-        const Acc it = inv_norm<T, Acc>(tr, dt), is = inv_norm<T, Acc>(sr, ds);
-        invs[i] = is;
-        for (int64_t c = 0; c < dt; ++c) an[size_t(i) * dt + c] = Acc(tr[c]) * it;
-        for (int64_t c = 0; c < ds; ++c) bn[size_t(i) * ds + c] = Acc(sr[c]) * is;
+        normalize_row(t + perm[i] * dt, dt, &an[size_t(i) * dt]);
+        invs[i] = normalize_row(s + perm[i] * ds, ds, &bn[size_t(i) * ds]);
     }
-    // work items = tiles of one group, in group order; each tile also kept transposed and zero padded
-    // ([dt][kTile] and [ds][kTile]) so that a row's cosines with a b-tile are contiguous axpys.
     std::vector<std::pair<int64_t, int64_t>> items;  // (tile start, group)
     std::vector<int64_t> first_item(n_groups + 1);
+    std::vector<int64_t> slot;  // item -> its tile in at / bt (shared), or -1 (the group's only tile)
+    int64_t n_shared = 0;
     for (int64_t g = 0; g < n_groups; ++g) {
         first_item[g] = int64_t(items.size());
-        for (int64_t a = off[g]; a < off[g + 1]; a += kTile) items.emplace_back(a, g);
+        const bool shared = off[g + 1] - off[g] > kTile;
+        for (int64_t a = off[g]; a < off[g + 1]; a += kTile) {
+            items.emplace_back(a, g);
+            slot.push_back(shared ? n_shared++ : -1);
+        }
     }
     first_item[n_groups] = int64_t(items.size());
     const int64_t n_items = int64_t(items.size());
-    std::vector<Acc> at(size_t(n_items) * dt * kTile, Acc(0)), bt(size_t(n_items) * ds * kTile, Acc(0));
+    std::vector<Acc> at(size_t(n_shared) * dt * kTile, Acc(0)), bt(size_t(n_shared) * ds * kTile, Acc(0));
 #pragma omp parallel for schedule(static) num_threads(kdfast::team_size(n_threads))
     for (int64_t w = 0; w < n_items; ++w) {
+        if (slot[w] < 0) continue;
         const int64_t a0 = items[w].first, a1 = std::min(a0 + kTile, off[items[w].second + 1]);
-        for (int64_t a = a0; a < a1; ++a) {
-            for (int64_t k = 0; k < dt; ++k) at[(size_t(w) * dt + k) * kTile + (a - a0)] = an[size_t(a) * dt + k];
-            for (int64_t k = 0; k < ds; ++k) bt[(size_t(w) * ds + k) * kTile + (a - a0)] = bn[size_t(a) * ds + k];
-        }
+        transpose_tile(an.data(), bn.data(), a0, a1, dt, ds, &at[size_t(slot[w]) * dt * kTile],
+                       &bt[size_t(slot[w]) * ds * kTile]);
     }
     std::vector<double> iloss(items.size(), 0.0);
     std::vector<int64_t> icount(items.size(), 0);
     kdfast::RegionErrors errors;
 #pragma omp parallel num_threads(kdfast::team_size(n_threads))
     {
-        std::vector<Acc> gb;
-        errors.run([&] { gb.resize(size_t(kTile) * ds); });
+        std::vector<Acc> gb, own_at, own_bt;  // own_at, own_bt: zero beyond column `dirty`
+        int64_t dirty = 0;
+        errors.run([&] {
+            gb.resize(size_t(kTile) * ds);
+            own_at.resize(size_t(dt) * kTile);
+            own_bt.resize(size_t(ds) * kTile);
+        });
         alignas(64) Acc c[kTile], gm[kTile];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items; ++w) {
             if (errors.failed()) continue;
             const int64_t a0 = items[w].first, g = items[w].second;
             const int64_t a1 = std::min(a0 + kTile, off[g + 1]);
+            if (slot[w] < 0) {  // the group is this one tile: transpose it here, zero what the last one left
+                const int64_t nw = a1 - a0;
+                transpose_tile(an.data(), bn.data(), a0, a1, dt, ds, own_at.data(), own_bt.data());
+                for (int64_t k = 0; k < dt && nw < dirty; ++k)
+                    std::fill(own_at.data() + k * kTile + nw, own_at.data() + k * kTile + dirty, Acc(0));
+                for (int64_t k = 0; k < ds && nw < dirty; ++k)
+                    std::fill(own_bt.data() + k * kTile + nw, own_bt.data() + k * kTile + dirty, Acc(0));
+                dirty = nw;
+            }
             std::fill(gb.begin(), gb.end(), Acc(0));
             double lsum = 0;
             int64_t cnt = 0;
             for (int64_t wb = first_item[g]; wb < first_item[g + 1]; ++wb) {
                 const int64_t b0 = items[wb].first;
                 const int nbb = int(std::min<int64_t>(kTile, off[g + 1] - b0));
-                const Acc* atile = &at[size_t(wb) * dt * kTile];
-                const Acc* btile = &bt[size_t(wb) * ds * kTile];
+                const Acc* atile = slot[wb] < 0 ? own_at.data() : &at[size_t(slot[wb]) * dt * kTile];
+                const Acc* btile = slot[wb] < 0 ? own_bt.data() : &bt[size_t(slot[wb]) * ds * kTile];
                 for (int64_t a = a0; a < a1; ++a) {
                     const Acc* aa = &an[size_t(a) * dt];
                     const Acc* ba = &bn[size_t(a) * ds];
