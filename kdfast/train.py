@@ -16,9 +16,10 @@ Per epoch (docs/METHODS.md section 1):
      training stops after `patience` evaluations without improvement. The test metrics are those of
      the best validation state.
 The model (and method) may live on any device; batches are moved there once per epoch.
-Seeded and deterministic on the CPU: the negatives and the batch order come from a torch.Generator
-seeded with `seed`, and the global torch RNG (used by methods' own noise, e.g. Gumbel) is seeded
-with it too.
+Seeded and deterministic on the CPU, bit for bit for one thread count: the negatives and the batch
+order come from a torch.Generator seeded with `seed`, the global torch RNG (used by methods' own
+noise, e.g. Gumbel) is seeded with it too, and rows of the student tables are gathered with
+gradients that sum in a fixed order (kdfast._core.numerics.gather_rows).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from ._core.csr import has_pair, pair_keys, row_ids
+from ._core.numerics import gather_rows
 
 DEFAULT_MONITOR = {"loo": "NDCG@10", "full": "Recall@50"}
 
@@ -61,8 +63,9 @@ def sample_negatives(
 def bpr_loss(user_emb, item_emb, users, pos, neg) -> torch.Tensor:
     """-sum log sigmoid(<e_u, e_pos> - <e_u, e_neg>) over the batch (sum reduction, docs/METHODS.md
     section 1)."""
-    u = user_emb[users]
-    return -F.logsigmoid((u * (item_emb[pos] - item_emb[neg])).sum(1)).sum()
+    u = gather_rows(user_emb, users)
+    diff = gather_rows(item_emb, pos) - gather_rows(item_emb, neg)
+    return -F.logsigmoid((u * diff).sum(1)).sum()
 
 
 class Trainer:

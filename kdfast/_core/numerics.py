@@ -1,5 +1,6 @@
-"""Numerics shared by the ops: the accumulation dtype, loss reductions, safe row normalisation, and
-the rank keys that define the top-K order on every backend."""
+"""Numerics shared by the ops: the accumulation dtype, loss reductions, row gathers with
+reproducible gradients, safe row normalisation, and the rank keys that define the top-K order on
+every backend."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_row.sum()
     return per_row.mean()
+
+
+def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx]: the rows of table at int64 ids of any shape ([*idx.shape, *table.shape[1:]]),
+    whose gradient sums each row in a fixed order, so that it has the same bits run to run. Advanced
+    indexing backpropagates through index_put_(accumulate=True), which adds with atomics on several
+    CPU threads; F.embedding's backward (2-D tables) and index_select's (others) do not."""
+    if table.dim() == 2:
+        return torch.nn.functional.embedding(idx, table)
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
 
 def inv_norms(x: torch.Tensor) -> torch.Tensor:

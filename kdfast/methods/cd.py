@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .._core import checks
 from .._core.csr import as_csr
+from .._core.numerics import gather_rows
 from ..ops.topk import topk_scores
 from ..sampling import exclusion_keys, rank_discounted_sample
 from .base import (
@@ -148,6 +149,8 @@ class CD(KDMethod):
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
         ub = unique_ids(users, self.n_users)
-        s = torch.einsum("ud,ukd->uk", student_user[ub], student_item[self.items[ub]])
+        s = torch.einsum(
+            "ud,ukd->uk", gather_rows(student_user, ub), gather_rows(student_item, self.items[ub])
+        )
         q = self.labels[ub].to(s.dtype)
         return self.lam * F.binary_cross_entropy_with_logits(s, q, reduction="sum")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._core import checks
+from .._core.numerics import gather_rows
 from .base import checked_options, entity_weighted
 from .experts import (
     AnnealedMethod,
@@ -89,6 +90,6 @@ class DE(AnnealedMethod):
         def loss_of(side, ids):
             t, s = tables[side]
             h_t = t[ids].to(s.dtype)
-            return ((h_t - self.reconstruct(side, h_t, s[ids])) ** 2).sum()
+            return ((h_t - self.reconstruct(side, h_t, gather_rows(s, ids))) ** 2).sum()
 
         return self.lambda_de * entity_weighted(loss_of, users, pos, neg, 0.5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._core import checks
+from .._core.numerics import gather_rows
 from ..ops.topology import topology_loss
 from .base import BACKEND, FrozenTeacher, batch_entities, checked_options
 
@@ -49,5 +50,5 @@ class FTD(FrozenTeacher):
         self.check_batch(student_user, student_item, users, pos, neg)
         u, i = batch_entities(users, pos, neg)
         t = torch.cat([self.teacher_user[u], self.teacher_item[i]]).to(student_user.dtype)
-        s = torch.cat([student_user[u], student_item[i]])
+        s = torch.cat([gather_rows(student_user, u), gather_rows(student_item, i)])
         return self.lambda_td * topology_loss(t, s, backend=self.backend)

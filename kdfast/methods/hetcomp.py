@@ -64,6 +64,7 @@ import torch
 from .._core import checks
 from .._core.csr import as_csr, row_ids, select_rows
 from .._core.files import atomic_write
+from .._core.numerics import gather_rows
 from ..ops.full_catalog import full_catalog_log_tail, full_catalog_set_loss, gathered_scores
 from ..ops.plackett_luce import plackett_luce_loss
 from ..ops.topk import topk_scores
@@ -472,7 +473,7 @@ class HetComp(KDMethod):
         """The weighted HetComp loss (current phase) of the users ub (int64 ids)."""
         o = self.opts
         excl = select_rows(self.excl[0], self.excl[1], ub)
-        ue = student_user[ub]
+        ue = gather_rows(student_user, ub)
         pi_o, pi_t = self.pi_o[ub], self.pi_t[ub]
         if self.phase == 1:
             pos = torch.cat([pi_o, pi_t], 1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._core import checks
-from .._core.numerics import normalize_rows
+from .._core.numerics import gather_rows, normalize_rows
 from ..ops.topology import grouped_topology_loss
 from .base import BACKEND, batch_entities, checked_options, choice
 from .experts import (
@@ -125,8 +125,8 @@ class HTD(AnnealedMethod):
         u, i = batch_entities(users, pos, neg)
         dtype = student_user.dtype
         parts = {
-            "user": (self.teacher_user[u].to(dtype), student_user[u]),
-            "item": (self.teacher_item[i].to(dtype), student_item[i]),
+            "user": (self.teacher_user[u].to(dtype), gather_rows(student_user, u)),
+            "item": (self.teacher_item[i].to(dtype), gather_rows(student_item, i)),
         }
         ga = 0.0
         group_ids = []

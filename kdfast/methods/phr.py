@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._core import checks
+from .._core.numerics import gather_rows
 from .base import FrozenTeacher, checked_options, entity_weighted
 from .experts import make_linear
 
@@ -91,7 +92,7 @@ class PHR(FrozenTeacher):
                 raise ValueError(
                     f"pnet must return [B, {d_t * d_s}] (d_t * d_s), got {tuple(w.shape)}"
                 )
-            hhat = torch.bmm(w.view(-1, d_t, d_s), s[ids][:, :, None])[:, :, 0]
+            hhat = torch.bmm(w.view(-1, d_t, d_s), gather_rows(s, ids)[:, :, None])[:, :, 0]
             return ((h_t - hhat) ** 2).sum()
 
         return self.lambda_phr * entity_weighted(loss_of, users, pos, neg, 0.5)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from .._core import checks
 from .._core.csr import as_csr
+from .._core.numerics import gather_rows
 from ..sampling import exclusion_keys, uniform_excluding_sample
 from .base import (
     BACKEND,
@@ -226,6 +227,8 @@ class RD(KDMethod):
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
         ub = unique_ids(users, self.n_users)
-        s = torch.einsum("ud,ukd->uk", student_user[ub], student_item[self.top[ub]])
+        s = torch.einsum(
+            "ud,ukd->uk", gather_rows(student_user, ub), gather_rows(student_item, self.top[ub])
+        )
         w = self.weights[ub].to(s.dtype)
         return self.lam * (w * F.softplus(-s)).sum()

@@ -20,6 +20,7 @@ import torch
 
 from .._core import checks
 from .._core.csr import as_csr, select_rows
+from .._core.numerics import gather_rows
 from ..ops.full_catalog import full_catalog_listwise_loss
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..sampling import exclusion_keys, rank_discounted_sample, uniform_excluding_sample
@@ -160,7 +161,7 @@ class RRD(KDMethod):
             return side.loss(student_user, student_item, ub)
         excl = select_rows(side.excl[0], side.excl[1], ub)
         return full_catalog_listwise_loss(
-            student_user[ub],
+            gather_rows(student_user, ub),
             student_item,
             side.top[ub, : side.k],
             exclude=excl,

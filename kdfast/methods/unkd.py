@@ -58,6 +58,7 @@ import torch
 
 from .._core import checks
 from .._core.csr import as_csr, map_ids
+from .._core.numerics import gather_rows
 from ..ops.topk import topk_scores
 from .base import BACKEND, KDMethod, check_teacher, checked_options, choice, unique_ids
 
@@ -230,8 +231,12 @@ class UnKD(KDMethod):
         ub = unique_ids(users, self.n_users)
         i, j = self.pos_items[ub], self.neg_items[ub]
         valid = i >= 0
-        eu = student_user[ub][:, None, :]
-        diff = (eu * (student_item[i.clamp_min(0)] - student_item[j.clamp_min(0)])).sum(2)
+        eu = gather_rows(student_user, ub)[:, None, :]
+        ei, ej = (
+            gather_rows(student_item, i.clamp_min(0)),
+            gather_rows(student_item, j.clamp_min(0)),
+        )
+        diff = (eu * (ei - ej)).sum(2)
         per_pair = -torch.log(torch.sigmoid(diff) + 1e-10)
         per_pair = torch.where(valid, per_pair, torch.zeros_like(per_pair))
         if self.reduction == "sum":

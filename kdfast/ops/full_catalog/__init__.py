@@ -25,7 +25,7 @@ from ..._core import backend as _backend
 from ..._core import checks
 from ..._core.autodiff import differentiable
 from ..._core.csr import as_csr, validate_csr, with_ids
-from ..._core.numerics import acc_dtype, reduce_rows
+from ..._core.numerics import acc_dtype, gather_rows, reduce_rows
 from ..plackett_luce import plackett_luce_loss
 from . import cpu, reference
 
@@ -167,7 +167,8 @@ def gathered_scores(user_emb, item_emb, idx, clamp):
     or None."""
     dt = acc_dtype(user_emb.dtype)
     valid = idx >= 0
-    s = torch.einsum("bd,bkd->bk", user_emb.to(dt), item_emb[idx.clamp_min(0)].to(dt))
+    rows = gather_rows(item_emb, idx.clamp_min(0))  # (not item_emb[idx]: reproducible gradients)
+    s = torch.einsum("bd,bkd->bk", user_emb.to(dt), rows.to(dt))
     if clamp is not None and clamp != math.inf:
         s = s.clamp(-clamp, clamp)
     return torch.where(valid, s, torch.full_like(s, float("-inf"))), valid
@@ -215,7 +216,9 @@ def full_catalog_listwise_loss(
     excluded nor ranked:
         L_b = -sum_k [ s_k - log( sum_{j>=k} exp(s_j) + sum_{t in T_b} exp(S_bt) ) ]
     A row with no valid ranked id has loss 0 and gradient 0. The tail's log-sum is the fused op
-    kdfast::full_catalog_log_tail; deterministic on every backend. First-order only.
+    kdfast::full_catalog_log_tail. Deterministic: the same bits run to run on every backend (cpp:
+    for any thread count; torch: for one thread count, its GEMMs split sums by threads). First-order
+    only.
     """
     clamp, indptr, indices, chosen = _prepare(
         user_emb, item_emb, ranked_idx, "ranked_idx", exclude, clamp, reduction, backend

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..._core.autodiff import value_and_grads, vjp
-from ..._core.numerics import acc_dtype, reduce_rows
+from ..._core.numerics import acc_dtype, gather_rows, reduce_rows
 from .rows import add_rows, check_ids, take_rows
 
 # Padding is replaced by (smallest valid score in the row - _GAP): exp(-_GAP) is exactly 0 in
@@ -51,7 +51,7 @@ def plackett_luce_loss(ranked, unranked=None, log_tail=None, reduction="sum"):
 def gather_scores(query, item, idx):
     """scores[b, j] = <query_b, item[idx[b, j]]>, -inf where idx is -1 (materialises [B, M, d])."""
     dt = acc_dtype(query.dtype)
-    rows = item.to(dt)[idx.clamp_min(0)]
+    rows = gather_rows(item.to(dt), idx.clamp_min(0))  # (not item[idx]: reproducible gradients)
     s = torch.einsum("bmd,bd->bm", rows, query.to(dt))
     return torch.where(idx < 0, torch.full_like(s, float("-inf")), s)
 

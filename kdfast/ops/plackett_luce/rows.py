@@ -6,6 +6,7 @@ it)."""
 from __future__ import annotations
 
 from ..._core import checks
+from ..._core.numerics import gather_rows
 
 
 def check_ids(ranked_idx, unranked_idx, rows, n_items, n_rows):
@@ -22,7 +23,7 @@ def take_rows(rows, *tensors):
     """Each tensor indexed by rows (None stays None; rows None leaves them as they are)."""
     if rows is None:
         return tensors
-    return tuple(None if x is None else x[rows] for x in tensors)
+    return tuple(None if x is None else gather_rows(x, rows) for x in tensors)
 
 
 def add_rows(values, rows, n_rows):
