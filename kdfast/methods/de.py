@@ -9,9 +9,12 @@ temperature is annealed over the epochs:
     hhat_e = sum_m z_em E_m(h_s_e);   l(e) = ||h_t_e - hhat_e||^2
     L = lambda_de * (sum_{unique users} l + 0.5 (sum_{unique pos} l + sum_{unique neg} l))
 
-E_m: two-layer experts (kdfast.methods.experts.ExpertBank); tau = temperature(epoch, max_epoch,
-tau0, tau_end) = tau0 * tau_end^(epoch / max_epoch) (the authors' schedule with the defaults), set
-by start_epoch (tau0 before the first call). The experts and selectors exist only during training:
+E_m: two-layer experts (kdfast.methods.experts.ExpertBank), d_s -> (d_s + d_t) // 2 -> d_t, and
+d_s -> d_t // 2 -> d_t when d_s == d_t (self-distillation), as in the authors' code; tau =
+temperature(epoch, max_epoch, tau0, tau_end, tau_delay) = tau0 * tau_end^(max(epoch - tau_delay,
+0) / max_epoch), set by start_epoch (tau0 before the first call). The formula is the authors';
+their loop holds tau0 one epoch longer (tau_delay=1 reproduces it; kdfast's default is 0: see
+kdfast.methods.experts.temperature). The experts and selectors exist only during training:
 the trainer optimises them with the student and drops the method afterwards.
 """
 
@@ -37,9 +40,10 @@ class DE(AnnealedMethod):
     experts.
 
     Options (defaults): n_experts M (30), lambda_de (0.01), tau0 (1.0), tau_end (1e-10),
-    select_only_below: when set and tau < it, each row evaluates only its argmax expert, weighted by
-    its z (an approximation that drops the other experts' z, all below exp(-gap / tau)); None (the
-    default) evaluates the exact mixture.
+    tau_delay (0; 1 = the authors' schedule, one epoch later), select_only_below: when set and
+    tau < it, each row evaluates only its argmax expert, weighted by its z (an approximation that
+    drops the other experts' z, all below exp(-gap / tau)); None (the default) evaluates the exact
+    mixture.
     """
 
     name = "de"
@@ -63,13 +67,17 @@ class DE(AnnealedMethod):
         lambda_de=0.01,
         tau0=1.0,
         tau_end=1e-10,
+        tau_delay=0,
         select_only_below=None,
     ):
-        method = cls(teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below)
+        method = cls(
+            teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below, tau_delay
+        )
         method.lambda_de = lambda_de
         d_t, d_s = teacher_user.shape[1], method.student_dim
+        hidden = d_t // 2 if d_t == d_s else None  # the authors' experts for self-distillation
         # drawn in this order from the generator: experts (user, item), selectors, the noise seed
-        method.experts = per_side(lambda: ExpertBank(n_experts, d_s, d_t, generator))
+        method.experts = per_side(lambda: ExpertBank(n_experts, d_s, d_t, generator, hidden))
         method.selectors = per_side(lambda: make_linear(d_t, n_experts, generator))
         method._noise = noise_generator(generator, "cpu")
         return method

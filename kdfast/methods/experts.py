@@ -17,17 +17,23 @@ from .._core import checks
 from .base import FrozenTeacher, optional
 
 
-def temperature(epoch: int, max_epoch: int, tau0: float = 1.0, tau_end: float = 1e-10) -> float:
-    """Gumbel-softmax temperature of an epoch: tau0 * tau_end^(epoch / max_epoch), floored at
-    tau_end.
+def temperature(
+    epoch: int, max_epoch: int, tau0: float = 1.0, tau_end: float = 1e-10, delay: int = 0
+) -> float:
+    """Gumbel-softmax temperature of an epoch (0-based): tau0 * tau_end^(e / max_epoch) with
+    e = max(epoch - delay, 0), floored at tau_end.
 
-    With the defaults this is the authors' schedule tau_e = 1.0 * (1e-10)^(e / max_epoch).
+    The formula is the DE paper's and its authors' code's (tau0 = 1, tau_end = 1e-10). Their
+    training loop sets the temperature of epoch e >= 1 after epoch e - 1 from that epoch's index,
+    so it holds tau0 for epochs 0 AND 1 and reaches kdfast's value one epoch later: delay=1
+    reproduces it; kdfast's default, delay=0, anneals from the first epoch on.
     """
     if max_epoch < 1:
         raise ValueError(f"max_epoch must be >= 1, got {max_epoch}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    return max(tau0 * tau_end ** (epoch / max_epoch), tau_end)
+    e = max(epoch - delay, 0)
+    return max(tau0 * tau_end ** (e / max_epoch), tau_end)
 
 
 def uniform_init_(t: torch.Tensor, fan_in: int, generator=None) -> torch.Tensor:
@@ -73,14 +79,16 @@ def per_side(make) -> nn.ModuleDict:
 
 
 class ExpertBank(nn.Module):
-    """M two-layer experts E_m(x) = W2_m relu(W1_m x + b1_m) + b2_m (d_in -> (d_in+d_out)//2 ->
-    d_out), stored as stacked weights and evaluated together with two einsums (no Python loop over
-    experts).
+    """M two-layer experts E_m(x) = W2_m relu(W1_m x + b1_m) + b2_m (d_in -> hidden -> d_out;
+    hidden = (d_in + d_out) // 2 unless given), stored as stacked weights and evaluated together
+    with two einsums (no Python loop over experts).
     """
 
-    def __init__(self, n_experts: int, d_in: int, d_out: int, generator=None):
+    def __init__(
+        self, n_experts: int, d_in: int, d_out: int, generator=None, hidden: int | None = None
+    ):
         super().__init__()
-        hidden = (d_in + d_out) // 2
+        hidden = (d_in + d_out) // 2 if hidden is None else hidden
 
         def init(shape, fan_in):
             return nn.Parameter(uniform_init_(torch.empty(*shape), fan_in, generator))
@@ -133,24 +141,35 @@ class ExpertBank(nn.Module):
 
 class AnnealedMethod(FrozenTeacher):
     """A FrozenTeacher with a Gumbel-softmax temperature annealed per epoch (DE, HTD):
-    tau = temperature(epoch, max_epoch, tau0, tau_end), set by start_epoch (tau0 before the first
-    call); select_only_below: once tau < it, expert mixtures evaluate only each row's selected
-    expert.
+    tau = temperature(epoch, max_epoch, tau0, tau_end, tau_delay), set by start_epoch (tau0 before
+    the first call; tau_delay=1 is the authors' code, see temperature); select_only_below: once
+    tau < it, expert mixtures evaluate only each row's selected expert.
     """
 
     option_rules = {
         "tau0": checks.positive_number,
         "tau_end": checks.positive_number,
+        "tau_delay": checks.nonneg_int,
         "select_only_below": optional(checks.positive_number),
     }
 
-    def __init__(self, teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below):
+    def __init__(
+        self,
+        teacher_user,
+        teacher_item,
+        student_dim,
+        tau0,
+        tau_end,
+        select_only_below,
+        tau_delay=0,
+    ):
         super().__init__(teacher_user, teacher_item, student_dim)
         self.tau0, self.tau_end, self.select_only_below = tau0, tau_end, select_only_below
+        self.tau_delay = tau_delay
         self.tau = tau0
 
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
-        self.tau = temperature(epoch, max_epoch, self.tau0, self.tau_end)
+        self.tau = temperature(epoch, max_epoch, self.tau0, self.tau_end, self.tau_delay)
 
     def selected_only(self) -> bool:
         """Whether to evaluate only the selected expert: tau fell below select_only_below."""

@@ -52,8 +52,10 @@ class HTD(AnnealedMethod):
     group-level topology of their prototypes, and a DE-style term that trains the assignment.
 
     Options (defaults): n_groups K (30), alpha (0.5), lambda_td (0.001), group_level ("second"),
-    teacher_cos_filter (True), tau0 (1.0), tau_end (1e-10), select_only_below (None: as in DE, once
-    tau falls below it the GA term evaluates only each entity's selected expert), backend ("auto").
+    teacher_cos_filter (True), tau0 (1.0), tau_end (1e-10), tau_delay (0; 1 holds tau0 one epoch
+    longer, as the DE authors' loop does: see kdfast.methods.experts.temperature),
+    select_only_below (None: as in DE, once tau falls below it the GA term evaluates only each
+    entity's selected expert), backend ("auto").
     """
 
     name = "htd"
@@ -84,10 +86,13 @@ class HTD(AnnealedMethod):
         teacher_cos_filter=True,
         tau0=1.0,
         tau_end=1e-10,
+        tau_delay=0,
         select_only_below=None,
         backend="auto",
     ):
-        method = cls(teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below)
+        method = cls(
+            teacher_user, teacher_item, student_dim, tau0, tau_end, select_only_below, tau_delay
+        )
         method.n_groups, method.alpha, method.lambda_td = n_groups, alpha, lambda_td
         method.group_level, method.teacher_cos_filter = group_level, teacher_cos_filter
         method.backend = backend

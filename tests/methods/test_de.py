@@ -82,3 +82,30 @@ def test_bad_options():
         kdfast.DE.build(tu, ti, None, 4, n_experts=0)
     with pytest.raises(ValueError, match="tau0"):
         kdfast.DE.build(tu, ti, None, 4, tau0=0)
+
+
+@pytest.mark.parametrize("cls", [kdfast.DE, kdfast.HTD])
+def test_temperature_schedule_and_the_authors_delay(cls):
+    # kdfast anneals from the first epoch; tau_delay=1 is the authors' loop, which sets epoch e's
+    # tau from e - 1 (tau0 for epochs 0 and 1), i.e. kdfast's value one epoch later
+    tu, ti, su, si, *_ = _setup()
+    taus = {}
+    for delay in (0, 1):
+        m = cls.build(tu, ti, None, 4, generator=torch.Generator().manual_seed(0), tau_delay=delay)
+        taus[delay] = []
+        for epoch in range(5):
+            m.start_epoch(epoch, 4, su, si)
+            taus[delay].append(m.tau)
+    assert taus[0] == pytest.approx([1.0, 1e-10**0.25, 1e-10**0.5, 1e-10**0.75, 1e-10])
+    assert taus[1] == pytest.approx([1.0, 1.0, 1e-10**0.25, 1e-10**0.5, 1e-10**0.75])
+    with pytest.raises(ValueError, match="tau_delay"):
+        cls.build(tu, ti, None, 4, tau_delay=-1)
+
+
+def test_expert_hidden_width_follows_the_authors():
+    # d_s -> (d_s + d_t) // 2 -> d_t, and d_s -> d_t // 2 -> d_t when the dimensions are equal
+    tu, ti, *_ = _setup()  # d_t = 12
+    for d_s, hidden in ((4, 8), (12, 6)):
+        m = kdfast.DE.build(tu, ti, None, d_s, generator=torch.Generator().manual_seed(0))
+        assert tuple(m.experts["user"].w1.shape) == (30, d_s, hidden)
+        assert tuple(m.experts["item"].w2.shape) == (30, hidden, 12)
