@@ -62,6 +62,7 @@ class TrainSpec:
     progress: bool = False
     backend: str = "auto"
     device: str = "cpu"
+    valid_excludes_test: bool = False
 
     def monitor_for(self, protocol: str) -> str:
         return self.monitor or DEFAULT_MONITOR[protocol]
@@ -145,6 +146,7 @@ def fit(model, split, train: TrainSpec, *, method=None, name="model", log=print,
         name=name,
         backend=train.backend,
         on_epoch_end=on_epoch_end,
+        valid_excludes_test=train.valid_excludes_test,
     )
     return trainer.fit()
 

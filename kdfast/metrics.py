@@ -108,13 +108,23 @@ def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
 
 
 def evaluate(
-    user_emb, item_emb, split, part: str = "valid", *, ns=LOO_NS, ks=FULL_KS, backend: str = "auto"
+    user_emb,
+    item_emb,
+    split,
+    part: str = "valid",
+    *,
+    ns=LOO_NS,
+    ks=FULL_KS,
+    backend: str = "auto",
+    valid_excludes_test: bool = False,
 ) -> dict:
     """Metrics of embeddings on a Split's "valid" or "test" part (protocol from the split).
 
     loo: HR/NDCG/MRR at ns over the split's candidates. full: Recall/NDCG/Precision at ks, ranking
     all items except training items (and, for "test", the validation items too), over users with at
-    least one item in that part.
+    least one item in that part. valid_excludes_test: for "valid", also exclude the test items (the
+    authors' code of DE-RRD/TD/HetComp does; it uses the test set to shape validation, so early
+    stopping sees slightly higher numbers; kdfast's default keeps test items out of every choice).
     """
     if part not in ("valid", "test"):
         raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
@@ -124,6 +134,11 @@ def evaluate(
     truth_all = split.valid if part == "valid" else split.test
     counts = truth_all[0][1:] - truth_all[0][:-1]
     users = torch.nonzero(counts > 0).flatten()
-    exclude = split.train if part == "valid" else concat_rows(split.train, split.valid)
+    if part == "test":
+        exclude = concat_rows(split.train, split.valid)
+    elif valid_excludes_test:
+        exclude = concat_rows(split.train, split.test)
+    else:
+        exclude = split.train
     top = full_topk(user_emb, item_emb, users, exclude, max(ks), backend=backend)
     return full_metrics(top, select_rows(*truth_all, users), split.n_items, ks)

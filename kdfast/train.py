@@ -82,7 +82,8 @@ class Trainer:
     for full ranking;
     on_epoch_end: None or a function (epoch, model) called after each epoch's training steps, before
     its validation (epoch is 1-based), e.g. to keep checkpoints along the training trajectory
-    (HetComp).
+    (HetComp); valid_excludes_test: see kdfast.metrics.evaluate (False: validation ranks exclude
+    the training items only).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class Trainer:
         name: str = "model",
         backend: str = "auto",
         on_epoch_end=None,
+        valid_excludes_test: bool = False,
     ):
         for arg, v in (
             ("epochs", epochs),
@@ -130,6 +132,7 @@ class Trainer:
                 f"{', '.join(metrics.metric_names(split.protocol))}"
             )
         self.progress, self.log, self.name, self.backend = progress, log, name, backend
+        self.valid_excludes_test = bool(valid_excludes_test)
         if on_epoch_end is not None and not callable(on_epoch_end):
             raise TypeError(
                 f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}"
@@ -147,7 +150,14 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             ue, ie = self.model.embeddings()
-            out = metrics.evaluate(ue, ie, self.split, part, backend=self.backend)
+            out = metrics.evaluate(
+                ue,
+                ie,
+                self.split,
+                part,
+                backend=self.backend,
+                valid_excludes_test=self.valid_excludes_test,
+            )
         self.model.train()
         return out
 

@@ -133,7 +133,7 @@ def test_csr_helpers():
     assert indptr.tolist() == [0, 3, 5, 6] and ids.tolist() == [1, 2, 5, 3, 4, 0]
 
 
-def brute_force(user, item, split, part):
+def brute_force(user, item, split, part, valid_excludes_test=False):
     """Dense reference for tiny cases (metrics.evaluate itself never builds users x items)."""
     scores = user @ item.T
     if split.protocol == "loo":
@@ -142,6 +142,8 @@ def brute_force(user, item, split, part):
         return metrics.loo_metrics((s[:, 1:] >= s[:, :1]).sum(1))
     truth = split.valid if part == "valid" else split.test
     excl = [split.train] + ([split.valid] if part == "test" else [])
+    if part == "valid" and valid_excludes_test:
+        excl.append(split.test)
     for indptr, ids in excl:
         rows = torch.repeat_interleave(torch.arange(split.n_users), indptr[1:] - indptr[:-1])
         scores[rows, ids] = -math.inf
@@ -164,6 +166,21 @@ def test_evaluate_matches_dense_brute_force(protocol):
             assert got[k] == pytest.approx(want[k], abs=1e-12), k
     with pytest.raises(ValueError, match="part"):
         metrics.evaluate(user, item, s, "train")
+
+
+def test_validation_excluding_test_items_is_the_authors_protocol():
+    # valid_excludes_test ranks validation items with the test items excluded too (the authors'
+    # code); the test part is unchanged, and on this split the option changes validation numbers
+    d = kd.synthetic(60, 120, seed=5)
+    s = kd.make_split(d, "full", seed=1)
+    g = torch.Generator().manual_seed(0)
+    user, item = torch.randn(d.n_users, 6, generator=g), torch.randn(d.n_items, 6, generator=g)
+    got = metrics.evaluate(user, item, s, "valid", valid_excludes_test=True)
+    want = brute_force(user, item, s, "valid", valid_excludes_test=True)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got != pytest.approx(metrics.evaluate(user, item, s, "valid"), abs=1e-12)
+    test = metrics.evaluate(user, item, s, "test", valid_excludes_test=True)
+    assert test == metrics.evaluate(user, item, s, "test")
 
 
 def test_full_evaluation_never_recommends_training_items():

@@ -106,6 +106,12 @@ def add_arguments(p) -> None:
         help="stop after this many evaluations without improvement",
     )
     p.add_argument(
+        "--valid-excludes-test",
+        action="store_true",
+        help="full protocol: rank validation items with the test items excluded too, as the "
+        "authors' code does (default: only training items; test items stay out of every choice)",
+    )
+    p.add_argument(
         "--monitor",
         default=None,
         help="validation metric for early stopping (default NDCG@10 / Recall@50)",
@@ -304,6 +310,7 @@ def _specs(args):
         progress=not args.no_progress,
         backend=args.backend,
         device=args.device,
+        valid_excludes_test=args.valid_excludes_test,
     )
     return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
 
