@@ -37,6 +37,11 @@ Deviations from the authors' code, all documented here:
   enters once per batch the user appears in, many times per epoch). max_users=M takes at most M of
   them per step (drawn with the method's generator), which bounds the per-step catalog GEMM; None
   (the default) keeps the authors' choice.
+- DKC timing: kdfast runs it after 10, 20, ... completed epochs (start=10, period=10); the
+  authors' loop runs it one epoch later, after 11, 21, ... (dkc_delay=1 reproduces it; the
+  threshold's epoch // period is the same either way).
+- DKC distances: the authors round each user's NDCG to 4 decimals before comparing the ratios;
+  kdfast compares the exact values (ndcg_decimals=4 reproduces theirs).
 - The importance vectors: exp(-rank/10) over each checkpoint's top-K (docs/METHODS.md marks this
   reconstruction [paper?]); the authors load precomputed importance matrices.
 - pi_o: per final checkpoint, each observed item's 0-based rank among the user's observed items by
@@ -279,7 +284,9 @@ class HetComp(KDMethod):
     n_observed=10 (P, the length of pi_o), T_imp=10.0 (importance temperature), period=10 and
     start=10 (DKC every `period` completed epochs from epoch `start`), alpha=1.05, decay=0.995 (the
     DKC threshold), lam1=0.01 (phase 1), lam2=0.005 (phase 2), clamp=40.0, dcg_k=50 (the DKC lists'
-    length), max_users=None (at most this many of a batch's users per step; None: all),
+    length), dkc_delay=0 (1: DKC one epoch later, as the authors' loop), ndcg_decimals=None (4:
+    round each user's DKC NDCG as the authors do), max_users=None (at most this many of a batch's
+    users per step; None: all),
     base_loss=False (True: the trainer adds the BPR loss), backend="auto" (top-K and the catalog
     tails).
     """
@@ -298,6 +305,8 @@ class HetComp(KDMethod):
         "lam2": checks.positive_number,
         "clamp": checks.positive_number,
         "dcg_k": checks.positive_int,
+        "dkc_delay": checks.nonneg_int,
+        "ndcg_decimals": optional(checks.nonneg_int),
         "max_users": optional(checks.positive_int),
         "base_loss": checks.boolean,
         "backend": BACKEND,
@@ -353,6 +362,8 @@ class HetComp(KDMethod):
         lam2=0.005,
         clamp=40.0,
         dcg_k=50,
+        dkc_delay=0,
+        ndcg_decimals=None,
         max_users=None,
         base_loss=False,
         backend="auto",
@@ -371,6 +382,8 @@ class HetComp(KDMethod):
             "lam2": lam2,
             "clamp": clamp,
             "dcg_k": dcg_k,
+            "dkc_delay": dkc_delay,
+            "ndcg_decimals": ndcg_decimals,
             "max_users": max_users,
             "base_loss": base_loss,
             "backend": backend,
@@ -418,10 +431,13 @@ class HetComp(KDMethod):
 
     def _distance(self, student_top, offset):
         """[X, U] float64: 1 - NDCG(student top vs the checkpoint min(v + offset, final))."""
-        k = self.opts["dcg_k"]
-        return torch.stack(
-            [1.0 - top_ndcg(student_top, t, k) for t in self._selected_lists(offset)]
-        )
+        k, decimals = self.opts["dcg_k"], self.opts["ndcg_decimals"]
+
+        def ndcg(t):
+            x = top_ndcg(student_top, t, k)
+            return x if decimals is None else torch.round(x, decimals=decimals)
+
+        return torch.stack([1.0 - ndcg(t) for t in self._selected_lists(offset)])
 
     def _update_phase(self):
         means = self.selected.to(torch.float64).mean(1)
@@ -457,8 +473,9 @@ class HetComp(KDMethod):
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self.check_student(student_user, student_item)
         p, s = self.opts["period"], self.opts["start"]
-        if self.phase == 1 and epoch > 0 and epoch >= s and epoch % p == 0:
-            self.dkc(epoch, student_user, student_item)
+        done = epoch - self.opts["dkc_delay"]  # completed epochs, as the schedule counts them
+        if self.phase == 1 and done > 0 and done >= s and done % p == 0:
+            self.dkc(done, student_user, student_item)
 
     def status(self) -> str:
         means = self.selected.to(torch.float64).mean(1).tolist()

@@ -250,6 +250,34 @@ def test_dkc_follows_the_rule():
     assert torch.equal(m.pi_t, want)
 
 
+def test_dkc_delay_runs_dkc_one_epoch_later_as_the_authors():
+    # start_epoch(e) comes after e completed epochs: kdfast's DKC after 2, 4, ...; dkc_delay=1
+    # after 3, 5, ... (the authors' loop)
+    calls = {}
+    for delay in (0, 1):
+        m, su, si, _ = _small_method(period=2, start=2, dkc_delay=delay)
+        calls[delay] = []
+        for epoch in range(7):
+            before = m.dkc_calls
+            m.start_epoch(epoch, 10, su.detach(), si.detach())
+            if m.dkc_calls > before:
+                calls[delay].append(epoch)
+    assert calls[0] == [2, 4, 6] and calls[1] == [3, 5]
+
+
+def test_ndcg_decimals_rounds_the_dkc_distances():
+    m, su, si, _ = _small_method(period=2, start=2, ndcg_decimals=4)
+    m.start_epoch(2, 10, su.detach(), si.detach())
+    _, stop = kdfast.topk_scores(su.detach(), si.detach(), 20, exclude=m.excl)
+    lists, changed = m.knowledge, False
+    for x in range(2):
+        exact = top_ndcg(stop, lists[x][min(1, int(m.final[x]))], 20)
+        rounded = torch.round(exact, decimals=4)
+        torch.testing.assert_close(m.last_dist[x], 1.0 - rounded, rtol=0, atol=1e-15)
+        changed |= not torch.equal(rounded, exact)
+    assert changed  # the case is one where rounding matters
+
+
 def test_phase_two_once_all_final():
     m, su, si, _ = _small_method()
     m.selected = m.final[:, None].expand_as(m.selected).clone()
