@@ -18,8 +18,16 @@ Defaults: N=3000 (docs/METHODS.md; capped as above), K=10 samples per user and e
 (= N / 10 with N after capping: 300 for N=3000), T_label=2.0, lam=0.1, backend="auto" (for the
 teacher top-N and the sampler, as in RRD).
 
-Choices the sources leave open (docs/METHODS.md tags CD as read from a third-party
-reimplementation):
+The paper's code is not public; docs/METHODS.md tags CD [3p]. Set against one public
+reimplementation (github.com/woriazzc/KDs, modeling/KD/baseline.py, class CD; read, not copied),
+kdfast makes these choices, each tested in tests/methods/test_cd.py:
+  * users: the KD term sums over the UNIQUE users of a batch (a user repeated in the batch counts
+    once), as RRD does; that reimplementation indexes its samples by batch row (repeats count).
+  * sampling law: K distinct positions drawn without replacement, p(r) ~ exp(-r / T) (successive
+    draws), resampled every epoch; that reimplementation keeps, per user, the better-scored of two
+    draws from p(r) ~ exp(-r / (N T')) until K distinct items, drawn once before training.
+  * soft label: sigmoid(t / T_label); that reimplementation uses sigmoid((t + t2) / t1).
+Choices the sources leave open:
   * T = N / 10: the paper samples from a top-3000 list, which only matters if the samples reach
     deep into it; with T = N / 10 the last rank has e^-10 times the weight of the first, so the K
     samples spread over the whole list (the median sampled rank is about 0.7 T). RRD's T = 10

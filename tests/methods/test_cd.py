@@ -39,6 +39,19 @@ def test_gradient_reaches_only_the_batch_users():
     assert all((su.grad[u].abs().sum() > 0) == (u in ub) for u in range(24))
 
 
+def test_a_user_repeated_in_the_batch_counts_once():
+    # the KD term sums over the batch's unique users (not its rows)
+    tu, ti, train, g = _setup()
+    m = CD.build(tu, ti, train, 6, generator=g, **SMALL)
+    su, si = _student(24, 90, 6, g)
+    m.start_epoch(0, 5, su.detach(), si.detach())
+    once = torch.tensor([3, 7, 11])
+    twice = torch.tensor([3, 7, 11, 3, 3, 7])
+    a = m(su, si, once, once, once)
+    b = m(su, si, twice, twice, twice)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_teacher_list_samples_and_soft_labels():
     tu, ti, train, g = _setup()
     m = CD.build(tu, ti, train, 6, generator=g, T_label=3.0, **SMALL)
