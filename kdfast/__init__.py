@@ -17,6 +17,7 @@ _EXPORTS = {
     "transpose_csr": "kdfast.csr",
     # ops
     "topk_scores": "kdfast.ops.topk",
+    "topk_from_scorer": "kdfast.ops.topk.scorer",
     "plackett_luce_loss": "kdfast.ops.plackett_luce",
     "plackett_luce_loss_from_embeddings": "kdfast.ops.plackett_luce",
     "full_catalog_listwise_loss": "kdfast.ops.full_catalog",

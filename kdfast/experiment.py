@@ -21,6 +21,7 @@ import torch
 
 from . import data as kdata
 from . import metrics
+from .families import dot_tables
 from .models import build_model, load_teacher, save_teacher
 from .train import DEFAULT_MONITOR, Trainer
 
@@ -183,8 +184,7 @@ def get_teacher(
             )
         return Teacher(user.to(device), item.to(device), meta, loaded=True, file=str(path))
     model, result = train_model(teacher.model, teacher.dim, split, train, name="teacher", log=log)
-    with torch.no_grad():
-        user, item = (e.detach().clone() for e in model.embeddings())
+    user, item = (t.clone() for t in dot_tables(model))  # exact scores as dot products
     monitor = train.monitor_for(split.protocol)
     keys = ("best_epoch", "epochs_run", "seconds_per_epoch", "valid", "test", "history")
     meta = dict(

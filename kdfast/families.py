@@ -573,3 +573,34 @@ def build_family(
     if not isinstance(kind, str) or kind not in FAMILIES:
         raise ValueError(f"kind must be one of {tuple(FAMILIES)}, got {kind!r}")
     return FAMILIES[kind](n_users, n_items, dim, train=train, generator=generator, **hyper)
+
+
+def dot_tables(model):
+    """(user [U, d''], item [I, d'']) whose dot products are the model's exact scores, for any
+    model with embedding tables (BPR-MF, LightGCN, and the families whose score is not None):
+    the tables themselves for "dot" without bias; [u, 1] . [v, b] with a key bias;
+    [2u, -1, -||u||^2] . [v, ||v||^2, 1] for "neg_sqeuclidean" (= -||u - v||^2, exact in
+    arithmetic; float32 rounding about 6e-8 (||u||^2 + ||v||^2), small for CML's unit ball).
+    This is how every KD method (which scores a teacher by dot products of two tables) takes such
+    a teacher. ValueError for a model without tables (NeuMF: rank it with
+    kdfast.topk_from_scorer(model.score_pairs, ...))."""
+    score = getattr(model, "score", "dot")
+    if score is None:
+        raise ValueError(
+            f"{type(model).__name__} has no embedding tables (its scores do not factorise into "
+            "a dot product): rank it with kdfast.topk_from_scorer(model.score_pairs, ...)"
+        )
+    with torch.no_grad():
+        user, item = (t.detach() for t in model.embeddings())
+        bias = model.key_bias() if hasattr(model, "key_bias") else None
+    if score == "neg_sqeuclidean":
+        ones_u = user.new_ones(user.shape[0], 1)
+        ones_i = item.new_ones(item.shape[0], 1)
+        un, vn = (user * user).sum(1, keepdim=True), (item * item).sum(1, keepdim=True)
+        user, item = torch.cat([2 * user, -ones_u, -un], 1), torch.cat([item, vn, ones_i], 1)
+    elif score != "dot":
+        raise ValueError(f"score must be 'dot', 'neg_sqeuclidean' or None, got {score!r}")
+    if bias is not None:
+        user = torch.cat([user, user.new_ones(user.shape[0], 1)], 1)
+        item = torch.cat([item, bias.detach().to(item.dtype)[:, None]], 1)
+    return user.contiguous(), item.contiguous()

@@ -107,6 +107,60 @@ def full_metrics(topk: torch.Tensor, truth, n_items: int, ks=FULL_KS) -> dict:
     return out
 
 
+def evaluate_scorer(
+    score_pairs,
+    split,
+    part: str = "valid",
+    *,
+    ns=LOO_NS,
+    ks=FULL_KS,
+    valid_excludes_test: bool = False,
+    batch: int = 64,
+) -> dict:
+    """evaluate() for a model whose scores do not factorise (NeuMF): score_pairs(users [n], items
+    [m]) -> [n, m] scores. loo: each row's candidates scored `batch` users at a time (the scores of
+    the batch's users against the union of their candidates); full: kdfast.topk_from_scorer."""
+    if part not in ("valid", "test"):
+        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
+    with torch.no_grad():
+        if split.protocol == "loo":
+            cands = split.valid_candidates if part == "valid" else split.test_candidates
+            users, ranks = split.eval_users, []
+            for b0 in range(0, users.numel(), batch):
+                ub, cb = users[b0 : b0 + batch], cands[b0 : b0 + batch]
+                ids, where = torch.unique(cb, return_inverse=True)
+                s = score_pairs(ub, ids).to(torch.float32).cpu()
+                s = torch.gather(s, 1, where)
+                ranks.append((s[:, 1:] >= s[:, :1]).sum(1))
+            return loo_metrics(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), ns)
+        from .ops.topk.scorer import topk_from_scorer
+
+        truth_all, users, exclude = _full_part(split, part, valid_excludes_test)
+        _, top = topk_from_scorer(
+            score_pairs,
+            split.n_users,
+            split.n_items,
+            max(ks),
+            exclude=select_rows(*exclude, users),
+            query_ids=users,
+        )
+    return full_metrics(top, select_rows(*truth_all, users), split.n_items, ks)
+
+
+def _full_part(split, part, valid_excludes_test):
+    """(truth CSR over all users, the users with truth in this part, the exclusion CSR)."""
+    truth_all = split.valid if part == "valid" else split.test
+    counts = truth_all[0][1:] - truth_all[0][:-1]
+    users = torch.nonzero(counts > 0).flatten()
+    if part == "test":
+        exclude = concat_rows(split.train, split.valid)
+    elif valid_excludes_test:
+        exclude = concat_rows(split.train, split.test)
+    else:
+        exclude = split.train
+    return truth_all, users, exclude
+
+
 def evaluate(
     user_emb,
     item_emb,
@@ -131,14 +185,6 @@ def evaluate(
     if split.protocol == "loo":
         cands = split.valid_candidates if part == "valid" else split.test_candidates
         return loo_metrics(loo_ranks(user_emb, item_emb, split.eval_users, cands), ns)
-    truth_all = split.valid if part == "valid" else split.test
-    counts = truth_all[0][1:] - truth_all[0][:-1]
-    users = torch.nonzero(counts > 0).flatten()
-    if part == "test":
-        exclude = concat_rows(split.train, split.valid)
-    elif valid_excludes_test:
-        exclude = concat_rows(split.train, split.test)
-    else:
-        exclude = split.train
+    truth_all, users, exclude = _full_part(split, part, valid_excludes_test)
     top = full_topk(user_emb, item_emb, users, exclude, max(ks), backend=backend)
     return full_metrics(top, select_rows(*truth_all, users), split.n_items, ks)

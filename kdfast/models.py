@@ -109,13 +109,21 @@ class LightGCN(torch.nn.Module):
         return {"model": self.kind, "dim": self.dim, "n_layers": self.n_layers}
 
 
+MODELS = ("bprmf", "lightgcn", "cml", "neumf", "multvae", "iae")
+
+
 def build_model(kind: str, n_users: int, n_items: int, dim: int, train, *, generator=None):
-    """BPRMF ("bprmf"/"bpr"/"mf") or LightGCN ("lightgcn")."""
+    """BPRMF ("bprmf"/"bpr"/"mf"), LightGCN ("lightgcn"), or a family of kdfast.families ("cml",
+    "neumf", "multvae", "iae") with its default hyper-parameters."""
     if kind in ("bprmf", "bpr", "mf"):
         return BPRMF(n_users, n_items, dim, generator=generator)
     if kind == "lightgcn":
         return LightGCN(n_users, n_items, dim, train, generator=generator)
-    raise ValueError(f"model must be 'bprmf' or 'lightgcn', got {kind!r}")
+    from .families import FAMILIES, build_family
+
+    if kind in FAMILIES:
+        return build_family(kind, n_users, n_items, dim, train, generator=generator)
+    raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
 
 
 def save_teacher(path, user: torch.Tensor, item: torch.Tensor, meta: dict) -> None:

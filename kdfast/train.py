@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import metrics
 from ._core.csr import has_pair, pair_keys, row_ids
 from ._core.numerics import gather_rows
+from .families import dot_tables
 
 DEFAULT_MONITOR = {"loo": "NDCG@10", "full": "Recall@50"}
 
@@ -69,10 +70,13 @@ def bpr_loss(user_emb, item_emb, users, pos, neg) -> torch.Tensor:
 
 
 class Trainer:
-    """Train a model (BPRMF or LightGCN) on a Split, optionally with a KD method.
+    """Train a model on a Split: BPRMF or LightGCN (BPR loss, optionally with a KD method), or a
+    teacher family of kdfast.families (its own train_loss, constrain() after each step; no KD
+    method).
 
-    model: has embeddings() -> (user [U, d], item [I, d]) and parameters(); split:
-        kdfast.data.Split;
+    model: has parameters() and embeddings() -> (user [U, d], item [I, d]), or the families'
+        interface (evaluated through kdfast.families.dot_tables, or score_pairs for NeuMF);
+        split: kdfast.data.Split;
     method: a kdfast.methods.base.KDMethod already built (or None for plain BPR);
     epochs: maximum epochs; batch_size: training pairs per step (1024); lr, weight_decay: Adam's;
     eval_every: validate every E epochs (and after the last); patience: evaluations without
@@ -117,6 +121,11 @@ class Trainer:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
         if not (lr > 0) or not (weight_decay >= 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+        if method is not None and hasattr(model, "train_loss"):
+            raise ValueError(
+                f"a KD student must be a dot-product model with embeddings() (BPRMF, LightGCN); "
+                f"{type(model).__name__} trains by its own loss and can be a teacher only"
+            )
         self.model, self.split, self.method = model, split, method
         self.epochs, self.batch_size, self.lr, self.weight_decay = (
             epochs,
@@ -149,15 +158,23 @@ class Trainer:
         """Metrics of the model's current embeddings on the split's valid or test part."""
         self.model.eval()
         with torch.no_grad():
-            ue, ie = self.model.embeddings()
-            out = metrics.evaluate(
-                ue,
-                ie,
-                self.split,
-                part,
-                backend=self.backend,
-                valid_excludes_test=self.valid_excludes_test,
-            )
+            if getattr(self.model, "score", "dot") is None:  # scores that do not factorise
+                out = metrics.evaluate_scorer(
+                    self.model.score_pairs,
+                    self.split,
+                    part,
+                    valid_excludes_test=self.valid_excludes_test,
+                )
+            else:
+                ue, ie = dot_tables(self.model)
+                out = metrics.evaluate(
+                    ue,
+                    ie,
+                    self.split,
+                    part,
+                    backend=self.backend,
+                    valid_excludes_test=self.valid_excludes_test,
+                )
         self.model.train()
         return out
 
@@ -189,6 +206,8 @@ class Trainer:
         history, best, best_epoch, best_state, since_best = [], -math.inf, 0, None, 0
         train_seconds, epochs_run = 0.0, 0
         n_batches = math.ceil(n / self.batch_size)
+        own_loss = getattr(self.model, "train_loss", None)
+        constrain = getattr(self.model, "constrain", None)
         self.model.train()
         if self.method is not None:
             self.method.train()
@@ -211,17 +230,22 @@ class Trainer:
             )
             for b in bar:
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-                ue, ie = self.model.embeddings()
                 batch = users[sl], pos[sl], neg[sl]
-                if self.method is None or self.method.uses_base_loss:
+                if own_loss is not None:  # a family trained by its own loss (no KD method)
+                    loss = own_loss(*batch)
+                elif self.method is None or self.method.uses_base_loss:
+                    ue, ie = self.model.embeddings()
                     loss = bpr_loss(ue, ie, *batch)
                     if self.method is not None:
                         loss = loss + self.method(ue, ie, *batch)
                 else:
+                    ue, ie = self.model.embeddings()
                     loss = self.method(ue, ie, *batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if constrain is not None:
+                    constrain()
                 total += float(loss.detach())
             bar.close()
             if not math.isfinite(total):

@@ -62,7 +62,13 @@ def add_arguments(p) -> None:
         "--n-neg", type=int, default=499, help="loo: sampled negatives per held-out item"
     )
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--teacher-model", default="bprmf", choices=("bprmf", "lightgcn"))
+    p.add_argument(
+        "--teacher-model",
+        default="bprmf",
+        choices=("bprmf", "lightgcn", "cml", "multvae", "iae"),
+        help="teacher family (default bprmf); cml, multvae and iae (kdfast.families) train by "
+        "their own losses and reach the KD methods as tables whose dot products are their scores",
+    )
     p.add_argument("--student-model", default="bprmf", choices=("bprmf", "lightgcn"))
     p.add_argument("--teacher-dim", type=int, default=200)
     p.add_argument("--student-dim", type=int, default=20)
