@@ -39,13 +39,35 @@ _EXPORTS = {
     # models, data, evaluation, training
     "BPRMF": "kdfast.models",
     "LightGCN": "kdfast.models",
+    "CML": "kdfast.families",
+    "NeuMF": "kdfast.families",
+    "MultVAE": "kdfast.families",
+    "IAutoRec": "kdfast.families",
     "Trainer": "kdfast.train",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# subpackages and modules reachable as attributes (kdfast.data.load, kdfast.metrics.evaluate, ...)
+_MODULES = (
+    "csr",
+    "data",
+    "experiment",
+    "families",
+    "methods",
+    "metrics",
+    "models",
+    "ops",
+    "sampling",
+    "train",
+)
+
+__all__ = sorted(_EXPORTS) + list(_MODULES) + ["__version__"]
 
 
 def __getattr__(name):
+    if name in _MODULES:
+        value = importlib.import_module(f"kdfast.{name}")
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'kdfast' has no attribute {name!r}")

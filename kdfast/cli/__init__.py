@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="kdfast", description="Fast knowledge distillation for recommender systems."
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"kdfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
