@@ -200,7 +200,125 @@ def checks(device, smoke):
             {"op": OP, "case": f"{variant} {prec} integer ties", "ok": not why, "detail": why}
         )
     out.append(non_finite_row(OP, "non-finite scores rank last", lambda: _non_finite(device)))
+    out += _score_function_checks(device, smoke)
     return out
+
+
+def _timed(fn, device):
+    """(fn()'s result, its wall milliseconds on the device, synchronised)."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    r = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return r, 1e3 * (time.perf_counter() - t0)
+
+
+def _score_function_checks(device, smoke):
+    """topk_scores(score=..., key_bias=...) on the device's backend against the float64 oracle
+    (integer inputs and biases: every score exact, so the order must be the oracle's exactly;
+    Gaussian inputs for cosine: the same indices but where float32 near-ties swap), and
+    topk_from_scorer with an MLP scorer on the device against a dense ranking. Fresh inputs, every
+    output compared; the detail carries the call's time (first call, compile included)."""
+    from kdfast.ops.topk import reference
+
+    device = torch.device(device)
+    from kdfast._core.backend import interpreting
+
+    backend = "triton" if device.type == "cuda" or interpreting() else "auto"
+    gen = torch.Generator().manual_seed(7)
+    n_q, n_k, d, k = (6, 50, 8, 12) if smoke else (1000, 50000, 64, 100)
+    rows = []
+
+    def row(case, fn):
+        try:
+            why, ms = fn()
+            rows.append({"op": OP, "case": case, "ok": not why, "detail": why or f"{ms:.1f} ms"})
+        except Exception as exc:  # noqa: BLE001 - a failed check, not a failed run
+            rows.append({"op": OP, "case": case, "ok": False, "detail": str(exc)[:300]})
+
+    q = torch.randint(-2, 3, (n_q, d), generator=gen).float()
+    kk = torch.randint(-2, 3, (n_k, d), generator=gen).float()
+    bias = torch.randint(-3, 4, (n_k,), generator=gen).float()
+    excl = ragged_exclusions(n_q, n_k, 3 if smoke else 40, gen, "cpu")
+    for score in ("dot", "neg_sqeuclidean"):
+
+        def exact(score=score):
+            rv, ri = reference.topk_scores(
+                q.double(), kk.double(), k, *excl, score=score, key_bias=bias.double()
+            )
+            (v, i), ms = _timed(
+                lambda: kdfast.topk_scores(
+                    q.to(device),
+                    kk.to(device),
+                    k,
+                    exclude=tuple(t.to(device) for t in excl),
+                    score=score,
+                    key_bias=bias.to(device),
+                    backend=backend,
+                ),
+                device,
+            )
+            same = torch.equal(i.cpu(), ri) and torch.equal(v.cpu(), rv)
+            return ("" if same else "indices or values differ from the oracle"), ms
+
+        row(f"score={score} + key_bias, integer ties", exact)
+    qc, kc = torch.randn(n_q, d, generator=gen), torch.randn(n_k, d, generator=gen)
+
+    def cosine():
+        rv, ri = reference.topk_scores(qc.double(), kc.double(), k, *excl, score="cosine")
+        (v, i), ms = _timed(
+            lambda: kdfast.topk_scores(
+                qc.to(device),
+                kc.to(device),
+                k,
+                exclude=tuple(t.to(device) for t in excl),
+                score="cosine",
+                backend=backend,
+            ),
+            device,
+        )
+        agree = float((i.cpu() == ri).double().mean())
+        err = float((v.cpu().double() - rv.double()).abs().max())
+        ok = agree >= 0.999 and err <= 1e-5
+        return ("" if ok else f"index agreement {agree:.4f}, max |value error| {err:.2e}"), ms
+
+    row("score=cosine, Gaussian", cosine)
+    n_u, n_i = (5, 300) if smoke else (2000, 20000)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(2 * d, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)
+    ).to(device)
+    eu = torch.randn(n_u, d, generator=gen).to(device)
+    ei = torch.randn(n_i, d, generator=gen).to(device)
+
+    def pairs(u, i):
+        a = eu[u][:, None, :].expand(-1, i.numel(), -1)
+        b = ei[i][None, :, :].expand(u.numel(), -1, -1)
+        return mlp(torch.cat([a, b], -1))[..., 0]
+
+    def scorer():
+        with torch.no_grad():
+            dense = torch.cat(
+                [
+                    pairs(
+                        torch.arange(u0, min(n_u, u0 + 64), device=device),
+                        torch.arange(n_i, device=device),
+                    )
+                    for u0 in range(0, n_u, 64)
+                ]
+            )
+        want = kdfast.topk_from_scorer(lambda u, i: dense[u][:, i], n_u, n_i, k, device=device)
+        (v, i), ms = _timed(
+            lambda: kdfast.topk_from_scorer(pairs, n_u, n_i, k, device=device), device
+        )
+        agree = float((i.cpu() == want[1].cpu()).double().mean())
+        return ("" if agree >= 0.999 else f"index agreement {agree:.4f}"), ms
+
+    row("topk_from_scorer, MLP scorer", scorer)
+    return rows
 
 
 def _non_finite(device):
