@@ -36,6 +36,7 @@ _EXPORTS = {
     "CD": "kdfast.methods.cd",
     "DCD": "kdfast.methods.dcd",
     "UnKD": "kdfast.methods.unkd",
+    "scorer_teacher": "kdfast.methods.base",
     # models, data, evaluation, training
     "BPRMF": "kdfast.models",
     "LightGCN": "kdfast.models",

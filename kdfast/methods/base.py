@@ -204,10 +204,74 @@ class KDMethod(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------- the teacher
-def check_teacher(teacher_user, teacher_item) -> tuple[int, int]:
-    """The teacher-table check of every method: floating 2-D tables of one width.
+# Methods that need only the teacher's ranking (top lists, with their scores) also take a teacher
+# known by its scores alone, as the pair of views scorer_teacher() returns; the others need tables.
+SCORER_METHODS = ("rrd", "ir-rrd", "rd", "cd", "dcd")
+
+
+class TeacherSide:
+    """One side ("user" or "item") of a teacher known by its scores only (see scorer_teacher):
+    what teacher_top and check_teacher read of a teacher table (its number of rows, its device)."""
+
+    def __init__(self, score_fn, n_users, n_items, side, device, tile_elems):
+        self.score_fn, self.n_users, self.n_items = score_fn, n_users, n_items
+        self.side, self.device, self.tile_elems = side, device, tile_elems
+        self.shape = (n_users if side == "user" else n_items,)
+
+    def detach(self):
+        return self
+
+    def pair_scores(self, q_ids, k_ids):
+        """[q, n] scores of this side's ids q_ids against the other side's k_ids."""
+        if self.side == "user":
+            return self.score_fn(q_ids, k_ids)
+        return self.score_fn(k_ids, q_ids).T
+
+
+def scorer_teacher(score_fn, n_users: int, n_items: int, *, device="cpu", tile_elems=1 << 21):
+    """(teacher_user, teacher_item) views of a teacher known by its scores only, to pass where a
+    method's build takes the two teacher tables: score_fn(user_ids [n], item_ids [m]) -> [n, m]
+    (e.g. kdfast.NeuMF's score_pairs). Its rankings come from kdfast.topk_from_scorer (users over
+    items, and items over users for the item sides of IR-RRD and DCD). Methods that read the
+    teacher's tables (DE, PHR, FTD, HTD, UnKD's groups, HetComp's checkpoints) refuse it by name.
+    """
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    n_users = checks.positive_int(n_users, "n_users")
+    n_items = checks.positive_int(n_items, "n_items")
+    device = torch.device(device)
+    return tuple(
+        TeacherSide(score_fn, n_users, n_items, side, device, tile_elems)
+        for side in ("user", "item")
+    )
+
+
+def check_teacher(teacher_user, teacher_item, method: str | None = None) -> tuple[int, int]:
+    """The teacher check of every method: floating 2-D tables of one width, or (when `method`, a
+    method's name, is among SCORER_METHODS) the two views of one scorer_teacher.
 
     Returns (n_users, n_items)."""
+    if isinstance(teacher_user, TeacherSide) or isinstance(teacher_item, TeacherSide):
+        if method not in SCORER_METHODS:
+            label = method or "this method"
+            raise ValueError(
+                f"{label} needs the teacher's embedding tables (teacher_user, teacher_item), but "
+                "the teacher is a scorer (kdfast.scorer_teacher): pass tables (e.g. "
+                f"kdfast.families.dot_tables(model)) or use one of {', '.join(SCORER_METHODS)}"
+            )
+        ok = (
+            isinstance(teacher_user, TeacherSide)
+            and isinstance(teacher_item, TeacherSide)
+            and teacher_user.side == "user"
+            and teacher_item.side == "item"
+            and teacher_user.score_fn is teacher_item.score_fn
+        )
+        if not ok:
+            raise ValueError(
+                "teacher_user and teacher_item must be the (user, item) pair that "
+                "kdfast.scorer_teacher returns, in that order"
+            )
+        return teacher_user.n_users, teacher_user.n_items
     checks.floating(teacher_user, "teacher_user", ndim=2)
     checks.floating(teacher_item, "teacher_item", ndim=2)
     checks.same_dim(teacher_user, "teacher_user", teacher_item, "teacher_item")
@@ -221,21 +285,46 @@ class FrozenTeacher(KDMethod):
 
     def __init__(self, teacher_user, teacher_item, student_dim: int | None = None):
         super().__init__()
-        self.n_users, self.n_items = check_teacher(teacher_user, teacher_item)
+        self.n_users, self.n_items = check_teacher(teacher_user, teacher_item, self.name)
         if student_dim is not None:
             self.student_dim = checks.positive_int(student_dim, "student_dim")
         self.register_buffer("teacher_user", teacher_user.detach(), persistent=False)
         self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
 
 
-def teacher_top(queries, keys, n: int, exclude, backend, *, depth: int | None = None, what="N"):
+def teacher_top(
+    queries,
+    keys,
+    n: int,
+    exclude,
+    backend,
+    *,
+    depth: int | None = None,
+    what="N",
+    with_values=False,
+):
     """The teacher's top-`depth` (default n) key ids per query, training interactions (`exclude`, a
-    CSR pair) excluded, -1 padding; ValueError naming the option `what` when some query has fewer
-    than n candidates. Runs without gradient."""
+    CSR pair) excluded, -1 padding (with their scores first when with_values); ValueError naming
+    the option `what` when some query has fewer than n candidates. Runs without gradient. queries
+    and keys: the teacher's tables (query side first), or the matching views of a scorer_teacher.
+    """
     with torch.no_grad():
-        _, idx = topk_scores(
-            queries.detach(), keys.detach(), depth or n, exclude=exclude, backend=backend
-        )
+        if isinstance(queries, TeacherSide):
+            from ..ops.topk.scorer import topk_from_scorer
+
+            vals, idx = topk_from_scorer(
+                queries.pair_scores,
+                queries.shape[0],
+                keys.shape[0],
+                depth or n,
+                exclude=exclude,
+                device=queries.device,
+                tile_elems=queries.tile_elems,
+            )
+        else:
+            vals, idx = topk_scores(
+                queries.detach(), keys.detach(), depth or n, exclude=exclude, backend=backend
+            )
     if bool((idx[:, :n] < 0).any()):
         counts = exclude[0][1:] - exclude[0][:-1]
         short = keys.shape[0] - int(counts.max())
@@ -243,7 +332,7 @@ def teacher_top(queries, keys, n: int, exclude, backend, *, depth: int | None = 
             f"{what} = {n} is larger than the number of unobserved candidates of some row "
             f"(as few as {short}); lower {what}"
         )
-    return idx
+    return (vals, idx) if with_values else idx
 
 
 def sampler_backend(backend: str) -> str:

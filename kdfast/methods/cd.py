@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from .._core import checks
 from .._core.csr import as_csr
 from .._core.numerics import gather_rows
-from ..ops.topk import topk_scores
 from ..sampling import exclusion_keys, rank_discounted_sample
 from .base import (
     BACKEND,
@@ -59,6 +58,7 @@ from .base import (
     checked_options,
     optional,
     sampler_backend,
+    teacher_top,
     unique_ids,
 )
 
@@ -117,7 +117,7 @@ class CD(KDMethod):
         lam=0.1,
         backend="auto",
     ):
-        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        n_users, n_items = check_teacher(teacher_user, teacher_item, "cd")
         device = teacher_user.device
         excl = as_csr(train, "train", n_users, n_items, device=device, validate=True)
         # distinct training items per user
@@ -130,10 +130,7 @@ class CD(KDMethod):
                 "unobserved items of some user); lower K"
             )
         T = N / 10.0 if T is None else T
-        with torch.no_grad():
-            vals, top = topk_scores(
-                teacher_user.detach(), teacher_item.detach(), N, exclude=excl, backend=backend
-            )
+        vals, top = teacher_top(teacher_user, teacher_item, N, excl, backend, with_values=True)
         method = cls(top, vals, n_users, n_items, K, T, T_label, lam, backend, generator)
         method._resample()
         return method

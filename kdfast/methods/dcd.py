@@ -300,7 +300,7 @@ class DCD(KDMethod):
         rank_every=1,
         backend="auto",
     ):
-        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        n_users, n_items = check_teacher(teacher_user, teacher_item, "dcd")
         N_I = N if N_I is None else N_I
         K_I = K if K_I is None else K_I
         if N > n_items or (item_side and N_I > n_users):

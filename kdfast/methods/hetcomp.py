@@ -368,7 +368,7 @@ class HetComp(KDMethod):
         base_loss=False,
         backend="auto",
     ):
-        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        n_users, n_items = check_teacher(teacher_user, teacher_item, "hetcomp")
         device = teacher_user.device
         opts = {
             "K": K,

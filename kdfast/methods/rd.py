@@ -159,7 +159,7 @@ class RD(KDMethod):
         renormalize=True,
         backend="auto",
     ):
-        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        n_users, n_items = check_teacher(teacher_user, teacher_item, "rd")
         device = teacher_user.device
         excl = as_csr(train, "train", n_users, n_items, device=device, validate=True)
         # sorted distinct (user, item) keys, and the fewest unobserved items of a user

@@ -117,7 +117,7 @@ class RRD(KDMethod):
     @staticmethod
     def _user_knowledge(teacher_user, teacher_item, train, N, backend):
         """(n_users, n_items, training CSR, the teacher's top-N items per user)."""
-        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        n_users, n_items = check_teacher(teacher_user, teacher_item, "rrd")
         excl = as_csr(train, "train", n_users, n_items, device=teacher_user.device, validate=True)
         top = teacher_top(teacher_user, teacher_item, N, excl, backend)
         return n_users, n_items, excl, top

@@ -162,7 +162,7 @@ class UnKD(KDMethod):
         reduction="batch",
         backend="auto",
     ):
-        n_users, n_items = check_teacher(teacher_user, teacher_item)
+        n_users, n_items = check_teacher(teacher_user, teacher_item, "unkd")
         if n_items >= 2**31:
             raise ValueError(f"UnKD stores item ids as int32; got {n_items} items")
         device = teacher_user.device
