@@ -10,17 +10,25 @@ quality, since the papers do not give their checkpoint epochs).
 
     python results/hetcomp_teachers.py --data citeulike-t --protocol full --teachers
         bprmf:200,lightgcn:64 \\ --epochs 250 --out teachers/citeulike-t_full_trajectories.pt
+
+A teacher is MODEL:DIM[:lr=X][:wd=Y][:epochs=N] (Adam's learning rate and weight decay, and its
+epoch cap, for that teacher only), MODEL any of kdfast.models.MODELS. The teacher families of
+kdfast.families enter the trajectories as kdfast.families.dot_tables (tables whose dot products
+are their scores); a teacher without tables (NeuMF) is trained and reported, and left out of the
+trajectories (HetComp reads its teachers' checkpoints as tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 
 from kdfast import experiment
+from kdfast.families import dot_tables
 from kdfast.methods.hetcomp import save_trajectories
 
 
@@ -59,20 +67,50 @@ def main(argv=None):
     levels = [float(x) for x in args.levels.split(",")]
     print(f"data: {dataset.describe()}\nsplit: {split.describe()}", flush=True)
     teachers = []
+    reports = []
     for spec in args.teachers.split(","):
-        kind, dim = spec.split(":")
+        kind, dim, *extra = spec.split(":")
+        over = dict(x.split("=") for x in extra)
+        spec_train = dataclasses.replace(
+            train,
+            lr=float(over.get("lr", train.lr)),
+            weight_decay=float(over.get("wd", train.weight_decay)),
+            epochs=int(over.get("epochs", train.epochs)),
+        )
         kept = {}
+        has_tables = True
 
         def keep(epoch, m, kept=kept):
-            if epoch % args.every == 0:
-                with torch.no_grad():
-                    u, i = m.embeddings()
-                kept[epoch] = (u.detach().clone(), i.detach().clone())
+            nonlocal has_tables
+            has_tables = getattr(m, "score", "dot") is not None
+            if epoch % args.every == 0 and has_tables:
+                kept[epoch] = tuple(t.clone() for t in dot_tables(m))
 
         t0 = time.perf_counter()
         _, res = experiment.train_model(
-            kind, int(dim), split, train, name=f"{kind}{dim}", on_epoch_end=keep
+            kind, int(dim), split, spec_train, name=f"{kind}{dim}", on_epoch_end=keep
         )
+        report = {
+            "name": f"{kind}{dim}",
+            "model": kind,
+            "dim": int(dim),
+            "lr": spec_train.lr,
+            "weight_decay": spec_train.weight_decay,
+            "best_epoch": res["best_epoch"],
+            "epochs_run": res["epochs_run"],
+            "seconds": round(time.perf_counter() - t0),
+            "valid": res["valid"],
+            "test": res["test"],
+        }
+        reports.append(report)
+        if not has_tables:
+            print(
+                f"{kind}{dim}: best epoch {res['best_epoch']}, valid {monitor} "
+                f"{res['valid'][monitor]:.4f}, test {res['test'][monitor]:.4f}; no tables: "
+                f"left out of the trajectories; {report['seconds']} s",
+                flush=True,
+            )
+            continue
         best = res["valid"][monitor]
         valid = {h["epoch"]: h["valid"][monitor] for h in res["history"]}
         epochs = []
@@ -114,9 +152,7 @@ def main(argv=None):
             "monitor": monitor,
         },
     )
-    print(
-        json.dumps([{k: v for k, v in t.items() if k != "checkpoints"} for t in teachers], indent=1)
-    )
+    print(json.dumps(reports, indent=1))
 
 
 if __name__ == "__main__":
