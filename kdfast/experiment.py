@@ -22,7 +22,7 @@ import torch
 from . import data as kdata
 from . import metrics
 from .families import dot_tables
-from .models import build_model, load_teacher, save_teacher
+from .models import build_model, load_teacher, save_embeddings, save_teacher
 from .train import DEFAULT_MONITOR, Trainer
 
 #: the columns of the summary per protocol (the monitored metric is added when it is not among them)
@@ -189,6 +189,7 @@ def get_teacher(
     keys = ("best_epoch", "epochs_run", "seconds_per_epoch", "valid", "test", "history")
     meta = dict(
         expect,
+        data_spec=asdict(data_spec),
         seed=train.seed,
         data_name=dataset.name,
         monitor=monitor,
@@ -196,7 +197,7 @@ def get_teacher(
         **{k: result[k] for k in keys},
     )
     if path is not None:
-        save_teacher(path, user, item, meta)
+        save_teacher(path, user, item, meta, **id_maps(dataset))
         if log is not None:
             log(f"teacher: saved {path}")
     return Teacher(
@@ -222,6 +223,11 @@ def build_method(name: str, teacher: Teacher, split, student_dim: int, options: 
     )
 
 
+def id_maps(dataset) -> dict:
+    """{"user_ids", "item_ids"}: the original ids of the dataset's rows (for saved tables)."""
+    return {"user_ids": dataset.user_ids, "item_ids": dataset.item_ids}
+
+
 def train_student(
     split,
     teacher: Teacher,
@@ -232,12 +238,18 @@ def train_student(
     student_dim=20,
     train: TrainSpec,
     log=print,
+    save_to=None,
+    dataset=None,
+    data_spec: DataSpec | None = None,
 ) -> dict:
     """A fresh student trained with the method `name`: Trainer.fit()'s result, plus "wall_seconds"
     (training and evaluation) and "setup_seconds" (building the method: the teacher's lists).
 
     One generator seeded with train.seed initialises the student and then builds the method, in
-    that order (seeded runs reproduce the results of earlier versions)."""
+    that order (seeded runs reproduce the results of earlier versions). save_to: a path where the
+    student (its best-validation tables, kdfast.models.save_embeddings role "student") is saved
+    with its method, options, data and training settings and metrics; dataset and data_spec are
+    then required (the id maps, the data fingerprint, how to rebuild the split)."""
     gen = torch.Generator().manual_seed(train.seed)
     model = new_model(student_model, student_dim, split, gen, train.device)
     t0 = time.perf_counter()
@@ -248,6 +260,23 @@ def train_student(
     result = fit(model, split, train, method=method, name=f"student {name}", log=log)
     result["wall_seconds"] = time.perf_counter() - t1
     result["setup_seconds"] = t1 - t0
+    if save_to is not None:
+        if dataset is None or data_spec is None:
+            raise ValueError("save_to needs dataset and data_spec (the saved student's data)")
+        user, item = dot_tables(model)
+        meta = {
+            "method": name,
+            "options": dict(options),
+            "model": student_model,
+            "dim": student_dim,
+            "data_fingerprint": dataset.fingerprint(),
+            "data_spec": asdict(data_spec),
+            "train": asdict(train),
+            "teacher": {k: teacher.meta.get(k) for k in ("model", "dim", "data_fingerprint")},
+            **{k: result[k] for k in ("best_epoch", "epochs_run", "valid", "test")},
+        }
+        save_embeddings(save_to, user, item, meta, role="student", **id_maps(dataset))
+        result["file"] = str(save_to)
     return result
 
 

@@ -8,7 +8,6 @@ scores (s_ui = <e_u, e_i>); the trainer and every KD method work on these tables
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 
 import torch
@@ -126,43 +125,81 @@ def build_model(kind: str, n_users: int, n_items: int, dim: int, train, *, gener
     raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
 
 
-def save_teacher(path, user: torch.Tensor, item: torch.Tensor, meta: dict) -> None:
-    """Save a trained teacher: its score embeddings (user [U, d], item [I, d], float32) and metadata
-    (model, dim, data fingerprint, protocol, split seed, training seed, metrics ...), with
-    torch.save, written atomically (kdfast._core.files.atomic_write)."""
+FORMATS = {"teacher": "kdfast-teacher-1", "student": "kdfast-student-1"}
+
+
+def _id_list(ids, n, what):
+    if ids is None:
+        return None
+    ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+    if len(ids) != n:
+        raise ValueError(f"{what} must have one id per row ({n}), got {len(ids)}")
+    return ids
+
+
+def save_embeddings(
+    path, user, item, meta: dict, *, role: str = "teacher", user_ids=None, item_ids=None
+) -> None:
+    """Save a trained model's score tables, a file kdfast can reload (load_embeddings), evaluate
+    (`kdfast evaluate FILE`) and export: a torch.save'd dict
+        {"format": "kdfast-teacher-1" | "kdfast-student-1", "kdfast": version,
+         "user": [U, d] float32, "item": [I, d] float32 (scores = user @ item.T),
+         "meta": {model, dim, data fingerprint, data and training settings, metrics, ...},
+         "user_ids": [U] original user ids or None, "item_ids": [I] original item ids or None}
+    (ids as ints or strings: row r of "user" is the user user_ids[r] of the data file), written
+    atomically (kdfast._core.files.atomic_write)."""
+    if role not in FORMATS:
+        raise ValueError(f"role must be one of {tuple(FORMATS)}, got {role!r}")
     blob = {
-        "format": "kdfast-teacher-1",
+        "format": FORMATS[role],
         "kdfast": __version__,
         "user": user.detach().float().cpu().contiguous(),
         "item": item.detach().float().cpu().contiguous(),
         "meta": dict(meta),
+        "user_ids": _id_list(user_ids, user.shape[0], "user_ids"),
+        "item_ids": _id_list(item_ids, item.shape[0], "item_ids"),
     }
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
-def load_teacher(path, *, expect: dict | None = None):
-    """Load a saved teacher: returns (user [U, d], item [I, d], meta).
+def save_teacher(path, user: torch.Tensor, item: torch.Tensor, meta: dict, **ids) -> None:
+    """save_embeddings(role="teacher"): a trained teacher's tables and metadata (model, dim, data
+    fingerprint, protocol, split seed, training seed, metrics ...); ids: user_ids=, item_ids=."""
+    save_embeddings(path, user, item, meta, role="teacher", **ids)
 
-    expect: metadata entries that must match (e.g. data_fingerprint, protocol, split_seed, dim); a
-    mismatch raises ValueError naming the entry, so a teacher is never reused on other data or
-    splits.
+
+def load_embeddings(path, *, role: str | None = None, expect: dict | None = None) -> dict:
+    """A file save_embeddings wrote: {"role", "user", "item", "meta", "user_ids", "item_ids"}.
+
+    role: "teacher" or "student" to accept only that role (None: either). expect: metadata entries
+    that must match (e.g. data_fingerprint, protocol, split_seed, dim); a mismatch raises
+    ValueError naming the entry, so tables are never used on other data or splits.
     """
-    retrain = "delete it or pass another --teacher path to train a new teacher"
+    what = role or "model"
+    retrain = (
+        "delete it or pass another --teacher path to train a new teacher"
+        if role == "teacher"
+        else "it cannot be used"
+    )
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, pickle.UnpicklingError) as e:
-        raise ValueError(f"teacher file {path} is unreadable ({e}); {retrain}") from None
-    if not isinstance(blob, dict) or blob.get("format") != "kdfast-teacher-1":
-        raise ValueError(f"{path} is not a kdfast teacher file; {retrain}")
+    except Exception as e:  # a corrupt file fails inside torch's unpickler in many ways
+        raise ValueError(
+            f"{what} file {path} is unreadable ({type(e).__name__}: {e}); {retrain}"
+        ) from None
+    roles = {v: k for k, v in FORMATS.items()}
+    found = roles.get(blob.get("format")) if isinstance(blob, dict) else None
+    if found is None or (role is not None and found != role):
+        raise ValueError(f"{path} is not a kdfast {what} file; {retrain}")
     if not all(isinstance(blob.get(k), torch.Tensor) for k in ("user", "item")):
-        raise ValueError(f"teacher file {path} holds no embedding tables; {retrain}")
+        raise ValueError(f"{what} file {path} holds no embedding tables; {retrain}")
     meta = blob.get("meta")
     if not isinstance(meta, dict):
-        raise ValueError(f"teacher file {path} holds no metadata; {retrain}")
+        raise ValueError(f"{what} file {path} holds no metadata; {retrain}")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise ValueError(
-                f"teacher file {path}: {key} is {meta.get(key)!r}, this run needs {want!r} "
+                f"{what} file {path}: {key} is {meta.get(key)!r}, this run needs {want!r} "
                 f"(use another --teacher path, or delete the file to retrain)"
             )
     user, item = blob["user"], blob["item"]
@@ -173,7 +210,21 @@ def load_teacher(path, *, expect: dict | None = None):
         or not math.isfinite(float(user.abs().sum()))
     ):
         raise ValueError(
-            f"teacher file {path} holds malformed embeddings "
+            f"{what} file {path} holds malformed embeddings "
             f"{tuple(user.shape)}, {tuple(item.shape)}"
         )
-    return user, item, meta
+    return {
+        "role": found,
+        "user": user,
+        "item": item,
+        "meta": meta,
+        "user_ids": blob.get("user_ids"),
+        "item_ids": blob.get("item_ids"),
+    }
+
+
+def load_teacher(path, *, expect: dict | None = None):
+    """A saved teacher (load_embeddings(role="teacher")): returns (user [U, d], item [I, d],
+    meta)."""
+    got = load_embeddings(path, role="teacher", expect=expect)
+    return got["user"], got["item"], got["meta"]

@@ -115,7 +115,7 @@ def test_ids_beyond_int64_in_a_data_file(tmp_path, capsys):
     assert data.n_items == 7
 
 
-@pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04 broken zip"])
+@pytest.mark.parametrize("content", [b"", b"junk", b"not a torch file", b"PK\x03\x04 broken zip"])
 def test_corrupt_teacher_file_says_how_to_retrain(tmp_path, capsys, content):
     t = tmp_path / "teacher.pt"
     t.write_bytes(content)

@@ -1,13 +1,14 @@
-"""The `kdfast` command: `kdfast distill` (kdfast/cli/distill.py) and `kdfast topk`
-(kdfast/cli/topk.py). Each subcommand module has add_arguments(parser) and run(args) -> exit code,
-and raises kdfast.cli.errors.UsageError for bad arguments or input files."""
+"""The `kdfast` command: `kdfast distill` (kdfast/cli/distill.py), `kdfast evaluate`
+(kdfast/cli/evaluate.py) and `kdfast topk` (kdfast/cli/topk.py). Each subcommand module has
+add_arguments(parser) and run(args) -> exit code, and raises kdfast.cli.errors.UsageError for bad
+arguments or input files."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import distill, topk
+from . import distill, evaluate, topk
 from .errors import UsageError
 
 COMMANDS = {
@@ -18,6 +19,10 @@ COMMANDS = {
     "distill": (
         distill,
         "train a teacher, distill students with chosen KD methods, report and plot the metrics",
+    ),
+    "evaluate": (
+        evaluate,
+        "reload a saved student or teacher, evaluate it on its split, export its tables",
     ),
 }
 

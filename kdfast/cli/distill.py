@@ -5,10 +5,13 @@
         --methods none,de,rrd --epochs 100 --seed 0 --out runs/demo
 
 Writes OUT/results.json ({"config", "teacher": {"test", "valid", ...}, "students": {method: {"test",
-"valid", "best_epoch", "seconds_per_epoch", "history"}}}), OUT/validation.png (the validation metric
-per epoch of every student, the teacher as a dashed line) and, unless --teacher names another file,
-OUT/teacher.pt (the saved teacher, reused by later runs whose data, split and teacher settings
-match). Bad arguments (unknown method, missing data, unwritable output) fail before any training.
+"valid", "best_epoch", "seconds_per_epoch", "history", "file"}}}), OUT/validation.png (the
+validation metric per epoch of every student, the teacher as a dashed line), OUT/students/METHOD.pt
+(each trained student: its tables, id maps, settings and metrics; `kdfast evaluate
+OUT/students/METHOD.pt` reloads and evaluates it, --export writes arrays) and, unless --teacher
+names another file, OUT/teacher.pt (the saved teacher, reused by later runs whose data, split and
+teacher settings match). A finished run already in --out is kept under timestamped names. Bad
+arguments (unknown method, missing data, unwritable output) fail before any training.
 """
 
 from __future__ import annotations
@@ -368,8 +371,8 @@ def _alive(pid: int) -> bool:
 
 
 def _keep_previous(out: Path, log) -> None:
-    """A finished run's results.json (and plot) in --out are renamed results-<time>.json, never
-    overwritten."""
+    """A finished run's results.json (plot, saved students) in --out are renamed
+    results-<time>.json (validation-<time>.png, students-<time>/), never overwritten."""
     old = out / "results.json"
     if not old.exists():
         return
@@ -382,6 +385,9 @@ def _keep_previous(out: Path, log) -> None:
     plot_file = out / "validation.png"
     if plot_file.exists():
         plot_file.replace(out / f"validation-{stamp}{suffix}.png")
+    students = out / "students"
+    if students.is_dir():
+        students.replace(out / f"students-{stamp}{suffix}")
     log(f"--out held the results of an earlier run: kept as results-{stamp}{suffix}.json")
 
 
@@ -468,6 +474,9 @@ def _run(args, out: Path) -> int:
             student_dim=args.student_dim,
             train=train,
             log=log,
+            save_to=out / "students" / f"{name}.pt",
+            dataset=dataset,
+            data_spec=data_spec,
         )
         _write_json(results, out / "results.json")
 
