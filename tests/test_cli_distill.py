@@ -60,7 +60,7 @@ def test_distill_end_to_end_and_teacher_reuse(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "teacher" in printed and "l2-pull" in printed and "NDCG@10 vs none" in printed
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"config", "teacher", "students"}
+    assert set(res) == {"config", "environment", "teacher", "students"}
     assert res["config"]["methods"] == ["none", "l2-pull"] and res["config"]["protocol"] == "loo"
     assert res["config"]["method_options"] == {"l2-pull": {"lam": 0.25}}
     assert 0 <= res["teacher"]["test"]["NDCG@10"] <= 1 and "HR@10" in res["teacher"]["test"]
@@ -108,6 +108,20 @@ def test_distill_end_to_end_and_teacher_reuse(tmp_path, capsys):
         ]
     )
     assert rc == 2 and "split_seed" in capsys.readouterr().err
+
+
+def test_results_record_every_resolved_option_and_the_environment(tmp_path):
+    out = tmp_path / "rec"
+    rc = main(["distill", *TINY, "--methods", "none,rrd", "--option", "rrd.K=5", "--option",
+               "rrd.L=5", "--option", "rrd.N=20", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    rrd = res["config"]["resolved_method_options"]["rrd"]
+    assert rrd == {"N": 20, "K": 5, "L": 5, "T": 10.0, "lam": 1e-3, "sampling": True,
+                   "backend": "auto"}  # fmt: skip
+    env = res["environment"]
+    assert env["threads"] == 1 and env["device"] == "cpu" and env["backend_resolved"] == "torch"
+    assert env["kdfast"] and env["torch"] and env["started"] <= env["finished"]
 
 
 def test_distill_full_protocol(tmp_path):

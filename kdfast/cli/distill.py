@@ -4,8 +4,10 @@
     kdfast distill --data synthetic --protocol loo --teacher-dim 200 --student-dim 20 \
         --methods none,de,rrd --epochs 100 --seed 0 --out runs/demo
 
-Writes OUT/results.json ({"config", "teacher": {"test", "valid", ...}, "students": {method: {"test",
-"valid", "best_epoch", "seconds_per_epoch", "history", "file"}}}), OUT/validation.png (the
+Writes OUT/results.json ({"config" (the arguments, data, split, every method's resolved options),
+"environment" (versions, threads, device, the resolved backend, start and end times), "teacher":
+{"test", "valid", ...}, "students": {method: {"test", "valid", "best_epoch", "seconds_per_epoch",
+"history", "file"}}}), OUT/validation.png (the
 validation metric per epoch of every student, the teacher as a dashed line), OUT/students/METHOD.pt
 (each trained student: its tables, id maps, settings and metrics; `kdfast evaluate
 OUT/students/METHOD.pt` reloads and evaluates it, --export writes arrays) and, unless --teacher
@@ -195,6 +197,42 @@ def parse_options(items, methods):
             parsed = value
         out.setdefault(name, {})[key] = parsed
     return out
+
+
+def _resolved(name, options):
+    """Every option the method is built with: build's defaults, the registry's, then the user's
+    (JSON-safe: values that are not numbers, strings, booleans or None as their repr)."""
+    from ..methods.registry import method_class
+
+    cls, defaults = method_class(name)
+    out = {**cls.option_defaults(), **defaults, **options}
+    ok = (int, float, str, bool, type(None))
+    return {k: v if isinstance(v, ok) else repr(v) for k, v in out.items()}
+
+
+def _environment(args, device) -> dict:
+    """Versions, threads, device, the backend each op resolves to here, and the start time."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+    from .._core import backend as _backend
+
+    try:  # what the float32 ops (top-K, losses, samplers) run on
+        resolved = _backend.resolve(args.backend, device, dtype=torch.float32)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        resolved = f"unavailable: {exc}"
+    return {
+        "kdfast": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "backend_requested": args.backend,
+        "backend_resolved": resolved,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _validated(name, options):
@@ -448,10 +486,16 @@ def _run(args, out: Path) -> int:
             "monitor": monitor,
             "methods": [m for m, _ in methods],
             "method_options": {m: o for m, o in methods if o},
+            "resolved_method_options": {m: _resolved(m, o) for m, o in methods if m != "none"},
             "teacher_file": str(teacher_path),
         }
     )
-    results = {"config": config, "teacher": {}, "students": {}}
+    results = {
+        "config": config,
+        "environment": _environment(args, device),
+        "teacher": {},
+        "students": {},
+    }
     teacher_train = dataclasses.replace(train, epochs=args.teacher_epochs or args.epochs)
     try:
         teacher = experiment.get_teacher(
@@ -480,6 +524,8 @@ def _run(args, out: Path) -> int:
         )
         _write_json(results, out / "results.json")
 
+    results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(results, out / "results.json")
     plot(results, monitor, out / "validation.png")
     print()
     print(report_table(results, args.protocol, monitor))
