@@ -181,7 +181,9 @@ class Trainer:
     def fit(self) -> dict:
         """Train; returns {"best_epoch", "valid" (metrics at the best epoch), "test" (same state),
         "seconds_per_epoch" (training only, evaluation excluded), "epochs_run", "history":
-        [{"epoch", "loss", "valid"}, ...]}. The model is left in its best-validation state."""
+        [{"epoch", "loss", "valid", and with a KD method "loss_base", "loss_kd" (the epoch's loss
+        split into the base loss and the method's), "method" (its status line, if any)}, ...]}.
+        The model is left in its best-validation state."""
         from tqdm.auto import tqdm
 
         torch.manual_seed(self.seed)
@@ -221,7 +223,7 @@ class Trainer:
                 with torch.no_grad():
                     su, si = self.model.embeddings()
                     self.method.start_epoch(epoch - 1, self.epochs, su.detach(), si.detach())
-            total = 0.0
+            total = kd_total = 0.0
             bar = tqdm(
                 range(n_batches),
                 desc=f"{self.name} epoch {epoch}",
@@ -237,10 +239,13 @@ class Trainer:
                     ue, ie = self.model.embeddings()
                     loss = bpr_loss(ue, ie, *batch)
                     if self.method is not None:
-                        loss = loss + self.method(ue, ie, *batch)
+                        kd = self.method(ue, ie, *batch)
+                        kd_total += float(kd.detach())
+                        loss = loss + kd
                 else:
                     ue, ie = self.model.embeddings()
                     loss = self.method(ue, ie, *batch)
+                    kd_total += float(loss.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -258,6 +263,8 @@ class Trainer:
                 continue
             valid = self.evaluate("valid")
             entry = {"epoch": epoch, "loss": total, "valid": valid}
+            if self.method is not None:  # the epoch's loss split into its base and KD parts
+                entry["loss_kd"], entry["loss_base"] = kd_total, total - kd_total
             status = self.method.status() if self.method is not None else None
             if status:
                 entry["method"] = status

@@ -119,6 +119,13 @@ def test_results_record_every_resolved_option_and_the_environment(tmp_path):
     rrd = res["config"]["resolved_method_options"]["rrd"]
     assert rrd == {"N": 20, "K": 5, "L": 5, "T": 10.0, "lam": 1e-3, "sampling": True,
                    "backend": "auto"}  # fmt: skip
+    rows = (out / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("model,epoch,loss,loss_base,loss_kd,")
+    rrd_rows = [r.split(",") for r in rows[1:] if r.startswith("rrd,")]
+    assert len(rrd_rows) == len(res["students"]["rrd"]["history"]) == 3
+    for r, h in zip(rrd_rows, res["students"]["rrd"]["history"]):
+        loss, base, kd = (float(x) for x in r[2:5])
+        assert loss == h["loss"] and base + kd == pytest.approx(loss) and kd > 0
     env = res["environment"]
     assert env["threads"] == 1 and env["device"] == "cpu" and env["backend_resolved"] == "torch"
     assert env["kdfast"] and env["torch"] and env["started"] <= env["finished"]

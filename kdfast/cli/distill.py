@@ -7,7 +7,8 @@
 Writes OUT/results.json ({"config" (the arguments, data, split, every method's resolved options),
 "environment" (versions, threads, device, the resolved backend, start and end times), "teacher":
 {"test", "valid", ...}, "students": {method: {"test", "valid", "best_epoch", "seconds_per_epoch",
-"history", "file"}}}), OUT/validation.png (the
+"history", "file"}}}), OUT/history.csv (per model and evaluation: the loss, its base and KD
+parts, every validation metric), OUT/validation.png (the
 validation metric per epoch of every student, the teacher as a dashed line), OUT/students/METHOD.pt
 (each trained student: its tables, id maps, settings and metrics; `kdfast evaluate
 OUT/students/METHOD.pt` reloads and evaluates it, --export writes arrays) and, unless --teacher
@@ -24,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from .._core.files import atomic_write
 from .errors import UsageError
 
 
@@ -324,8 +326,6 @@ def plot(results: dict, monitor: str, path: Path) -> None:
 
 
 def _write_json(results, path: Path) -> None:
-    from .._core.files import atomic_write
-
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
@@ -408,6 +408,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _write_history_csv(results, path: Path) -> None:
+    """One row per model and evaluation: model, epoch, loss, loss_base, loss_kd and every
+    validation metric (the teacher's rows when it was trained in this run)."""
+    import csv
+    import io
+
+    runs = {"teacher": results["teacher"].get("history") or []}
+    runs.update({name: r.get("history") or [] for name, r in results["students"].items()})
+    metrics = sorted({m for h in runs.values() for e in h for m in e.get("valid", {})})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "epoch", "loss", "loss_base", "loss_kd", *metrics])
+    for name, hist in runs.items():
+        for e in hist:
+            valid = e.get("valid", {})
+            row = [name, e["epoch"], e.get("loss"), e.get("loss_base"), e.get("loss_kd")]
+            w.writerow(row + [valid.get(m) for m in metrics])
+    text = buf.getvalue()
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def _keep_previous(out: Path, log) -> None:
     """A finished run's results.json (plot, saved students) in --out are renamed
     results-<time>.json (validation-<time>.png, students-<time>/), never overwritten."""
@@ -420,9 +441,10 @@ def _keep_previous(out: Path, log) -> None:
         n += 1
         suffix = f"-{n}"
     old.replace(out / f"results-{stamp}{suffix}.json")
-    plot_file = out / "validation.png"
-    if plot_file.exists():
-        plot_file.replace(out / f"validation-{stamp}{suffix}.png")
+    for base, ext in (("validation", "png"), ("history", "csv")):
+        f = out / f"{base}.{ext}"
+        if f.exists():
+            f.replace(out / f"{base}-{stamp}{suffix}.{ext}")
     students = out / "students"
     if students.is_dir():
         students.replace(out / f"students-{stamp}{suffix}")
@@ -525,6 +547,7 @@ def _run(args, out: Path) -> int:
         _write_json(results, out / "results.json")
 
     results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_history_csv(results, out / "history.csv")
     _write_json(results, out / "results.json")
     plot(results, monitor, out / "validation.png")
     print()
