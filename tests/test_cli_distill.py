@@ -131,6 +131,43 @@ def test_results_record_every_resolved_option_and_the_environment(tmp_path):
     assert env["kdfast"] and env["torch"] and env["started"] <= env["finished"]
 
 
+def test_sweep_chooses_on_validation_and_records_the_grid(tmp_path):
+    out = tmp_path / "sweep"
+    rc = main(["distill", *TINY, "--methods", "none,rrd", "--option", "rrd.K=5", "--option",
+               "rrd.L=5", "--option", "rrd.N=20", "--sweep", "rrd.lam=0.0001,0.1",
+               "--sweep", "rrd.T=2,10", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    sweep = res["students"]["rrd"]["sweep"]
+    grid = sweep["grid"]
+    want = [{"lam": lam, "T": t} for lam in (0.0001, 0.1) for t in (2, 10)]
+    assert [g["options"] for g in grid] == want
+    best = max(grid, key=lambda g: g["valid"]["NDCG@10"])
+    assert sweep["chosen"] == best["options"]
+    assert res["students"]["rrd"]["valid"] == best["valid"]
+    # the reported student is the chosen grid point's: its saved file re-scores to the same test
+    chosen = best["file"]
+    assert chosen.endswith(f"rrd@lam={best['options']['lam']}@T={best['options']['T']}.pt")
+    assert all((out / "students" / f).exists() for f in [g["file"].split("/")[-1] for g in grid])
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ("rrd.lam", "is not METHOD.KEY=V1,V2"),
+        ("de.lam=1,2", "not among --methods"),
+        ("rrd.lam=-1,0.1", "lam"),
+        ("rrd.bogus=1,2", "bogus"),
+    ],
+)
+def test_sweep_errors_before_training(tmp_path, capsys, sweep, message):
+    rc = main(["distill", *TINY, "--methods", "none,rrd", "--sweep", sweep, "--out",
+               str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr()
+    assert message in err.err and "epoch" not in err.out
+
+
 def test_distill_full_protocol(tmp_path):
     out = tmp_path / "full"
     rc = main(["distill", *TINY, "--protocol", "full", "--epochs", "2", "--out", str(out)])

@@ -100,6 +100,15 @@ def add_arguments(p) -> None:
         "else a string); repeatable",
     )
     p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=V1,V2,...",
+        help="tune an option on validation: the method is trained at every value (the grid of "
+        "all its --sweep keys), the setting with the best validation --monitor is kept and "
+        "reported on test, and the whole grid is recorded; repeatable",
+    )
+    p.add_argument(
         "--epochs",
         type=int,
         default=1000,
@@ -199,6 +208,39 @@ def parse_options(items, methods):
             parsed = value
         out.setdefault(name, {})[key] = parsed
     return out
+
+
+def parse_sweeps(items, methods):
+    """{method: [options, ...]}: the grid (cartesian product) of each method's swept keys, from
+    "METHOD.KEY=V1,V2,..." strings (values parsed as JSON, else strings); UsageError for a
+    malformed item, a method not in the run, or a key swept twice."""
+    import itertools
+
+    keys = {}
+    for item in items:
+        head, eq, values = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not eq or not dot or not name or not key or not values:
+            raise UsageError(f"--sweep {item!r} is not METHOD.KEY=V1,V2,...")
+        if name not in methods or name == "none":
+            raise UsageError(f"--sweep {item!r}: method {name!r} is not among --methods")
+        if key in keys.setdefault(name, {}):
+            raise UsageError(f"--sweep {item!r}: {name}.{key} is swept twice")
+        parsed = []
+        for v in values.split(","):
+            try:
+                parsed.append(json.loads(v))
+            except ValueError:
+                parsed.append(v)
+        keys[name][key] = parsed
+    return {
+        name: [dict(zip(ks, combo)) for combo in itertools.product(*ks.values())]
+        for name, ks in keys.items()
+    }
+
+
+def _label(name, point) -> str:
+    return name + "".join(f"@{k}={v}" for k, v in point.items())
 
 
 def _resolved(name, options):
@@ -469,8 +511,12 @@ def _run(args, out: Path) -> int:
 
     methods = parse_methods(args.methods)
     overrides = parse_options(args.option, [m for m, _ in methods])
+    grids = parse_sweeps(args.sweep, [m for m, _ in methods])
     methods = [(m, {**opts, **overrides.get(m, {})}) for m, opts in methods]
     methods = [(m, _validated(m, opts) if m != "none" else {}) for m, opts in methods]
+    for m, opts in methods:  # every grid point checked before any training
+        for point in grids.get(m, []):
+            _validated(m, {**opts, **point})
     teacher_path = Path(args.teacher) if args.teacher else out / "teacher.pt"
     if not teacher_path.exists():
         _check_writable(teacher_path.parent, "the folder of the teacher file")
@@ -531,19 +577,43 @@ def _run(args, out: Path) -> int:
     _write_json(results, out / "results.json")
 
     for name, opts in methods:
-        results["students"][name] = experiment.train_student(
-            split,
-            teacher,
-            name,
-            opts,
-            student_model=args.student_model,
-            student_dim=args.student_dim,
-            train=train,
-            log=log,
-            save_to=out / "students" / f"{name}.pt",
-            dataset=dataset,
-            data_spec=data_spec,
-        )
+        grid = []
+        for point in grids.get(name, [{}]):
+            label = _label(name, point)
+            r = experiment.train_student(
+                split,
+                teacher,
+                name,
+                _validated(name, {**opts, **point}) if point else opts,
+                student_model=args.student_model,
+                student_dim=args.student_dim,
+                train=train,
+                log=log,
+                save_to=out / "students" / f"{label}.pt",
+                dataset=dataset,
+                data_spec=data_spec,
+            )
+            grid.append((point, r))
+            if point:
+                log(f"[sweep {label}] valid {monitor} {r['valid'][monitor]:.4f}")
+        # the setting chosen on validation (the first of equals); test is reported for it only
+        point, best = max(grid, key=lambda pr: pr[1]["valid"][monitor])
+        if name in grids:
+            best = dict(best)
+            best["sweep"] = {
+                "chosen": point,
+                "monitor": monitor,
+                "grid": [
+                    {
+                        "options": p,
+                        "valid": r["valid"],
+                        "best_epoch": r["best_epoch"],
+                        "file": r.get("file"),
+                    }
+                    for p, r in grid
+                ],  # fmt: skip
+            }
+        results["students"][name] = best
         _write_json(results, out / "results.json")
 
     results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
