@@ -36,10 +36,19 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"kdfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    subparsers = {}
     for name, (module, help_text) in COMMANDS.items():
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparsers[name])
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):  # the file's values become defaults; the flags win
+            from .config import load_config
+
+            subparsers[args.command].set_defaults(
+                **load_config(args.config, subparsers[args.command])
+            )
+            args = parser.parse_args(argv)
         return int(COMMANDS[args.command][0].run(args) or 0)
     except UsageError as exc:
         print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)

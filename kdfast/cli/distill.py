@@ -159,6 +159,13 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--out", default="kdfast-out", help="output folder (created)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="options from a .toml/.yaml/.json file, or a results.json to rerun its experiment "
+        "(flags given here override the file)",
+    )
 
 
 def parse_methods(text: str):
@@ -547,6 +554,7 @@ def _run(args, out: Path) -> int:
     log(f"data: {dataset.describe()}")
     log(f"split: {split.describe()}")
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["args"] = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     config.update(
         {
             "data": dataset.describe(),
