@@ -40,16 +40,22 @@ def add_arguments(p) -> None:
         "--format",
         default="auto",
         choices=("auto", "users-dat", "movielens", "pairs"),
-        help="file format of --data PATH (auto: by file name)",
+        help="file format of --data PATH (auto, the default: from the content, whatever the name: "
+        "'count id id ...' lines -> users-dat, a rating column -> movielens, else pairs)",
     )
     p.add_argument(
         "--min-interactions",
         type=int,
         default=5,
-        help="drop users with fewer interactions (default 5)",
+        help="drop users with fewer interactions (default 5; one pass, not an iterated k-core)",
     )
     p.add_argument(
-        "--threshold", type=float, default=4.0, help="MovieLens: ratings >= this are interactions"
+        "--min-rating",
+        "--threshold",
+        dest="threshold",
+        type=float,
+        default=4.0,
+        help="rating files: ratings >= this are interactions (default 4.0)",
     )
     p.add_argument("--synthetic-users", type=int, default=2000)
     p.add_argument("--synthetic-items", type=int, default=1500)
@@ -515,6 +521,7 @@ def _run(args, out: Path) -> int:
 
     from .. import experiment, metrics
     from .._core import backend as _backend
+    from ..data.datasets import sniff_format
 
     methods = parse_methods(args.methods)
     overrides = parse_options(args.option, [m for m, _ in methods])
@@ -552,6 +559,9 @@ def _run(args, out: Path) -> int:
     log = print
     _keep_previous(out, log)
     log(f"data: {dataset.describe()}")
+    if args.format == "auto" and Path(args.data).is_file():
+        found = sniff_format(args.data)
+        log(f"format: {found['format']} (detected from the content: {found['why']})")
     log(f"split: {split.describe()}")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["args"] = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}

@@ -198,21 +198,69 @@ def load_users_dat(
     )
 
 
-def load_movielens(path, *, threshold: float = 4.0, min_user_interactions: int = 5) -> Interactions:
-    """Load a MovieLens rating file as implicit feedback: a (user, movie) pair is an interaction
-    when its rating >= threshold.
+def _separator(line: str):
+    return "::" if "::" in line else "\t" if "\t" in line else "," if "," in line else None
 
-    Formats (by file name): u.data (tab-separated user item rating timestamp), ratings.dat
-    (user::movie::rating::timestamp), ratings.csv (header userId,movieId,rating,timestamp).
+
+def _is_number(t: str) -> bool:
+    try:
+        float(t)
+    except ValueError:
+        return False
+    return True
+
+
+def sniff_format(path, n_lines: int = 200) -> dict:
+    """The format of a data file from its content (its first n_lines data lines), not its name:
+    {"format": "users-dat" | "movielens" | "pairs", "sep": separator or None (whitespace),
+    "header": bool, "why": a sentence}. users-dat: every line is "count id id ..." with the count
+    right; movielens (ratings): a header naming a rating column, or a third field that is a
+    number in [0, 10] on every line (user item rating [timestamp]); pairs otherwise."""
+    lines = [ln for ln in _read_lines(path) if ln.strip() and not ln.lstrip().startswith("#")]
+    sample = lines[:n_lines]
+    if not sample:
+        return {"format": "pairs", "sep": None, "header": False, "why": "no data lines"}
+
+    def counted(line):
+        toks = line.split()
+        return all(t.isdigit() for t in toks) and int(toks[0]) == len(toks) - 1
+
+    if all(counted(ln) for ln in sample) and any(len(ln.split()) > 2 for ln in sample):
+        return {"format": "users-dat", "sep": None, "header": False, "why": "count id id ... lines"}
+    sep = _separator(sample[min(1, len(sample) - 1)])
+    fields = [[t.strip() for t in (ln.split(sep) if sep else ln.split())] for ln in sample]
+    header = len(fields) > 1 and not _is_number(fields[0][0]) and _is_number(fields[1][0])
+    if header:
+        names = [f.lower() for f in fields[0]]
+        rating = next((k for k, f in enumerate(names) if "rating" in f or f == "score"), None)
+        if rating is not None:
+            why = f"header column {fields[0][rating]!r}"
+            return {"format": "movielens", "sep": sep, "header": True, "why": why}
+        fields = fields[1:]
+    third = [f[2] for f in fields if len(f) >= 3]
+    if fields and len(third) == len(fields) and all(_is_number(t) for t in third):
+        if all(0 <= float(t) <= 10 for t in third):
+            why = "a third field in [0, 10] on every line (ratings)"
+            return {"format": "movielens", "sep": sep, "header": header, "why": why}
+    return {"format": "pairs", "sep": sep, "header": header, "why": "user-item pairs"}
+
+
+def load_movielens(
+    path, *, threshold: float = 4.0, min_user_interactions: int = 5, sep=None, header=None
+) -> Interactions:
+    """Load a rating file (user item rating [timestamp], e.g. MovieLens u.data, ratings.dat,
+    ratings.csv) as implicit feedback: a (user, item) pair is an interaction when its rating >=
+    threshold.
+
+    sep, header: the field separator ("::", tab, comma, None for whitespace) and whether the first
+    line is a header; None for either reads it from the content (sniff_format), whatever the
+    file's name.
     """
     path = Path(path)
-    base = path.name.lower()
-    if base.endswith(".csv"):
-        sep, header = ",", True
-    elif base.endswith(".dat"):
-        sep, header = "::", False
-    else:
-        sep, header = None, False  # u.data: whitespace / tabs
+    if sep is None or header is None:
+        found = sniff_format(path)
+        sep = found["sep"] if sep is None else sep
+        header = found["header"] if header is None else header
     lines = _read_lines(path)
     users, items = [], []
     for lineno, line in enumerate(lines, start=1):
@@ -433,8 +481,9 @@ def load(
 ) -> Interactions:
     """Load a data set by name or path: "synthetic", "citeulike-t" or a file/folder.
 
-    fmt: "auto" (by file name: users.dat -> users-dat; u.data, ratings.dat, ratings.csv ->
-    movielens; anything else -> pairs), or "users-dat", "movielens", "pairs".
+    fmt: "auto" (from the file's content, whatever its name: see sniff_format), or "users-dat",
+    "movielens" (ratings, kept when >= threshold), "pairs". min_user_interactions: users with fewer
+    interactions are dropped, once (not an iterated k-core).
     """
     formats = ("auto", "users-dat", "movielens", "pairs")
     if fmt not in formats:
@@ -453,14 +502,7 @@ def load(
             f"data {spec!r} is neither 'synthetic', 'citeulike-t' nor an existing file"
         )
     if fmt == "auto":
-        base = p.name.lower()
-        fmt = (
-            "users-dat"
-            if base == "users.dat"
-            else "movielens"
-            if base in ("u.data", "ratings.dat", "ratings.csv")
-            else "pairs"
-        )
+        fmt = sniff_format(p)["format"]
     if fmt == "users-dat":
         return load_users_dat(
             p,
