@@ -139,6 +139,14 @@ def main(argv=None):
             }
         )
         del kept
+    if not teachers:
+        print("no teacher with tables: no trajectory file written", flush=True)
+    else:
+        _save(args, teachers, dataset, split, monitor)
+    print(json.dumps(reports, indent=1))
+
+
+def _save(args, teachers, dataset, split, monitor):
     save_trajectories(
         args.out,
         teachers,
@@ -152,7 +160,6 @@ def main(argv=None):
             "monitor": monitor,
         },
     )
-    print(json.dumps(reports, indent=1))
 
 
 if __name__ == "__main__":
