@@ -168,8 +168,8 @@ def _check_teachers(teachers, n_users, n_items):
 
 
 def _trajectories(v, name):
-    """The trajectories option: None, a file path (str or Path) or a list of teachers (checked
-    against the data in build)."""
+    """The trajectories option: None, a file path (str or Path), a list of file paths (their
+    teachers pooled) or a list of teachers (checked against the data in build)."""
     if v is not None and not isinstance(v, (str, Path, list, tuple)):
         raise TypeError(
             f"{name} must be None, a file path or a list of teachers, got {type(v).__name__}"
@@ -279,16 +279,15 @@ class HetComp(KDMethod):
     """HetComp: the ensemble's easy-to-hard ranking knowledge (the math: the module docstring).
 
     Options (docs/METHODS.md section 7 defaults): trajectories (a list of teachers as for
-    save_trajectories, or the path of a file it wrote; None: the teacher given to build, as one
-    teacher with one checkpoint), K=100 (list length of pi_t and of each checkpoint's list),
-    n_observed=10 (P, the length of pi_o), T_imp=10.0 (importance temperature), period=10 and
-    start=10 (DKC every `period` completed epochs from epoch `start`), alpha=1.05, decay=0.995 (the
-    DKC threshold), lam1=0.01 (phase 1), lam2=0.005 (phase 2), clamp=40.0, dcg_k=50 (the DKC lists'
-    length), dkc_delay=0 (1: DKC one epoch later, as the authors' loop), ndcg_decimals=None (4:
-    round each user's DKC NDCG as the authors do), max_users=None (at most this many of a batch's
-    users per step; None: all),
-    base_loss=False (True: the trainer adds the BPR loss), backend="auto" (top-K and the catalog
-    tails).
+    save_trajectories, the path of a file it wrote, or a list of such paths whose teachers are
+    pooled; None: the teacher given to build, as one teacher with one checkpoint), K=100 (list
+    length of pi_t and of each checkpoint's list), n_observed=10 (P, the length of pi_o), T_imp=10.0
+    (importance temperature), period=10 and start=10 (DKC every `period` completed epochs from epoch
+    `start`), alpha=1.05, decay=0.995 (the DKC threshold), lam1=0.01 (phase 1), lam2=0.005 (phase
+    2), clamp=40.0, dcg_k=50 (the DKC lists' length), dkc_delay=0 (1: DKC one epoch later, as the
+    authors' loop), ndcg_decimals=None (4: round each user's DKC NDCG as the authors do),
+    max_users=None (at most this many of a batch's users per step; None: all), base_loss=False
+    (True: the trainer adds the BPR loss), backend="auto" (top-K and the catalog tails).
     """
 
     name = "hetcomp"
@@ -395,10 +394,18 @@ class HetComp(KDMethod):
             teachers = [
                 {"name": "teacher", "checkpoints": [(teacher_user.detach(), teacher_item.detach())]}
             ]
-        elif isinstance(trajectories, (str, Path)):
-            teachers = load_trajectories(
-                trajectories, train=(excl[0].cpu(), excl[1].cpu()), n_users=n_users, n_items=n_items
-            )
+        elif isinstance(trajectories, (str, Path)) or (
+            isinstance(trajectories, (list, tuple))
+            and trajectories
+            and all(isinstance(f, (str, Path)) for f in trajectories)
+        ):  # one file, or several whose teachers are pooled in order
+            files = [trajectories] if isinstance(trajectories, (str, Path)) else trajectories
+            train_cpu = (excl[0].cpu(), excl[1].cpu())
+            teachers = [
+                t
+                for f in files
+                for t in load_trajectories(f, train=train_cpu, n_users=n_users, n_items=n_items)
+            ]
         else:
             teachers = _check_teachers(trajectories, n_users, n_items)
         knowledge, obs_scores = [], []

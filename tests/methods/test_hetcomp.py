@@ -323,6 +323,14 @@ def test_trajectories_roundtrip_and_split_check(tmp_path):
         K=50,
     )
     assert len(m.knowledge) == 2 and m.phase == 1
+    # several files: their teachers pooled in order
+    path2 = tmp_path / "traj2.pt"
+    save_trajectories(path2, teachers[:1], train=train, n_users=n_users, n_items=n_items)
+    u, i = teachers[0]["checkpoints"][-1]
+    m2 = HetComp.build(u, i, train, 3, trajectories=[str(path), str(path2)], K=50)
+    assert m2.names == ["t0", "t1", "t0"]
+    for a, b in zip(m2.knowledge, [m.knowledge[0], m.knowledge[1], m.knowledge[0]]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_trainer_uses_hetcomp_loss_alone():
