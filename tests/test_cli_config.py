@@ -60,23 +60,23 @@ def test_toml_config_flags_override_and_results_json_reruns(tmp_path):
     }
 
 
-def test_json_config(tmp_path):
-    cfg = tmp_path / "run.json"
-    cfg.write_text(json.dumps({"synthetic-users": 120, "synthetic-items": 150, "n-neg": 40,
-                               "teacher-dim": 8, "student-dim": 4, "epochs": 1,
-                               "methods": "none", "no-progress": True}))  # fmt: skip
-    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "j")]) == 0
-    assert _results(tmp_path / "j")["config"]["args"]["teacher_dim"] == 8
+# one run's options, with dashes (as the flags are spelled) or underscores (as argparse stores them)
+SMALL = {"synthetic-users": 120, "synthetic-items": 150, "n-neg": 40, "teacher-dim": 8,
+         "student-dim": 4, "epochs": 1, "methods": "none", "no-progress": True}  # fmt: skip
 
 
-def test_yaml_config(tmp_path):
-    yaml = pytest.importorskip("yaml")
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"synthetic_users": 120, "synthetic_items": 150, "n_neg": 40,
-                                   "teacher_dim": 8, "student_dim": 4, "epochs": 1,
-                                   "methods": "none", "no_progress": True}))  # fmt: skip
-    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "y")]) == 0
-    assert _results(tmp_path / "y")["config"]["args"]["teacher_dim"] == 8
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_json_and_yaml_configs(tmp_path, fmt):
+    if fmt == "json":
+        text = json.dumps(SMALL)
+    else:
+        text = pytest.importorskip("yaml").safe_dump(
+            {k.replace("-", "_"): v for k, v in SMALL.items()}
+        )
+    cfg = tmp_path / f"run.{fmt}"
+    cfg.write_text(text)
+    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 0
+    assert _results(tmp_path / "o")["config"]["args"]["teacher_dim"] == 8
 
 
 @pytest.mark.parametrize(
