@@ -223,7 +223,7 @@ class Trainer:
                 with torch.no_grad():
                     su, si = self.model.embeddings()
                     self.method.start_epoch(epoch - 1, self.epochs, su.detach(), si.detach())
-            total = kd_total = 0.0
+            total, kd_parts = 0.0, []  # the KD parts stay on the device until the epoch ends
             bar = tqdm(
                 range(n_batches),
                 desc=f"{self.name} epoch {epoch}",
@@ -240,12 +240,12 @@ class Trainer:
                     loss = bpr_loss(ue, ie, *batch)
                     if self.method is not None:
                         kd = self.method(ue, ie, *batch)
-                        kd_total += float(kd.detach())
+                        kd_parts.append(kd.detach())
                         loss = loss + kd
                 else:
                     ue, ie = self.model.embeddings()
                     loss = self.method(ue, ie, *batch)
-                    kd_total += float(loss.detach())
+                    kd_parts.append(loss.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -264,6 +264,9 @@ class Trainer:
             valid = self.evaluate("valid")
             entry = {"epoch": epoch, "loss": total, "valid": valid}
             if self.method is not None:  # the epoch's loss split into its base and KD parts
+                kd_total = 0.0
+                for part in torch.stack(kd_parts).tolist() if kd_parts else []:
+                    kd_total += part  # (summed in step order, as the total is)
                 entry["loss_kd"], entry["loss_base"] = kd_total, total - kd_total
             status = self.method.status() if self.method is not None else None
             if status:
