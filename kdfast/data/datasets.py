@@ -215,9 +215,22 @@ def sniff_format(path, n_lines: int = 200) -> dict:
     {"format": "users-dat" | "movielens" | "pairs", "sep": separator or None (whitespace),
     "header": bool, "why": a sentence}. users-dat: every line is "count id id ..." with the count
     right; movielens (ratings): a header naming a rating column, or a third field that is a
-    number in [0, 10] on every line (user item rating [timestamp]); pairs otherwise."""
-    lines = [ln for ln in _read_lines(path) if ln.strip() and not ln.lstrip().startswith("#")]
-    sample = lines[:n_lines]
+    number in [0, 10] on every line (user item rating [timestamp]); pairs otherwise. Reads only
+    those lines, not the whole file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    sample = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line.strip() and not line.lstrip().startswith("#"):
+                    sample.append(line)
+                    if len(sample) == n_lines:
+                        break
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from None
     if not sample:
         return {"format": "pairs", "sep": None, "header": False, "why": "no data lines"}
 
@@ -501,8 +514,10 @@ def load(
         raise FileNotFoundError(
             f"data {spec!r} is neither 'synthetic', 'citeulike-t' nor an existing file"
         )
+    found = {}
     if fmt == "auto":
-        fmt = sniff_format(p)["format"]
+        found = sniff_format(p)
+        fmt = found["format"]
     if fmt == "users-dat":
         return load_users_dat(
             p,
@@ -510,5 +525,11 @@ def load(
             min_user_interactions=min_user_interactions,
         )
     if fmt == "movielens":
-        return load_movielens(p, threshold=threshold, min_user_interactions=min_user_interactions)
+        return load_movielens(
+            p,
+            threshold=threshold,
+            min_user_interactions=min_user_interactions,
+            sep=found.get("sep"),
+            header=found.get("header"),
+        )
     return load_pairs(p, min_user_interactions=min_user_interactions)
