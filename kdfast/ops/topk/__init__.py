@@ -108,11 +108,11 @@ def _exact_neg_sqeuclidean(queries, keys, key_bias, values, index, max_elems=1 <
         rows = gather_rows(keys, idx.clamp_min(0)).to(dt)
         d = -((queries[r0 : r0 + step, None, :].to(dt) - rows) ** 2).sum(-1)
         if key_bias is not None:
-            d = d + gather_rows(key_bias.to(dt)[:, None], idx.clamp_min(0))[..., 0]
+            d = d + key_bias.to(dt)[idx.clamp_min(0)]
         out[r0 : r0 + step] = d.to(torch.float32)
-    ok = (index >= 0) & torch.isfinite(values)
-    rank = torch.where(ok, encode_rank_keys(out, index), torch.full_like(index, EMPTY))
-    rank = torch.where((index >= 0) & ~ok, encode_rank_keys(values, index), rank)
+    # a score that ranked as not finite keeps its value (and so its -inf rank)
+    scores = torch.where(torch.isfinite(values), out, values)
+    rank = torch.where(index >= 0, encode_rank_keys(scores, index), torch.full_like(index, EMPTY))
     return decode_rank_keys(torch.sort(rank, dim=1, descending=True).values)
 
 
