@@ -96,10 +96,8 @@ def main(argv=None):
                     h.get("method") for h in r["history"] if h.get("method")
                 ]
             print(key, {k: round(v, 4) for k, v in r["test"].items()}, flush=True)
-            with open(args.out, "w") as f:
+            with open(args.out, "w") as f:  # after every student: a stopped run keeps its rows
                 json.dump(report, f, indent=1)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -78,16 +78,13 @@ def main(argv=None):
             epochs=int(over.get("epochs", train.epochs)),
         )
         kept = {}
-        has_tables = True
 
         def keep(epoch, m, kept=kept):
-            nonlocal has_tables
-            has_tables = getattr(m, "score", "dot") is not None
-            if epoch % args.every == 0 and has_tables:
+            if epoch % args.every == 0 and getattr(m, "score", "dot") is not None:
                 kept[epoch] = tuple(t.clone() for t in dot_tables(m))
 
         t0 = time.perf_counter()
-        _, res = experiment.train_model(
+        model, res = experiment.train_model(
             kind, int(dim), split, spec_train, name=f"{kind}{dim}", on_epoch_end=keep
         )
         report = {
@@ -103,7 +100,7 @@ def main(argv=None):
             "test": res["test"],
         }
         reports.append(report)
-        if not has_tables:
+        if getattr(model, "score", "dot") is None:  # a scorer: no tables to keep
             print(
                 f"{kind}{dim}: best epoch {res['best_epoch']}, valid {monitor} "
                 f"{res['valid'][monitor]:.4f}, test {res['test'][monitor]:.4f}; no tables: "
