@@ -31,6 +31,12 @@ def metric_names(protocol: str, ns=LOO_NS, ks=FULL_KS) -> list:
     raise ValueError(f"protocol must be 'loo' or 'full', got {protocol!r}")
 
 
+def held_out_rank(scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of column 0 among each row of candidate scores [n, C]: the candidates that
+    score >= it (ties count against the model)."""
+    return (scores[:, 1:] >= scores[:, :1]).sum(1)
+
+
 def loo_ranks(user_emb, item_emb, users, candidates, *, batch: int = 512) -> torch.Tensor:
     """0-based rank of candidates[:, 0] among each row of candidates (ties pessimistic).
 
@@ -44,7 +50,7 @@ def loo_ranks(user_emb, item_emb, users, candidates, *, batch: int = 512) -> tor
             u = user_emb[users[b0 : b0 + batch].to(user_emb.device)]
             c = item_emb[candidates[b0 : b0 + batch].to(item_emb.device)]
             s = torch.bmm(c, u.unsqueeze(2)).squeeze(2)
-            out[b0 : b0 + batch] = (s[:, 1:] >= s[:, :1]).sum(1).cpu()
+            out[b0 : b0 + batch] = held_out_rank(s).cpu()
     return out
 
 
@@ -130,8 +136,7 @@ def evaluate_scorer(
                 ub, cb = users[b0 : b0 + batch], cands[b0 : b0 + batch]
                 ids, where = torch.unique(cb, return_inverse=True)
                 s = score_pairs(ub, ids).to(torch.float32).cpu()
-                s = torch.gather(s, 1, where)
-                ranks.append((s[:, 1:] >= s[:, :1]).sum(1))
+                ranks.append(held_out_rank(torch.gather(s, 1, where)))
             return loo_metrics(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), ns)
         from .ops.topk.scorer import topk_from_scorer
 
