@@ -24,7 +24,7 @@ import torch
 
 from .._core import checks
 from .._core.numerics import gather_rows
-from .base import checked_options, entity_weighted
+from .base import checked_options
 from .experts import (
     AnnealedMethod,
     ExpertBank,
@@ -82,22 +82,30 @@ class DE(AnnealedMethod):
         method._noise = noise_generator(generator, "cpu")
         return method
 
-    def reconstruct(self, side: str, h_t: torch.Tensor, h_s: torch.Tensor) -> torch.Tensor:
-        """hhat for rows of one side ("user" or "item"): [B, d_t]."""
+    def reconstruct(self, side: str, h_t: torch.Tensor, h_s: torch.Tensor, sizes=None):
+        """hhat for rows of one side ("user" or "item"): [B, d_t]. sizes: the rows are that many
+        consecutive blocks (the unique positive items, then the unique negative items) whose Gumbel
+        noise is drawn block after block, as separate calls would draw it; the experts then run
+        once over all of them."""
         alpha = torch.softmax(self.selectors[side](h_t), dim=-1)
-        z = gumbel_softmax(alpha, self.tau, self._noise)
+        if sizes is None:
+            z = gumbel_softmax(alpha, self.tau, self._noise)
+        else:
+            blocks = torch.split(alpha, list(sizes))
+            z = torch.cat([gumbel_softmax(a, self.tau, self._noise) for a in blocks])
         return self.experts[side].mixture(h_s, z, self.selected_only())
 
     def forward(self, student_user, student_item, users, pos, neg):
+        """lambda_de * (sum_{unique users} l + 0.5 (sum_{unique pos} l + sum_{unique neg} l)):
+        one expert evaluation per side, the unique positive and negative items stacked (an item in
+        both counts twice, as in the sum)."""
         self.check_batch(student_user, student_item, users, pos, neg)
-        tables = {
-            "user": (self.teacher_user, student_user),
-            "item": (self.teacher_item, student_item),
-        }
-
-        def loss_of(side, ids):
-            t, s = tables[side]
-            h_t = t[ids].to(s.dtype)
-            return ((h_t - self.reconstruct(side, h_t, gather_rows(s, ids))) ** 2).sum()
-
-        return self.lambda_de * entity_weighted(loss_of, users, pos, neg, 0.5)
+        u = torch.unique(users)
+        ip, ineg = torch.unique(pos), torch.unique(neg)
+        items = torch.cat([ip, ineg])
+        dtype = student_user.dtype
+        h_t = self.teacher_user[u].to(dtype)
+        loss = ((h_t - self.reconstruct("user", h_t, gather_rows(student_user, u))) ** 2).sum()
+        h_t = self.teacher_item[items].to(dtype)
+        hhat = self.reconstruct("item", h_t, gather_rows(student_item, items), (len(ip), len(ineg)))
+        return self.lambda_de * (loss + 0.5 * ((h_t - hhat) ** 2).sum())

@@ -80,9 +80,15 @@ def per_side(make) -> nn.ModuleDict:
 
 class ExpertBank(nn.Module):
     """M two-layer experts E_m(x) = W2_m relu(W1_m x + b1_m) + b2_m (d_in -> hidden -> d_out;
-    hidden = (d_in + d_out) // 2 unless given), stored as stacked weights and evaluated together
-    with two einsums (no Python loop over experts).
+    hidden = (d_in + d_out) // 2 unless given), stored as stacked weights w1 [M, d_in, hidden],
+    b1 [M, hidden], w2 [M, hidden, d_out], b2 [M, d_out] and evaluated together, never with a
+    Python loop over experts (forward_selected falls back to one when padding would waste more
+    than it saves).
     """
+
+    #: forward_selected pads each present expert's rows to the largest group; beyond this many
+    #: padded rows per real row it evaluates one expert at a time instead
+    max_padding = 4.0
 
     def __init__(
         self, n_experts: int, d_in: int, d_out: int, generator=None, hidden: int | None = None
@@ -99,10 +105,19 @@ class ExpertBank(nn.Module):
         self.b2 = init((n_experts, d_out), hidden)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_m weights[:, m] E_m(x[b]): x [B, d_in], weights [B, M] -> [B, d_out]."""
-        hid = torch.relu(torch.einsum("bi,mih->bmh", x, self.w1) + self.b1)
-        out = torch.einsum("bmh,mho->bmo", hid, self.w2) + self.b2
-        return torch.einsum("bm,bmo->bo", weights, out)
+        """sum_m weights[:, m] E_m(x[b]): x [B, d_in], weights [B, M] -> [B, d_out].
+
+        Two GEMMs against the concatenated experts: H = relu(x [W1_1 .. W1_M] + [b1_1 .. b1_M])
+        [B, M*hidden], each expert's block of H scaled by its weight, then
+        (weights * H) [W2_1; ..; W2_M] + weights [b2_1; ..; b2_M]. The sum over experts is the
+        second GEMM's reduction, so no [B, M, d_out] tensor is ever formed (it was the cost).
+        """
+        n, d_in = x.shape
+        m, _, hid = self.w1.shape
+        w1 = self.w1.transpose(0, 1).reshape(d_in, m * hid)
+        h = torch.relu(torch.addmm(self.b1.reshape(m * hid), x, w1))
+        hz = (h.view(n, m, hid) * weights[:, :, None]).view(n, m * hid)
+        return torch.addmm(weights @ self.b2, hz, self.w2.reshape(m * hid, -1))
 
     def mixture(
         self, x: torch.Tensor, weights: torch.Tensor, selected_only: bool = False
@@ -121,22 +136,52 @@ class ExpertBank(nn.Module):
     ) -> torch.Tensor:
         """weight[b] E_{index[b]}(x[b]): only the selected expert of each row is evaluated.
 
-        Rows are grouped by expert (one stable sort) and each present expert runs one matmul over
-        its rows: reading each expert's weights once, instead of gathering a [B, d_in, hidden] copy.
+        One grouped computation: the rows are placed, grouped by expert, into a zero-padded
+        [P, cap, d_in] block (P present experts, cap = the largest group; a row's slot is its
+        expert's block and its rank within the group in a stable order), two batched matmuls
+        (torch.baddbmm, each expert's weights read once) evaluate every present expert on its
+        block, and each row reads its slot back. Padding rows never reach the output, so they get
+        no gradient; the scatter and gather are index_copy / index_select at distinct slots, so the
+        gradients have the same bits run to run. When padding would exceed max_padding rows per
+        real row (very uneven groups) it evaluates one present expert at a time instead.
         """
+        n = x.shape[0]
+        m = self.w1.shape[0]
+        if n == 0:
+            return weight[:, None] * x.new_zeros((0, self.w2.shape[2]))
+        counts = torch.bincount(index, minlength=m)
+        present = torch.nonzero(counts).flatten()
+        cap = int(counts.max())
+        if present.numel() * cap > self.max_padding * n:
+            return weight[:, None] * self._selected_loop(x, index, counts)
+        # group g of a row: the rank of its expert among the present ones
+        group = torch.cumsum(counts > 0, 0)[index] - 1
         order = torch.argsort(index, stable=True)
-        counts = torch.bincount(index, minlength=self.w1.shape[0]).tolist()
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_group = torch.empty_like(index)
+        rank_in_group[order] = torch.arange(n, device=x.device) - starts[index[order]]
+        slot = group * cap + rank_in_group
+        n_slots = present.numel() * cap
+        xp = x.new_zeros((n_slots, x.shape[1])).index_copy(0, slot, x)
+        xp = xp.view(present.numel(), cap, -1)
+        b1, w1, b2, w2 = (p.index_select(0, present) for p in (self.b1, self.w1, self.b2, self.w2))
+        h = torch.relu(torch.baddbmm(b1[:, None, :], xp, w1))
+        out = torch.baddbmm(b2[:, None, :], h, w2)
+        return weight[:, None] * out.view(n_slots, -1).index_select(0, slot)
+
+    def _selected_loop(self, x, index, counts):
+        """E_{index[b]}(x[b]) with one matmul per present expert over its rows."""
+        order = torch.argsort(index, stable=True)
         xs = x[order]
         parts = []
         start = 0
-        for m, c in enumerate(counts):
+        for m, c in enumerate(counts.tolist()):
             if c:
                 h = torch.relu(xs[start : start + c] @ self.w1[m] + self.b1[m])
                 parts.append(h @ self.w2[m] + self.b2[m])
                 start += c
-        out = torch.empty((x.shape[0], self.w2.shape[2]), dtype=x.dtype, device=x.device)
-        out = out.index_copy(0, order, torch.cat(parts)) if parts else out
-        return weight[:, None] * out
+        out = x.new_empty((x.shape[0], self.w2.shape[2]))
+        return out.index_copy(0, order, torch.cat(parts))
 
 
 class AnnealedMethod(FrozenTeacher):

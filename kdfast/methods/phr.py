@@ -20,7 +20,7 @@ from torch import nn
 
 from .._core import checks
 from .._core.numerics import gather_rows
-from .base import FrozenTeacher, checked_options, entity_weighted
+from .base import FrozenTeacher, checked_options
 from .experts import make_linear
 
 
@@ -77,22 +77,21 @@ class PHR(FrozenTeacher):
         return method
 
     def forward(self, student_user, student_item, users, pos, neg):
+        """lambda_phr * (sum_{unique users} l + 0.5 (sum_{unique pos} l + sum_{unique neg} l)),
+        with one PNet call over the stacked rows (users, unique positives, unique negatives): PNet
+        is shared by users and items and maps each row on its own, so one large GEMM replaces three
+        smaller ones."""
         self.check_batch(student_user, student_item, users, pos, neg)
-        tables = {
-            "user": (self.teacher_user, student_user),
-            "item": (self.teacher_item, student_item),
-        }
         d_t, d_s = self.teacher_user.shape[1], self.student_dim
-
-        def loss_of(side, ids):
-            t, s = tables[side]
-            h_t = t[ids].to(s.dtype)
-            w = self.pnet(h_t)
-            if w.shape != (ids.shape[0], d_t * d_s):
-                raise ValueError(
-                    f"pnet must return [B, {d_t * d_s}] (d_t * d_s), got {tuple(w.shape)}"
-                )
-            hhat = torch.bmm(w.view(-1, d_t, d_s), gather_rows(s, ids)[:, :, None])[:, :, 0]
-            return ((h_t - hhat) ** 2).sum()
-
-        return self.lambda_phr * entity_weighted(loss_of, users, pos, neg, 0.5)
+        u = torch.unique(users)
+        items = torch.cat([torch.unique(pos), torch.unique(neg)])
+        dtype = student_user.dtype
+        h_t = torch.cat([self.teacher_user[u], self.teacher_item[items]]).to(dtype)
+        h_s = torch.cat([gather_rows(student_user, u), gather_rows(student_item, items)])
+        w = self.pnet(h_t)
+        if w.shape != (h_t.shape[0], d_t * d_s):
+            raise ValueError(f"pnet must return [B, {d_t * d_s}] (d_t * d_s), got {tuple(w.shape)}")
+        hhat = torch.bmm(w.view(-1, d_t, d_s), h_s[:, :, None])[:, :, 0]
+        per_row = ((h_t - hhat) ** 2).sum(1)
+        n_u = u.shape[0]
+        return self.lambda_phr * (per_row[:n_u].sum() + 0.5 * per_row[n_u:].sum())
