@@ -8,6 +8,14 @@
 The .npz holds values [n_q, k] float32 and indices [n_q, k] int64 (index -1 / value -inf where a
 query has fewer than k non-excluded keys); with --item-side also item_values / item_indices [n_k,
 k]: each key's top-k queries, excluding the transposed exclusion lists (e.g. an item's top users).
+
+Under torchrun (one process per GPU or per CPU share) the work is split among the ranks and --out
+names a directory of shards: each rank writes the rows it owns to its own memory-mapped .npy files,
+and rank 0 writes index.json naming them (kdfast.distributed.load_rankings reads them back as one
+ranking; docs/DISTRIBUTED.md):
+
+    torchrun --standalone --nproc-per-node 2 -m kdfast.cli topk --demo 20000 100000 64 -k 100 \
+        --layout keys --out top_shards
 """
 
 from __future__ import annotations
@@ -58,14 +66,53 @@ def add_arguments(p):
         "--threads", type=int, default=None, help="CPU threads (default: torch's setting)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .npz (under torchrun: a directory of shards, created)",
+    )
+    dist = p.add_argument_group("under torchrun (docs/DISTRIBUTED.md)")
+    dist.add_argument(
+        "--layout",
+        default="queries",
+        choices=("queries", "keys"),
+        help="queries: each rank ranks its block of queries against all keys; keys: each rank also "
+        "holds only its block of keys and the partial lists are merged (default queries)",
+    )
+    dist.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=("auto", "nccl", "gloo"),
+        help="process-group backend (default: nccl for a CUDA --device, gloo otherwise)",
+    )
+    dist.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a rank waits in a collective for the others before it fails "
+        "(default kdfast.distributed.DEFAULT_TIMEOUT_S = 300)",
+    )
 
 
-def load_embeddings(path: str, name: str) -> torch.Tensor:
-    """A 2-D floating tensor from .npy or .pt."""
+def load_embeddings(path: str, name: str, mmap: bool = False):
+    """A 2-D floating tensor from .npy or .pt (mmap: a .npy as a read-only numpy memmap, so that a
+    rank reads only its rows)."""
     if not os.path.isfile(path):
         raise UsageError(f"--{name}: file not found: {path}")
     try:
+        if path.endswith(".npy") and mmap:
+            x = np.load(path, allow_pickle=False, mmap_mode="r")
+            if x.ndim != 2:
+                raise UsageError(
+                    f"--{name}: expected a 2-D array [rows, d], got shape {tuple(x.shape)} in "
+                    f"{path}"
+                )
+            if x.dtype.kind != "f":
+                raise UsageError(
+                    f"--{name}: expected floating-point embeddings, got {x.dtype} in {path}"
+                )
+            return x
         if path.endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.endswith(".pt"):
@@ -153,7 +200,16 @@ def run(args) -> int:
         raise UsageError(str(exc)) from None
 
 
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (torch.distributed.run), which sets these."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(
+        v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+    )
+
+
 def _run(args) -> int:
+    if under_torchrun():
+        return _run_distributed(args)
     from tqdm import tqdm
 
     if args.k < 1:
@@ -204,6 +260,150 @@ def _run(args) -> int:
         print(
             f"wrote {out}: top-{args.k} of {n_k} keys for {n_q} queries"
             + (f" and top-{args.k} of {n_q} queries for {n_k} keys" if args.item_side else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------ torchrun
+def _rows(x, r0, r1) -> torch.Tensor:
+    """Rows r0..r1 of a tensor or a numpy memmap, as a contiguous tensor."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.array(x[r0:r1]))  # a copy: memmaps are read-only
+    return x[r0:r1].contiguous()
+
+
+def _inputs(args):
+    """(queries, keys): tensors (--demo, .pt) or memmaps (.npy); the exclusion CSR or None."""
+    if args.k < 1:
+        raise UsageError(f"-k must be >= 1, got {args.k}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.demo:
+        if args.queries or args.keys:
+            raise UsageError("give either --demo or --queries/--keys, not both")
+        n_q, n_k, d = args.demo
+        if min(n_q, n_k, d) < 1:
+            raise UsageError(f"--demo sizes must be >= 1, got {n_q} {n_k} {d}")
+        gen = torch.Generator().manual_seed(args.seed)
+        queries, keys = torch.randn(n_q, d, generator=gen), torch.randn(n_k, d, generator=gen)
+    else:
+        if not (args.queries and args.keys):
+            raise UsageError("give --queries and --keys (or --demo N_Q N_K D)")
+        queries = load_embeddings(args.queries, "queries", mmap=True)
+        keys = load_embeddings(args.keys, "keys", mmap=True)
+        if queries.shape[1] != keys.shape[1]:
+            raise UsageError(
+                f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}"
+            )
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    csr = load_exclude(args.exclude, n_q, n_k) if args.exclude else None
+    if args.out.endswith(".npz"):
+        raise UsageError(
+            f"--out: under torchrun the ranking is written as a directory of shards, got {args.out}"
+        )
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out: directory does not exist: {parent}")
+    return queries, keys, csr
+
+
+def _run_distributed(args) -> int:
+    """`kdfast topk` under torchrun: this rank's blocks of rows, its shard files."""
+    import torch.distributed as tdist
+    from tqdm import tqdm
+
+    from .. import distributed as kd
+    from .._core.csr import select_rows
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    backend = (
+        args.dist_backend
+        if args.dist_backend != "auto"
+        else ("nccl" if dev.type == "cuda" else "gloo")
+    )
+    try:
+        rank, world = kd.init(backend, timeout_s=args.dist_timeout)
+    except ValueError as exc:
+        raise UsageError(f"--dist-timeout: {exc}") from None
+    try:
+        return _distributed(args, kd, select_rows, tqdm, dev, rank, world)
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _distributed(args, kd, select_rows, tqdm, dev, rank, world) -> int:
+    from ..distributed._comm import Comm
+
+    comm = Comm(None, dev, "kdfast topk")
+    err, loaded = None, None
+    try:
+        loaded = _inputs(args)
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        err = ValueError(str(exc))
+    try:
+        comm.agree(err)  # a rank whose files are bad stops every rank, with its message
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    queries, keys, csr = loaded
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    sides = [("", queries, keys, csr)]
+    if args.item_side:
+        import kdfast
+
+        t_csr = None if csr is None else kdfast.transpose_csr(csr, n_k, n_q)
+        sides.append(("item_", keys, queries, t_csr))
+    writer = kd.ShardWriter(args.out, rank, world)
+    n_calls = sum(math.ceil(math.ceil(q.shape[0] / world) / args.batch) for _, q, _, _ in sides)
+    with tqdm(
+        total=n_calls,
+        desc=f"top-k batches (rank 0 of {world})",
+        unit="batch",
+        disable=args.quiet or rank != 0,
+        file=sys.stderr,
+    ) as bar:
+        for prefix, qs, ks, x in sides:
+            nq, nk = qs.shape[0], ks.shape[0]
+            r0, r1 = kd.block_range(nq, rank, world)
+            if args.layout == "keys":
+                k0, k1 = kd.block_range(nk, rank, world)
+            else:
+                k0, k1 = 0, nk
+            keys_dev = _rows(ks, k0, k1).to(dev)
+            vals = writer.array(prefix + "values", r0, r1 - r0, nq, args.k, np.float32)
+            idx = writer.array(prefix + "indices", r0, r1 - r0, nq, args.k, np.int64)
+            longest = max(b - a for a, b in (kd.block_range(nq, r, world) for r in range(world)))
+            for b in range(math.ceil(longest / args.batch)):  # the same number of calls everywhere
+                a0 = min(r1, r0 + b * args.batch)
+                a1 = min(r1, a0 + args.batch)
+                ex = None
+                if x is not None:
+                    ex = tuple(t.to(dev) for t in select_rows(*x, torch.arange(a0, a1)))
+                v, i = kd.topk_scores(
+                    _rows(qs, a0, a1).to(dev),
+                    keys_dev,
+                    args.k,
+                    exclude=ex,
+                    layout=args.layout,
+                    key_offset=k0 if args.layout == "keys" else None,
+                    backend=args.backend,
+                )
+                vals[a0 - r0 : a1 - r0], idx[a0 - r0 : a1 - r0] = v.cpu().numpy(), i.cpu().numpy()
+                bar.update(1)
+            del keys_dev
+    writer.finish()
+    if rank == 0 and not args.quiet:
+        print(
+            f"wrote {args.out}/: top-{args.k} of {n_k} keys for {n_q} queries"
+            + (f" and top-{args.k} of {n_q} queries for {n_k} keys" if args.item_side else "")
+            + f", {world} shards each (kdfast.distributed.load_rankings reads them)",
             file=sys.stderr,
         )
     return 0
