@@ -64,6 +64,7 @@ class TrainSpec:
     backend: str = "auto"
     device: str = "cpu"
     valid_excludes_test: bool = False
+    checkpoint_every: int = 1
 
     def monitor_for(self, protocol: str) -> str:
         return self.monitor or DEFAULT_MONITOR[protocol]
@@ -127,9 +128,20 @@ def new_model(kind: str, dim: int, split, generator: torch.Generator, device="cp
     return model.to(device)
 
 
-def fit(model, split, train: TrainSpec, *, method=None, name="model", log=print, on_epoch_end=None):
+def fit(
+    model,
+    split,
+    train: TrainSpec,
+    *,
+    method=None,
+    name="model",
+    log=print,
+    on_epoch_end=None,
+    checkpoint=None,
+    resume=False,
+):
     """Train a model (with a KD method, or plain BPR) under the TrainSpec: Trainer.fit()'s
-    result."""
+    result. checkpoint, resume: see kdfast.Trainer."""
     trainer = Trainer(
         model,
         split,
@@ -148,17 +160,42 @@ def fit(model, split, train: TrainSpec, *, method=None, name="model", log=print,
         backend=train.backend,
         on_epoch_end=on_epoch_end,
         valid_excludes_test=train.valid_excludes_test,
+        checkpoint=checkpoint,
+        checkpoint_every=train.checkpoint_every,
+        resume=resume,
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if trainer.model is not model:  # (restored models are restored in place; never expected)
+        raise RuntimeError("the trainer replaced the model")
+    return result
 
 
 def train_model(
-    kind: str, dim: int, split, train: TrainSpec, *, name="model", log=print, on_epoch_end=None
+    kind: str,
+    dim: int,
+    split,
+    train: TrainSpec,
+    *,
+    name="model",
+    log=print,
+    on_epoch_end=None,
+    checkpoint=None,
+    resume=False,
 ):
     """A fresh model, initialised from a generator seeded with train.seed, trained without KD;
-    returns (model, Trainer.fit()'s result)."""
+    returns (model, Trainer.fit()'s result). checkpoint, resume: see kdfast.Trainer."""
     model = new_model(kind, dim, split, torch.Generator().manual_seed(train.seed), train.device)
-    return model, fit(model, split, train, name=name, log=log, on_epoch_end=on_epoch_end)
+    result = fit(
+        model,
+        split,
+        train,
+        name=name,
+        log=log,
+        on_epoch_end=on_epoch_end,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
+    return model, result
 
 
 def get_teacher(
@@ -170,9 +207,12 @@ def get_teacher(
     *,
     path=None,
     log=print,
+    checkpoint=None,
+    resume=False,
 ) -> Teacher:
     """The teacher: loaded from `path` when it exists (its fingerprint must match this data, split
-    and model: ValueError otherwise), else trained and, with a path, saved there."""
+    and model: ValueError otherwise), else trained and, with a path, saved there. checkpoint,
+    resume: the training's (kdfast.Trainer)."""
     expect = teacher_fingerprint(dataset, data_spec, teacher)
     device = torch.device(train.device)
     if path is not None and Path(path).exists():
@@ -183,7 +223,16 @@ def get_teacher(
                 f"best {meta.get('best_epoch')})"
             )
         return Teacher(user.to(device), item.to(device), meta, loaded=True, file=str(path))
-    model, result = train_model(teacher.model, teacher.dim, split, train, name="teacher", log=log)
+    model, result = train_model(
+        teacher.model,
+        teacher.dim,
+        split,
+        train,
+        name="teacher",
+        log=log,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
     user, item = (t.clone() for t in dot_tables(model))  # exact scores as dot products
     monitor = train.monitor_for(split.protocol)
     keys = ("best_epoch", "epochs_run", "seconds_per_epoch", "valid", "test", "history")
@@ -241,6 +290,8 @@ def train_student(
     save_to=None,
     dataset=None,
     data_spec: DataSpec | None = None,
+    checkpoint=None,
+    resume=False,
 ) -> dict:
     """A fresh student trained with the method `name`: Trainer.fit()'s result, plus "wall_seconds"
     (training and evaluation) and "setup_seconds" (building the method: the teacher's lists).
@@ -249,7 +300,9 @@ def train_student(
     that order (seeded runs reproduce the results of earlier versions). save_to: a path where the
     student (its best-validation tables, kdfast.models.save_embeddings role "student") is saved
     with its method, options, data and training settings and metrics; dataset and data_spec are
-    then required (the id maps, the data fingerprint, how to rebuild the split)."""
+    then required (the id maps, the data fingerprint, how to rebuild the split). checkpoint,
+    resume: the training's (kdfast.Trainer); a resumed student is built exactly as the first
+    time (same generator draws), then its checkpoint restored."""
     gen = torch.Generator().manual_seed(train.seed)
     model = new_model(student_model, student_dim, split, gen, train.device)
     t0 = time.perf_counter()
@@ -257,7 +310,16 @@ def train_student(
     if method is not None:
         method = method.to(train.device)
     t1 = time.perf_counter()
-    result = fit(model, split, train, method=method, name=f"student {name}", log=log)
+    result = fit(
+        model,
+        split,
+        train,
+        method=method,
+        name=f"student {name}",
+        log=log,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
     result["wall_seconds"] = time.perf_counter() - t1
     result["setup_seconds"] = t1 - t0
     if save_to is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,14 @@ class Trainer:
     on_epoch_end: None or a function (epoch, model) called after each epoch's training steps, before
     its validation (epoch is 1-based), e.g. to keep checkpoints along the training trajectory
     (HetComp); valid_excludes_test: see kdfast.metrics.evaluate (False: validation ranks exclude
-    the training items only).
+    the training items only);
+    checkpoint: None or a file path: after every `checkpoint_every` epochs (and when training
+        ends) the whole state of the run is written there (kdfast.checkpoint: model, method,
+        optimizer, every RNG, the epoch, early stopping), whole or not at all;
+    resume: with a checkpoint file that exists, continue from it instead of starting afresh: the
+        model and method must be built exactly as for the interrupted run (the same seed and
+        options), and the result is then bit for bit that of an uninterrupted run; a checkpoint
+        of a finished run returns its result at once (the model in its best state).
     """
 
     def __init__(
@@ -110,12 +118,16 @@ class Trainer:
         backend: str = "auto",
         on_epoch_end=None,
         valid_excludes_test: bool = False,
+        checkpoint=None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
     ):
         for arg, v in (
             ("epochs", epochs),
             ("batch_size", batch_size),
             ("eval_every", eval_every),
             ("patience", patience),
+            ("checkpoint_every", checkpoint_every),
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
@@ -147,6 +159,9 @@ class Trainer:
                 f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}"
             )
         self.on_epoch_end = on_epoch_end
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint path")
+        self.checkpoint, self.checkpoint_every, self.resume = checkpoint, checkpoint_every, resume
 
     def _params(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -182,9 +197,12 @@ class Trainer:
         """Train; returns {"best_epoch", "valid" (metrics at the best epoch), "test" (same state),
         "seconds_per_epoch" (training only, evaluation excluded), "epochs_run", "history":
         [{"epoch", "loss", "valid", and with a KD method "loss_base", "loss_kd" (the epoch's loss
-        split into the base loss and the method's), "method" (its status line, if any)}, ...]}.
-        The model is left in its best-validation state."""
+        split into the base loss and the method's), "method" (its status line, if any)}, ...]},
+        and "resumed_from" (the epoch a resumed run continued after; 0 for a fresh run). The model
+        is left in its best-validation state."""
         from tqdm.auto import tqdm
+
+        from . import checkpoint as ckpt
 
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
@@ -205,15 +223,70 @@ class Trainer:
         opt = torch.optim.Adam(
             params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None
         )
-        history, best, best_epoch, best_state, since_best = [], -math.inf, 0, None, 0
-        train_seconds, epochs_run = 0.0, 0
+        run = {
+            "history": [],
+            "best": -math.inf,
+            "best_epoch": 0,
+            "best_state": None,
+            "since_best": 0,
+            "train_seconds": 0.0,
+            "epochs_run": 0,
+            "stopped": False,
+        }
+        snaps = None
+        if self.checkpoint is not None:  # what the model and method look like as built
+            snaps = {"model": ckpt.Snapshot(self.model)}
+            if self.method is not None:
+                snaps["method"] = ckpt.Snapshot(self.method)
+        resumed_from = 0
+        if self.resume and Path(self.checkpoint).exists():
+            saved = ckpt.load(self.checkpoint)
+            self._check_resumable(saved)
+            self.model = ckpt.restore(self.model, saved["model"])
+            if self.method is not None:
+                self.method = ckpt.restore(self.method, saved["method"])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            ckpt.set_rng_state(saved["rng"], device)
+            run = saved["run"]
+            resumed_from = run["epochs_run"]
+            if self.log is not None:
+                self.log(
+                    f"[{self.name}] resumed from {self.checkpoint} after epoch {resumed_from}"
+                    + (" (finished)" if saved.get("finished") else "")
+                )
+            if saved.get("finished"):
+                self.model.load_state_dict(run["best_state"])
+                return dict(saved["result"], resumed_from=resumed_from)
+
+        def save_checkpoint(finished=False, result=None):
+            payload = {
+                "name": self.name,
+                "seed": self.seed,
+                "epochs": self.epochs,
+                "finished": finished,
+                "result": result,
+                "run": run,
+                "model": ckpt.capture(self.model, snaps["model"], "model"),
+                "method": None
+                if self.method is None
+                else ckpt.capture(self.method, snaps["method"], "method"),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "rng": ckpt.rng_state(device),
+            }
+            ckpt.save(self.checkpoint, payload)
+
         n_batches = math.ceil(n / self.batch_size)
         own_loss = getattr(self.model, "train_loss", None)
         constrain = getattr(self.model, "constrain", None)
         self.model.train()
         if self.method is not None:
             self.method.train()
-        for epoch in range(1, self.epochs + 1):
+        history = run["history"]
+        for epoch in range(run["epochs_run"] + 1, self.epochs + 1):
+            if run["stopped"]:
+                break
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=gen)
             users, pos = users_all[perm], items[perm]
@@ -255,43 +328,19 @@ class Trainer:
             bar.close()
             if not math.isfinite(total):
                 raise FloatingPointError(f"{self.name}: the loss is {total} at epoch {epoch}")
-            train_seconds += time.perf_counter() - t0
-            epochs_run = epoch
+            run["train_seconds"] += time.perf_counter() - t0
+            run["epochs_run"] = epoch
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, self.model)
-            if epoch % self.eval_every and epoch != self.epochs:
-                continue
-            valid = self.evaluate("valid")
-            entry = {"epoch": epoch, "loss": total, "valid": valid}
-            if self.method is not None:  # the epoch's loss split into its base and KD parts
-                kd_total = 0.0
-                for part in torch.stack(kd_parts).tolist() if kd_parts else []:
-                    kd_total += part  # (summed in step order, as the total is)
-                entry["loss_kd"], entry["loss_base"] = kd_total, total - kd_total
-            status = self.method.status() if self.method is not None else None
-            if status:
-                entry["method"] = status
-            history.append(entry)
-            score = valid[self.monitor]
-            if score > best:
-                best, best_epoch, since_best = score, epoch, 0
-                best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                since_best += 1
-            if self.log is not None:
-                self.log(
-                    f"[{self.name}] epoch {epoch}: loss {total:.2f}, "
-                    f"valid {self.monitor} {score:.4f} "
-                    f"(best {best:.4f} @ {best_epoch}), {train_seconds / epoch:.2f} s/epoch"
-                    + (f"; {status}" if status else "")
-                )
-            if since_best >= self.patience:
-                if self.log is not None:
-                    self.log(
-                        f"[{self.name}] early stop: {self.patience} evaluations without improvement"
-                    )
-                break
+            if epoch % self.eval_every == 0 or epoch == self.epochs:
+                self._validate(epoch, total, kd_parts, run)
+            if self.checkpoint is not None and (
+                epoch % self.checkpoint_every == 0 or run["stopped"]
+            ):
+                save_checkpoint()
+        best_state = run["best_state"]
         self.model.load_state_dict(best_state)
+        best_epoch = run["best_epoch"]
         valid = next(h["valid"] for h in history if h["epoch"] == best_epoch)
         test = self.evaluate("test")
         if self.log is not None:
@@ -299,11 +348,56 @@ class Trainer:
                 f"[{self.name}] best epoch {best_epoch}: "
                 f"test {self.monitor} {test[self.monitor]:.4f}"
             )
-        return {
+        result = {
             "best_epoch": best_epoch,
             "valid": valid,
             "test": test,
-            "seconds_per_epoch": train_seconds / epochs_run,
-            "epochs_run": epochs_run,
+            "seconds_per_epoch": run["train_seconds"] / run["epochs_run"],
+            "epochs_run": run["epochs_run"],
             "history": history,
         }
+        if self.checkpoint is not None:
+            save_checkpoint(finished=True, result=result)
+        return dict(result, resumed_from=resumed_from)
+
+    def _validate(self, epoch, total, kd_parts, run) -> None:
+        """An epoch's validation: its history entry, the best state, early stopping, the log."""
+        valid = self.evaluate("valid")
+        entry = {"epoch": epoch, "loss": total, "valid": valid}
+        if self.method is not None:  # the epoch's loss split into its base and KD parts
+            kd_total = 0.0
+            for part in torch.stack(kd_parts).tolist() if kd_parts else []:
+                kd_total += part  # (summed in step order, as the total is)
+            entry["loss_kd"], entry["loss_base"] = kd_total, total - kd_total
+        status = self.method.status() if self.method is not None else None
+        if status:
+            entry["method"] = status
+        run["history"].append(entry)
+        score = valid[self.monitor]
+        if score > run["best"]:
+            run["best"], run["best_epoch"], run["since_best"] = score, epoch, 0
+            run["best_state"] = copy.deepcopy(self.model.state_dict())
+        else:
+            run["since_best"] += 1
+        if self.log is not None:
+            self.log(
+                f"[{self.name}] epoch {epoch}: loss {total:.2f}, "
+                f"valid {self.monitor} {score:.4f} "
+                f"(best {run['best']:.4f} @ {run['best_epoch']}), "
+                f"{run['train_seconds'] / epoch:.2f} s/epoch" + (f"; {status}" if status else "")
+            )
+        if run["since_best"] >= self.patience:
+            run["stopped"] = True
+            if self.log is not None:
+                self.log(
+                    f"[{self.name}] early stop: {self.patience} evaluations without improvement"
+                )
+
+    def _check_resumable(self, saved) -> None:
+        """The checkpoint belongs to this run: same name, seed and epoch budget."""
+        mine = {"name": self.name, "seed": self.seed, "epochs": self.epochs}
+        differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(
+                f"{self.checkpoint} is the checkpoint of another run: " + ", ".join(differ)
+            )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +166,20 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--out", default="kdfast-out", help="output folder (created)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run that --out holds from its last checkpoint (after Ctrl-C, SIGTERM "
+        "or a crash; the same command with --resume added); finished students are not retrained",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="E",
+        help="write the checkpoint of the model in training (--out/checkpoints/) every E epochs "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -323,6 +338,7 @@ def _check_args(args) -> None:
         "n_neg",
         "synthetic_users",
         "synthetic_items",
+        "checkpoint_every",
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -413,6 +429,7 @@ def _specs(args):
         backend=args.backend,
         device=args.device,
         valid_excludes_test=args.valid_excludes_test,
+        checkpoint_every=args.checkpoint_every,
     )
     return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
 
@@ -500,18 +517,70 @@ def _keep_previous(out: Path, log) -> None:
         f = out / f"{base}.{ext}"
         if f.exists():
             f.replace(out / f"{base}-{stamp}{suffix}.{ext}")
-    students = out / "students"
-    if students.is_dir():
-        students.replace(out / f"students-{stamp}{suffix}")
+    for folder in ("students", "checkpoints"):
+        if (out / folder).is_dir():
+            (out / folder).replace(out / f"{folder}-{stamp}{suffix}")
     log(f"--out held the results of an earlier run: kept as results-{stamp}{suffix}.json")
 
 
+#: arguments that may differ between an interrupted run and its --resume
+_RESUME_FREE = ("resume", "no_progress", "threads", "config", "out", "command")
+
+
+def _resumable(out: Path, args, log):
+    """The results.json of the interrupted run in --out that --resume continues, checked against
+    this command's arguments; None (with a note) when --out holds no run to resume."""
+    path = out / "results.json"
+    if not path.exists():
+        log("--resume: --out holds no earlier run; starting afresh")
+        return None
+    try:
+        old = json.loads(path.read_text())
+        old_args = old["config"]["args"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--resume: {path} is not a kdfast results file ({exc})") from None
+    new_args = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    differ = [
+        f"--{k.replace('_', '-')} {old_args.get(k)!r} (now {new_args.get(k)!r})"
+        for k in sorted(set(old_args) | set(new_args))
+        if k not in _RESUME_FREE and old_args.get(k) != new_args.get(k)
+    ]
+    if differ:
+        raise UsageError(
+            "--resume: this command differs from the run in --out: "
+            + "; ".join(differ)
+            + " (rerun that run's command with --resume, or drop --resume to start a new run)"
+        )
+    return old
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(args) -> int:
+    import signal
+    import threading
+
     _check_args(args)
     out = Path(args.out)
     _check_writable(out, "--out folder")
-    with _exclusive(out):
-        return _run(args, out)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        with _exclusive(out):
+            return _run(args, out)
+    except KeyboardInterrupt:
+        if (out / "checkpoints").is_dir():
+            print(
+                f"stopped; the checkpoints in {out / 'checkpoints'} keep the training so far: "
+                "rerun the same command with --resume to continue",
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args, out: Path) -> int:
@@ -557,7 +626,14 @@ def _run(args, out: Path) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--data {args.data}: {exc}") from None
     log = print
-    _keep_previous(out, log)
+    previous = _resumable(out, args, log) if args.resume else None
+    if previous is None:
+        _keep_previous(out, log)
+    elif previous.get("environment", {}).get("finished"):
+        log(f"--resume: the run in {out} had finished; nothing to do")
+        print(report_table(previous, args.protocol, monitor))
+        return 0
+    checkpoints = out / "checkpoints"
     log(f"data: {dataset.describe()}")
     if args.format == "auto" and Path(args.data).is_file():
         found = sniff_format(args.data)
@@ -582,19 +658,42 @@ def _run(args, out: Path) -> int:
         "teacher": {},
         "students": {},
     }
+    if previous is not None:  # the interrupted run's start, and when each part resumed
+        env = previous.get("environment", {})
+        results["environment"]["started"] = env.get("started")
+        results["environment"]["resumed"] = env.get("resumed", []) + [
+            time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        ]
     teacher_train = dataclasses.replace(train, epochs=args.teacher_epochs or args.epochs)
     try:
         teacher = experiment.get_teacher(
-            dataset, split, data_spec, teacher_spec, teacher_train, path=teacher_path, log=log
+            dataset,
+            split,
+            data_spec,
+            teacher_spec,
+            teacher_train,
+            path=teacher_path,
+            log=log,
+            checkpoint=checkpoints / "teacher.pt",
+            resume=previous is not None,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         if teacher_path.exists():
             raise UsageError(str(exc)) from None
         raise
     results["teacher"] = experiment.teacher_summary(teacher, split, backend=args.backend)
+    before = (previous or {}).get("teacher") or {}
+    if teacher.loaded and before.get("loaded") is False and before.get("file") == teacher.file:
+        results["teacher"] = before  # trained by the interrupted run: its measured summary
     _write_json(results, out / "results.json")
 
+    done = (previous or {}).get("students", {})
     for name, opts in methods:
+        resolved = _resolved(name, opts) if name != "none" else {}
+        if name in done and done[name].get("options") == resolved:
+            results["students"][name] = done[name]  # finished before the interruption
+            log(f"student {name}: finished in the interrupted run")
+            continue
         grid = []
         for point in grids.get(name, [{}]):
             label = _label(name, point)
@@ -610,6 +709,8 @@ def _run(args, out: Path) -> int:
                 save_to=out / "students" / f"{label}.pt",
                 dataset=dataset,
                 data_spec=data_spec,
+                checkpoint=checkpoints / f"{label}.pt",
+                resume=previous is not None,
             )
             grid.append((point, r))
             if point:
@@ -631,6 +732,7 @@ def _run(args, out: Path) -> int:
                     for p, r in grid
                 ],  # fmt: skip
             }
+        best = dict(best, options=resolved)
         results["students"][name] = best
         _write_json(results, out / "results.json")
 
@@ -638,6 +740,10 @@ def _run(args, out: Path) -> int:
     _write_history_csv(results, out / "history.csv")
     _write_json(results, out / "results.json")
     plot(results, monitor, out / "validation.png")
+    if checkpoints.is_dir():  # the run is complete: its checkpoints are no longer needed
+        import shutil
+
+        shutil.rmtree(checkpoints, ignore_errors=True)
     print()
     print(report_table(results, args.protocol, monitor))
     print(f"\nwrote {out / 'results.json'} and {out / 'validation.png'}")
