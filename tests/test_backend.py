@@ -10,11 +10,12 @@ from kdfast._core import backend as _backend
 
 def test_backends_content():
     status = kdfast.backends()
-    assert set(status) == {"torch", "cpp", "triton"}
+    assert set(status) == {"torch", "cpp", "triton", "numba"}
     for ok, why in status.values():
         assert isinstance(ok, bool) and isinstance(why, str) and why
     assert status["torch"][0] is True
     assert status["cpp"][0] == (_backend.ext() is not None)
+    assert status["numba"][0] == (_backend._numba_import()[0] is not None)
 
 
 def test_auto_picks_cpp_on_cpu_when_built(monkeypatch):
@@ -71,7 +72,10 @@ def test_cpp_unavailable_says_how(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="not available.*not importable"):
         _backend.resolve("cpp", torch.device("cpu"))
-    assert _backend.resolve("auto", torch.device("cpu")) in ("torch",)
+    # numba stands in where it imports, for the ops that have it
+    fallback = "numba" if kdfast.backends()["numba"][0] else "torch"
+    assert _backend.resolve("auto", torch.device("cpu")) == fallback
+    assert _backend.resolve("auto", torch.device("cpu"), available=("torch", "cpp")) == "torch"
 
 
 def test_cpp_on_wrong_device_or_missing():
@@ -132,3 +136,28 @@ def test_num_threads_follows_torch():
         assert _backend.num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+def test_numba_missing_says_how(monkeypatch):
+    monkeypatch.setattr(_backend, "_load_ext", lambda: (None, "not built (test)"))
+    monkeypatch.setattr(_backend, "_numba_import", lambda: (None, "numba is not importable (test)"))
+    assert kdfast.backends()["numba"] == (False, "numba is not importable (test)")
+    with pytest.raises(RuntimeError, match="backend='numba' is not available.*not importable"):
+        _backend.resolve("numba", torch.device("cpu"))
+    assert _backend.resolve("auto", torch.device("cpu")) == "torch"
+
+
+def test_numba_refuses_an_openmp_threading_layer(monkeypatch):
+    """numba's "omp" layer would load a second OpenMP runtime next to torch's: the backend reports
+    itself unusable instead (before numba starts its threads), and says what to set."""
+    numba = pytest.importorskip("numba")
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        monkeypatch.setattr(parallel, "_threading_layer", "omp")
+    else:
+        monkeypatch.setattr(numba.config, "THREADING_LAYER", "omp")
+    ok, why = kdfast.backends()["numba"]
+    assert not ok and "NUMBA_THREADING_LAYER=workqueue" in why
+    with pytest.raises(RuntimeError, match="second OpenMP runtime"):
+        _backend.resolve("numba", torch.device("cpu"))

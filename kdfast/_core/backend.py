@@ -1,28 +1,38 @@
 """Which backends are usable here, and the choice of backend for one call.
 
-Three backends implement every hot op:
+Three backends implement every hot op, and a fourth the CPU hot paths:
   "torch"  - the pure-PyTorch reference of the op (kdfast/ops/<op>/reference.py); always available.
   "cpp"    - the C++/OpenMP kernels of the optional extension kdfast._C; float32/float64 CPU
              tensors.
   "triton" - the Triton kernels (kdfast/ops/<op>/triton.py); CUDA tensors, or CPU tensors when
              TRITON_INTERPRET=1 (the Triton interpreter, slow: for tests).
-`backend="auto"` picks triton for CUDA tensors and cpp for CPU tensors, falling back to torch; the
-environment variable KDFAST_BACKEND, when set, replaces "auto". This module is the only reader of
-KDFAST_BACKEND (the samplers resolve their backend here too).
+  "numba"  - numba-compiled CPU kernels (kdfast/ops/<op>/numba.py: topk_scores and the
+             Plackett-Luce losses) for where the extension cannot be built; float32/float64 CPU
+             tensors; usable when numba imports (pip install 'kdfast[numba]').
+`backend="auto"` picks triton for CUDA tensors and, for CPU tensors, cpp, then numba (an op that
+has it, when the extension is missing), then torch; the environment variable KDFAST_BACKEND, when
+set, replaces "auto". This module is the only reader of KDFAST_BACKEND (the samplers resolve their
+backend here too), and the only place that configures numba's threads (numba_launch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.util
 import os
+import threading
 
 import torch
 
-BACKENDS = ("torch", "cpp", "triton")
+BACKENDS = ("torch", "cpp", "triton", "numba")
 NAMES = ("auto",) + BACKENDS
-# dtypes the C++ kernels take; float16/bfloat16 are GPU dtypes
+# dtypes the C++ (and numba) kernels take; float16/bfloat16 are GPU dtypes
 CPP_DTYPES = (torch.float32, torch.float64)
+# numba's threading layers that load no OpenMP runtime of their own: torch's libgomp must stay the
+# only one in the process (numba's "omp" layer links a second libgomp)
+NUMBA_LAYERS = ("tbb", "workqueue")
 
 
 @functools.cache
@@ -79,10 +89,82 @@ def _triton_status():
     )
 
 
+@functools.cache
+def _numba_import():
+    try:
+        return importlib.import_module("numba"), None
+    except ImportError as exc:
+        return None, f"numba is not importable ({exc}); pip install 'kdfast[numba]'"
+
+
+def _numba_layer(numba):
+    """(the threading layer numba uses or will use, None when it is fine; else why it is not)."""
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        layer = parallel._threading_layer
+    else:
+        layer = str(numba.config.THREADING_LAYER).lower()
+        if layer == "default":
+            # tbb when it is installed, else workqueue (which always loads): never omp
+            numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+            return "tbb" if importlib.util.find_spec("tbb") else "workqueue", None
+        if layer == "forksafe":  # on Linux: tbb, else workqueue
+            return layer, None
+    if layer in NUMBA_LAYERS or layer == "safe":
+        return layer, None
+    return layer, (
+        f"numba's threading layer is {layer!r}, which would load a second OpenMP runtime next to "
+        "torch's; set NUMBA_THREADING_LAYER=workqueue (or tbb) before numba starts its threads"
+    )
+
+
+def _numba_status():
+    numba, why = _numba_import()
+    if numba is None:
+        return False, why
+    layer, why = _numba_layer(numba)
+    if why is not None:
+        return False, why
+    return True, f"numba {numba.__version__} (threading layer {layer})"
+
+
+def require_numba():
+    """The numba module, its threading layer set to one without OpenMP; RuntimeError saying how to
+    get it when it cannot run here."""
+    ok, why = _numba_status()
+    if not ok:
+        raise RuntimeError(f"backend='numba' is not available: {why}")
+    return _numba_import()[0]
+
+
+# The workqueue layer takes one parallel launch at a time per process (a second, concurrent one from
+# another Python thread would end the process): numba kernels launch under this lock.
+_NUMBA_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def numba_launch():
+    """Runs the block's numba kernel launches one at a time, on num_threads() threads (at most
+    numba's NUMBA_NUM_THREADS, the size of its pool); RuntimeError, before any launch, if numba
+    started its threads on a layer with OpenMP after all."""
+    numba = require_numba()
+    with _NUMBA_LOCK:
+        numba.set_num_threads(min(num_threads(), numba.config.NUMBA_NUM_THREADS))  # starts them
+        layer = numba.threading_layer()
+        if layer not in NUMBA_LAYERS:
+            raise RuntimeError(
+                f"numba runs on the {layer!r} threading layer (a second OpenMP runtime next to "
+                "torch's); set NUMBA_THREADING_LAYER=workqueue before numba starts its threads"
+            )
+        yield
+
+
 def backends() -> dict:
     """Which backends are usable in this process, and why (or why not).
 
-    Returns {"torch": (True, reason), "cpp": (bool, reason), "triton": (bool, reason)}.
+    Returns {"torch": (True, reason), "cpp": (bool, reason), "triton": (bool, reason), "numba":
+    (bool, reason)}.
     """
     mod, why = _load_ext()
     if mod is not None:
@@ -96,6 +178,7 @@ def backends() -> dict:
         "torch": (True, "pure PyTorch reference, always available"),
         "cpp": cpp,
         "triton": _triton_status(),
+        "numba": _numba_status(),
     }
 
 
@@ -112,16 +195,24 @@ def _requested(backend) -> str:
     return backend
 
 
+def _cpu_dtype(backend, dtype):
+    if dtype is not None and dtype not in CPP_DTYPES:
+        raise TypeError(
+            f"backend='{backend}' takes float32 or float64 tensors, got {dtype} "
+            "(float16/bfloat16 run on the triton and torch backends)"
+        )
+
+
 def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend ("torch", "cpp" or "triton") for one call on tensors of `device` and
-    `dtype`.
+    """The concrete backend ("torch", "cpp", "triton" or "numba") for one call on tensors of
+    `device` and `dtype`.
 
     available: the backends the op has (an op or a sampler may lack one). dtype: the floating dtype
-    of the call's tensors, when it matters (the cpp kernels take float32 and float64 only). "auto"
-    (or KDFAST_BACKEND) picks triton on CUDA, cpp on the CPU, and torch where neither can run;
-    KDFAST_BACKEND naming a backend the op lacks counts as "auto". Raises ValueError for an unknown
-    name, RuntimeError saying how to get it when an explicitly requested backend cannot run here,
-    TypeError when it cannot take `dtype`.
+    of the call's tensors, when it matters (the cpp and numba kernels take float32 and float64
+    only). "auto" (or KDFAST_BACKEND) picks triton on CUDA; on the CPU cpp, then numba when the
+    extension is missing, and torch where none can run; KDFAST_BACKEND naming a backend the op
+    lacks counts as "auto". Raises ValueError for an unknown name, RuntimeError saying how to get it
+    when an explicitly requested backend cannot run here, TypeError when it cannot take `dtype`.
     """
     device = torch.device(device)
     requested = _requested(backend)
@@ -131,13 +222,11 @@ def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | No
     if backend == "auto":
         if device.type == "cuda" and "triton" in available and _triton_import()[0]:
             return "triton"
-        if (
-            device.type == "cpu"
-            and "cpp" in available
-            and ext() is not None
-            and (dtype is None or dtype in CPP_DTYPES)
-        ):
-            return "cpp"
+        if device.type == "cpu" and (dtype is None or dtype in CPP_DTYPES):
+            if "cpp" in available and ext() is not None:
+                return "cpp"
+            if "numba" in available and _numba_status()[0]:
+                return "numba"
         return "torch"
     if backend not in available:
         raise RuntimeError(f"this op has no {backend} backend; use backend='torch' or 'auto'")
@@ -147,12 +236,14 @@ def resolve(backend: str, device, *, available=BACKENDS, dtype: torch.dtype | No
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
         require_ext()
-        if dtype is not None and dtype not in CPP_DTYPES:
-            raise TypeError(
-                f"backend='cpp' takes float32 or float64 tensors, got {dtype} "
-                "(float16/bfloat16 run on the triton and torch backends)"
-            )
+        _cpu_dtype("cpp", dtype)
         return "cpp"
+    if backend == "numba":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='numba' runs on CPU tensors, got tensors on {device}")
+        require_numba()
+        _cpu_dtype("numba", dtype)
+        return "numba"
     ok, why = _triton_import()
     if not ok:
         raise RuntimeError(f"backend='triton' is not available: {why}")
@@ -174,5 +265,5 @@ def choose(backend: str, device_type: str, dtype: torch.dtype | None, available:
 
 
 def num_threads() -> int:
-    """Threads for the C++ kernels: the same as PyTorch's intra-op setting."""
+    """Threads for the C++ and numba kernels: the same as PyTorch's intra-op setting."""
     return max(1, torch.get_num_threads())

@@ -36,7 +36,13 @@ def _triton():
     return triton
 
 
-BACKENDS = {"torch": lambda: reference, "cpp": lambda: cpu, "triton": _triton}
+def _numba():
+    from . import numba  # on first use: kdfast imports without numba
+
+    return numba
+
+
+BACKENDS = {"torch": lambda: reference, "cpp": lambda: cpu, "triton": _triton, "numba": _numba}
 
 
 def _empty_result(queries, k):
@@ -141,7 +147,7 @@ def topk_scores(
             teachers).
         key_bias: [n_k] floating or None, added to every score of its key (item biases, the
             output bias of an autoencoder's decoder).
-        backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
+        backend: "auto", "torch", "cpp", "triton" or "numba" (see kdfast.backends()).
 
     Returns:
         values [n_q, k] float32, descending, and indices [n_q, k] int64. Ties go to the lower key
