@@ -36,7 +36,13 @@ def _triton():
     return triton
 
 
-BACKENDS = {"torch": lambda: reference, "cpp": lambda: cpu, "triton": _triton}
+def _numba():
+    from . import numba  # on first use: kdfast imports without numba
+
+    return numba
+
+
+BACKENDS = {"torch": lambda: reference, "cpp": lambda: cpu, "triton": _triton, "numba": _numba}
 
 
 def _dtype_of(x):
@@ -126,8 +132,8 @@ def plackett_luce_loss(ranked, unranked=None, *, log_tail=None, reduction="sum",
             catalog).
         reduction: "sum" (the papers' convention), "mean" over rows, or "none" ([B] per-row
             losses).
-        backend: "auto", "torch", "cpp" (float32/float64 CPU tensors) or "triton" (CUDA; float16 and
-            bfloat16 accepted with float32 math).
+        backend: "auto", "torch", "cpp" or "numba" (float32/float64 CPU tensors) or "triton"
+            (CUDA; float16 and bfloat16 accepted with float32 math).
 
     Returns:
         The loss, float32 (float64 for float64 input).
