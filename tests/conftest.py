@@ -21,14 +21,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def available_backends():
     """The concrete backends usable in this process (torch always)."""
     status = _backend.backends()
-    return [name for name in ("torch", "cpp", "triton") if status[name][0]]
+    return [name for name in ("torch", "cpp", "triton", "numba") if status[name][0]]
 
 
 def backend_params(*names):
     """pytest params for the given backends, skipping (with the reason) those not usable here."""
     status = _backend.backends()
     params = []
-    for name in names or ("torch", "cpp", "triton"):
+    for name in names or ("torch", "cpp", "triton", "numba"):
         ok, why = status[name]
         params.append(
             pytest.param(
@@ -40,7 +40,7 @@ def backend_params(*names):
 
 def device_of(backend):
     """The device a backend's inputs live on in these tests."""
-    return "cpu" if backend == "cpp" else DEVICE
+    return "cpu" if backend in ("cpp", "numba") else DEVICE
 
 
 @pytest.fixture

@@ -37,7 +37,8 @@ class Spec:
     oracle(args, kwargs) -> the same output from the op's reference, computed in float64.
     ops(args, kwargs, backend) -> [(custom op, its arguments)] for torch.library.opcheck.
     bad: [(name, mutate(args, kwargs) -> (args, kwargs), exception, message fragment)].
-    dtypes: backend -> the floating dtypes it takes here.
+    dtypes: backend -> the floating dtypes it takes here (a backend the op lacks: none; the
+        contract tests skip it).
     gradcheck: the backends whose float64 path is exact enough for torch.autograd.gradcheck.
     atomic_grads: backends whose gradients use atomics (bitwise reproducible only under
         torch.use_deterministic_algorithms(True)).
@@ -53,8 +54,12 @@ class Spec:
     dtypes: dict = field(
         default_factory=lambda: {"torch": (F32, F64), "cpp": (F32, F64), "triton": (F32, F64)}
     )
-    gradcheck: tuple = ("torch", "cpp", "triton")
+    gradcheck: tuple = ("torch", "cpp", "triton", "numba")
     atomic_grads: tuple = ()
+
+
+# the ops that have a numba backend (kdfast/ops/<op>/numba.py)
+WITH_NUMBA = {"torch": (F32, F64), "cpp": (F32, F64), "triton": (F32, F64), "numba": (F32, F64)}
 
 
 def _csr(n_rows, n_cols, gen, per_row=3, device="cpu"):
@@ -120,6 +125,7 @@ TOPK = Spec(
     call=lambda a, kw, b: kdfast.topk_scores(*a, backend=b, **kw),
     oracle=_topk_oracle,
     ops=_topk_ops,
+    dtypes=WITH_NUMBA,
     bad=[
         ("k = 0", lambda a, kw: (_swap(a, 2, 0), kw), ValueError, "k must be >= 1"),
         ("k not an int", lambda a, kw: (_swap(a, 2, 2.5), kw), TypeError, "k must be an int"),
@@ -211,6 +217,7 @@ PLACKETT_LUCE = Spec(
     call=lambda a, kw, b: kdfast.plackett_luce_loss(*a, backend=b, **kw),
     oracle=_pl_oracle,
     ops=_pl_ops,
+    dtypes=WITH_NUMBA,
     diff=(0, 1),
     bad=[
         ("ranked integer", lambda a, kw: (_swap(a, 0, a[0].long()), kw), TypeError, "ranked"),
@@ -290,6 +297,7 @@ PLACKETT_LUCE_EMB = Spec(
     call=lambda a, kw, b: kdfast.plackett_luce_loss_from_embeddings(*a, backend=b, **kw),
     oracle=_emb_oracle,
     ops=_emb_ops,
+    dtypes=WITH_NUMBA,
     diff=(0, 1),
     atomic_grads=("triton",),
     bad=[
