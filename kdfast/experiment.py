@@ -139,9 +139,10 @@ def fit(
     on_epoch_end=None,
     checkpoint=None,
     resume=False,
+    on_validation=None,
 ):
     """Train a model (with a KD method, or plain BPR) under the TrainSpec: Trainer.fit()'s
-    result. checkpoint, resume: see kdfast.Trainer."""
+    result. checkpoint, resume, on_validation: see kdfast.Trainer."""
     trainer = Trainer(
         model,
         split,
@@ -163,6 +164,7 @@ def fit(
         checkpoint=checkpoint,
         checkpoint_every=train.checkpoint_every,
         resume=resume,
+        on_validation=on_validation,
     )
     result = trainer.fit()
     if trainer.model is not model:  # (restored models are restored in place; never expected)
@@ -181,9 +183,11 @@ def train_model(
     on_epoch_end=None,
     checkpoint=None,
     resume=False,
+    on_validation=None,
 ):
     """A fresh model, initialised from a generator seeded with train.seed, trained without KD;
-    returns (model, Trainer.fit()'s result). checkpoint, resume: see kdfast.Trainer."""
+    returns (model, Trainer.fit()'s result). checkpoint, resume, on_validation: see
+    kdfast.Trainer."""
     model = new_model(kind, dim, split, torch.Generator().manual_seed(train.seed), train.device)
     result = fit(
         model,
@@ -194,6 +198,7 @@ def train_model(
         on_epoch_end=on_epoch_end,
         checkpoint=checkpoint,
         resume=resume,
+        on_validation=on_validation,
     )
     return model, result
 
@@ -209,10 +214,11 @@ def get_teacher(
     log=print,
     checkpoint=None,
     resume=False,
+    on_validation=None,
 ) -> Teacher:
     """The teacher: loaded from `path` when it exists (its fingerprint must match this data, split
     and model: ValueError otherwise), else trained and, with a path, saved there. checkpoint,
-    resume: the training's (kdfast.Trainer)."""
+    resume, on_validation: the training's (kdfast.Trainer)."""
     expect = teacher_fingerprint(dataset, data_spec, teacher)
     device = torch.device(train.device)
     if path is not None and Path(path).exists():
@@ -232,6 +238,7 @@ def get_teacher(
         log=log,
         checkpoint=checkpoint,
         resume=resume,
+        on_validation=on_validation,
     )
     user, item = (t.clone() for t in dot_tables(model))  # exact scores as dot products
     monitor = train.monitor_for(split.protocol)
@@ -292,6 +299,7 @@ def train_student(
     data_spec: DataSpec | None = None,
     checkpoint=None,
     resume=False,
+    on_validation=None,
 ) -> dict:
     """A fresh student trained with the method `name`: Trainer.fit()'s result, plus "wall_seconds"
     (training and evaluation) and "setup_seconds" (building the method: the teacher's lists).
@@ -301,8 +309,8 @@ def train_student(
     student (its best-validation tables, kdfast.models.save_embeddings role "student") is saved
     with its method, options, data and training settings and metrics; dataset and data_spec are
     then required (the id maps, the data fingerprint, how to rebuild the split). checkpoint,
-    resume: the training's (kdfast.Trainer); a resumed student is built exactly as the first
-    time (same generator draws), then its checkpoint restored."""
+    resume, on_validation: the training's (kdfast.Trainer); a resumed student is built exactly as
+    the first time (same generator draws), then its checkpoint restored."""
     gen = torch.Generator().manual_seed(train.seed)
     model = new_model(student_model, student_dim, split, gen, train.device)
     t0 = time.perf_counter()
@@ -319,6 +327,7 @@ def train_student(
         log=log,
         checkpoint=checkpoint,
         resume=resume,
+        on_validation=on_validation,
     )
     result["wall_seconds"] = time.perf_counter() - t1
     result["setup_seconds"] = t1 - t0

@@ -92,6 +92,8 @@ class Trainer:
     checkpoint: None or a file path: after every `checkpoint_every` epochs (and when training
         ends) the whole state of the run is written there (kdfast.checkpoint: model, method,
         optimizer, every RNG, the epoch, early stopping), whole or not at all;
+    on_validation: None or a function (entry) called with each evaluation's history entry (a
+        live log: kdfast distill's history.csv and TensorBoard);
     resume: with a checkpoint file that exists, continue from it instead of starting afresh: the
         model and method must be built exactly as for the interrupted run (the same seed and
         options), and the result is then bit for bit that of an uninterrupted run; a checkpoint
@@ -121,6 +123,7 @@ class Trainer:
         checkpoint=None,
         checkpoint_every: int = 1,
         resume: bool = False,
+        on_validation=None,
     ):
         for arg, v in (
             ("epochs", epochs),
@@ -162,6 +165,11 @@ class Trainer:
         if resume and checkpoint is None:
             raise ValueError("resume=True needs a checkpoint path")
         self.checkpoint, self.checkpoint_every, self.resume = checkpoint, checkpoint_every, resume
+        if on_validation is not None and not callable(on_validation):
+            raise TypeError(
+                f"on_validation must be callable or None, got {type(on_validation).__name__}"
+            )
+        self.on_validation = on_validation
 
     def _params(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -373,6 +381,8 @@ class Trainer:
         if status:
             entry["method"] = status
         run["history"].append(entry)
+        if self.on_validation is not None:
+            self.on_validation(entry)
         score = valid[self.monitor]
         if score > run["best"]:
             run["best"], run["best_epoch"], run["since_best"] = score, epoch, 0

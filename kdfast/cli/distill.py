@@ -173,6 +173,13 @@ def add_arguments(p) -> None:
         "or a crash; the same command with --resume added); finished students are not retrained",
     )
     p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also log each evaluation (losses, validation metrics) to TensorBoard event files in "
+        "DIR (needs the tensorboard package: pip install 'kdfast[tensorboard]')",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=1,
@@ -501,6 +508,56 @@ def _write_history_csv(results, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+class _LiveLog:
+    """Each evaluation as it happens: one row appended to --out/history.csv (rewritten whole from
+    results.json when the run ends) and, with --tensorboard, scalars <model>/loss, loss_base,
+    loss_kd and valid/<metric> at step = epoch."""
+
+    def __init__(self, path: Path, tensorboard=None, *, fresh: bool):
+        self.path, self.writer, self.columns = path, None, None
+        if fresh and path.exists():
+            path.unlink()  # a log without results (a run stopped before any model finished)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise UsageError(
+                    f"--tensorboard needs the tensorboard package ({exc}); "
+                    "pip install 'kdfast[tensorboard]'"
+                ) from None
+            self.writer = SummaryWriter(log_dir=str(tensorboard))
+
+    def hook(self, model: str):
+        def on_validation(entry):
+            self._row(model, entry)
+            if self.writer is not None:
+                step = entry["epoch"]
+                for key in ("loss", "loss_base", "loss_kd"):
+                    if entry.get(key) is not None:
+                        self.writer.add_scalar(f"{model}/{key}", entry[key], step)
+                for metric, v in entry["valid"].items():
+                    self.writer.add_scalar(f"{model}/valid/{metric}", v, step)
+                self.writer.flush()
+
+        return on_validation
+
+    def _row(self, model, entry):
+        import csv
+
+        metrics = sorted(entry["valid"])
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["model", "epoch", "loss", "loss_base", "loss_kd", *metrics])
+            row = [model, entry["epoch"], entry["loss"], entry.get("loss_base")]
+            w.writerow(row + [entry.get("loss_kd")] + [entry["valid"].get(m) for m in metrics])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _keep_previous(out: Path, log) -> None:
     """A finished run's results.json (plot, saved students) in --out are renamed
     results-<time>.json (validation-<time>.png, students-<time>/), never overwritten."""
@@ -634,117 +691,125 @@ def _run(args, out: Path) -> int:
         print(report_table(previous, args.protocol, monitor))
         return 0
     checkpoints = out / "checkpoints"
-    log(f"data: {dataset.describe()}")
-    if args.format == "auto" and Path(args.data).is_file():
-        found = sniff_format(args.data)
-        log(f"format: {found['format']} (detected from the content: {found['why']})")
-    log(f"split: {split.describe()}")
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["args"] = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
-    config.update(
-        {
-            "data": dataset.describe(),
-            "split": split.describe(),
-            "monitor": monitor,
-            "methods": [m for m, _ in methods],
-            "method_options": {m: o for m, o in methods if o},
-            "resolved_method_options": {m: _resolved(m, o) for m, o in methods if m != "none"},
-            "teacher_file": str(teacher_path),
-        }
-    )
-    results = {
-        "config": config,
-        "environment": _environment(args, device),
-        "teacher": {},
-        "students": {},
-    }
-    if previous is not None:  # the interrupted run's start, and when each part resumed
-        env = previous.get("environment", {})
-        results["environment"]["started"] = env.get("started")
-        results["environment"]["resumed"] = env.get("resumed", []) + [
-            time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        ]
-    teacher_train = dataclasses.replace(train, epochs=args.teacher_epochs or args.epochs)
+    live = _LiveLog(out / "history.csv", args.tensorboard, fresh=previous is None)
     try:
-        teacher = experiment.get_teacher(
-            dataset,
-            split,
-            data_spec,
-            teacher_spec,
-            teacher_train,
-            path=teacher_path,
-            log=log,
-            checkpoint=checkpoints / "teacher.pt",
-            resume=previous is not None,
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        if teacher_path.exists():
-            raise UsageError(str(exc)) from None
-        raise
-    results["teacher"] = experiment.teacher_summary(teacher, split, backend=args.backend)
-    before = (previous or {}).get("teacher") or {}
-    if teacher.loaded and before.get("loaded") is False and before.get("file") == teacher.file:
-        results["teacher"] = before  # trained by the interrupted run: its measured summary
-    _write_json(results, out / "results.json")
-
-    done = (previous or {}).get("students", {})
-    for name, opts in methods:
-        resolved = _resolved(name, opts) if name != "none" else {}
-        if name in done and done[name].get("options") == resolved:
-            results["students"][name] = done[name]  # finished before the interruption
-            log(f"student {name}: finished in the interrupted run")
-            continue
-        grid = []
-        for point in grids.get(name, [{}]):
-            label = _label(name, point)
-            r = experiment.train_student(
-                split,
-                teacher,
-                name,
-                _validated(name, {**opts, **point}) if point else opts,
-                student_model=args.student_model,
-                student_dim=args.student_dim,
-                train=train,
-                log=log,
-                save_to=out / "students" / f"{label}.pt",
-                dataset=dataset,
-                data_spec=data_spec,
-                checkpoint=checkpoints / f"{label}.pt",
-                resume=previous is not None,
-            )
-            grid.append((point, r))
-            if point:
-                log(f"[sweep {label}] valid {monitor} {r['valid'][monitor]:.4f}")
-        # the setting chosen on validation (the first of equals); test is reported for it only
-        point, best = max(grid, key=lambda pr: pr[1]["valid"][monitor])
-        if name in grids:
-            best = dict(best)
-            best["sweep"] = {
-                "chosen": point,
+        log(f"data: {dataset.describe()}")
+        if args.format == "auto" and Path(args.data).is_file():
+            found = sniff_format(args.data)
+            log(f"format: {found['format']} (detected from the content: {found['why']})")
+        log(f"split: {split.describe()}")
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        config["args"] = {
+            k: v for k, v in vars(args).items() if k not in ("func", "command", "config")
+        }
+        config.update(
+            {
+                "data": dataset.describe(),
+                "split": split.describe(),
                 "monitor": monitor,
-                "grid": [
-                    {
-                        "options": p,
-                        "valid": r["valid"],
-                        "best_epoch": r["best_epoch"],
-                        "file": r.get("file"),
-                    }
-                    for p, r in grid
-                ],  # fmt: skip
+                "methods": [m for m, _ in methods],
+                "method_options": {m: o for m, o in methods if o},
+                "resolved_method_options": {m: _resolved(m, o) for m, o in methods if m != "none"},
+                "teacher_file": str(teacher_path),
             }
-        best = dict(best, options=resolved)
-        results["students"][name] = best
+        )
+        results = {
+            "config": config,
+            "environment": _environment(args, device),
+            "teacher": {},
+            "students": {},
+        }
+        if previous is not None:  # the interrupted run's start, and when each part resumed
+            env = previous.get("environment", {})
+            results["environment"]["started"] = env.get("started")
+            results["environment"]["resumed"] = env.get("resumed", []) + [
+                time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            ]
+        teacher_train = dataclasses.replace(train, epochs=args.teacher_epochs or args.epochs)
+        try:
+            teacher = experiment.get_teacher(
+                dataset,
+                split,
+                data_spec,
+                teacher_spec,
+                teacher_train,
+                path=teacher_path,
+                log=log,
+                checkpoint=checkpoints / "teacher.pt",
+                resume=previous is not None,
+                on_validation=live.hook("teacher"),
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            if teacher_path.exists():
+                raise UsageError(str(exc)) from None
+            raise
+        results["teacher"] = experiment.teacher_summary(teacher, split, backend=args.backend)
+        before = (previous or {}).get("teacher") or {}
+        if teacher.loaded and before.get("loaded") is False and before.get("file") == teacher.file:
+            results["teacher"] = before  # trained by the interrupted run: its measured summary
         _write_json(results, out / "results.json")
 
-    results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write_history_csv(results, out / "history.csv")
-    _write_json(results, out / "results.json")
-    plot(results, monitor, out / "validation.png")
-    if checkpoints.is_dir():  # the run is complete: its checkpoints are no longer needed
-        import shutil
+        done = (previous or {}).get("students", {})
+        for name, opts in methods:
+            resolved = _resolved(name, opts) if name != "none" else {}
+            if name in done and done[name].get("options") == resolved:
+                results["students"][name] = done[name]  # finished before the interruption
+                log(f"student {name}: finished in the interrupted run")
+                continue
+            grid = []
+            for point in grids.get(name, [{}]):
+                label = _label(name, point)
+                r = experiment.train_student(
+                    split,
+                    teacher,
+                    name,
+                    _validated(name, {**opts, **point}) if point else opts,
+                    student_model=args.student_model,
+                    student_dim=args.student_dim,
+                    train=train,
+                    log=log,
+                    save_to=out / "students" / f"{label}.pt",
+                    dataset=dataset,
+                    data_spec=data_spec,
+                    checkpoint=checkpoints / f"{label}.pt",
+                    resume=previous is not None,
+                    on_validation=live.hook(label),
+                )
+                grid.append((point, r))
+                if point:
+                    log(f"[sweep {label}] valid {monitor} {r['valid'][monitor]:.4f}")
+            # the setting chosen on validation (the first of equals); test is reported for it only
+            point, best = max(grid, key=lambda pr: pr[1]["valid"][monitor])
+            if name in grids:
+                best = dict(best)
+                best["sweep"] = {
+                    "chosen": point,
+                    "monitor": monitor,
+                    "grid": [
+                        {
+                            "options": p,
+                            "valid": r["valid"],
+                            "best_epoch": r["best_epoch"],
+                            "file": r.get("file"),
+                        }
+                        for p, r in grid
+                    ],  # fmt: skip
+                }
+            best = dict(best, options=resolved)
+            results["students"][name] = best
+            _write_json(results, out / "results.json")
 
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    print()
-    print(report_table(results, args.protocol, monitor))
-    print(f"\nwrote {out / 'results.json'} and {out / 'validation.png'}")
-    return 0
+        results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_history_csv(results, out / "history.csv")
+        _write_json(results, out / "results.json")
+        plot(results, monitor, out / "validation.png")
+        if checkpoints.is_dir():  # the run is complete: its checkpoints are no longer needed
+            import shutil
+
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        print()
+        print(report_table(results, args.protocol, monitor))
+        print(f"\nwrote {out / 'results.json'} and {out / 'validation.png'}")
+        return 0
+    finally:
+        live.close()
