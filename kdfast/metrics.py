@@ -72,16 +72,22 @@ def full_topk(
     """Top-k item ids (int64 [n, k], -1 where fewer remain) of each user in `users` by <e_u, e_i>,
     excluding the items of `exclude` (a CSR pair over all users), via kdfast.topk_scores in batches
     of `batch` users."""
+    from ._core import progress
     from .ops.topk import topk_scores
 
     out = torch.empty((users.numel(), k), dtype=torch.int64)
-    with torch.no_grad():
+    pairs = users.numel() * float(item_emb.shape[0])
+    with (
+        torch.no_grad(),
+        progress.bar(users.numel(), "evaluation", pairs=pairs, unit="user") as bar,
+    ):
         ue, ie = user_emb.detach(), item_emb.detach()
         for b0 in range(0, users.numel(), batch):
             ub = users[b0 : b0 + batch]
             ex = select_rows(*exclude, ub)
             _, idx = topk_scores(ue[ub.to(ue.device)], ie, k, exclude=ex, backend=backend)
             out[b0 : b0 + batch] = idx.cpu()
+            bar.update(ub.numel())
     return out
 
 

@@ -662,6 +662,9 @@ def _run(args, out: Path) -> int:
         _check_writable(teacher_path.parent, "the folder of the teacher file")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .._core import progress
+
+    progress.set_enabled(False if args.no_progress else None)
     try:
         device = torch.device(args.device)
         torch.empty(1, device=device)

@@ -292,6 +292,31 @@ class FrozenTeacher(KDMethod):
         self.register_buffer("teacher_item", teacher_item.detach(), persistent=False)
 
 
+def _chunked_topk(queries, keys, k, exclude, backend):
+    """topk_scores over all queries; a long one (kdfast._core.progress) in blocks of queries with a
+    progress bar (each row's result is the same either way)."""
+    from .._core import progress
+    from .._core.csr import select_rows
+
+    n_q = queries.shape[0]
+    pairs = n_q * float(keys.shape[0])
+    if not progress.enabled(pairs) or n_q < 2:
+        return topk_scores(queries, keys, k, exclude=exclude, backend=backend)
+    step = max(1, int(n_q * progress.LONG_PAIRS / 4 / pairs))  # blocks of ~2.5e8 pairs
+    vals, idx = [], []
+    with progress.bar(n_q, "teacher top-N", pairs=pairs, unit="query") as bar:
+        for r0 in range(0, n_q, step):
+            ex = None
+            if exclude is not None:
+                rows = torch.arange(r0, min(r0 + step, n_q), device=exclude[0].device)
+                ex = select_rows(*exclude, rows)
+            v, i = topk_scores(queries[r0 : r0 + step], keys, k, exclude=ex, backend=backend)
+            vals.append(v)
+            idx.append(i)
+            bar.update(v.shape[0])
+    return torch.cat(vals), torch.cat(idx)
+
+
 def teacher_top(
     queries,
     keys,
@@ -322,9 +347,7 @@ def teacher_top(
                 tile_elems=queries.tile_elems,
             )
         else:
-            vals, idx = topk_scores(
-                queries.detach(), keys.detach(), depth or n, exclude=exclude, backend=backend
-            )
+            vals, idx = _chunked_topk(queries.detach(), keys.detach(), depth or n, exclude, backend)
     if bool((idx[:, :n] < 0).any()):
         counts = exclude[0][1:] - exclude[0][:-1]
         short = keys.shape[0] - int(counts.max())
