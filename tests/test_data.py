@@ -271,3 +271,34 @@ def test_property_pairs_to_splits(pairs, min_int, seed):
             kd.random_split(d, seed=seed)
         return
     check_split_invariants(d, kd.random_split(d, seed=seed))
+
+
+def split_digest(s):
+    """sha256 (16 hex digits) of a split's parts, evaluated users and candidates."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (s.train, s.valid, s.test):
+        for t in part:
+            h.update(t.numpy().astype(np.int64).tobytes())
+    h.update(s.eval_users.numpy().tobytes())
+    if s.valid_candidates is not None:
+        h.update(s.valid_candidates.numpy().tobytes())
+        h.update(s.test_candidates.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_random_splits_are_pinned():
+    """The random splits (and the data fingerprint) are those of every earlier release: a saved
+    teacher's split is rebuilt bit for bit. Values recorded before timestamps and temporal splits
+    were added."""
+    d = kd.synthetic(200, 300, seed=2)
+    assert d.fingerprint() == "09456ea7e7dee367" and d.timestamps is None
+    loo = kd.make_split(d, "loo", seed=0, n_neg=20)
+    assert split_digest(loo) == "a0ed75839f2f14ed" and loo.order == "random"
+    assert loo.test[1][:6].tolist() == [160, 258, 66, 90, 52, 41]
+    assert loo.test_candidates[0, :6].tolist() == [160, 37, 2, 157, 194, 77]
+    full = kd.make_split(d, "full", seed=0)
+    assert split_digest(full) == "ab5e7d12e1e733d5"
+    assert full.test[1][:6].tolist() == [8, 55, 132, 136, 230, 274]
+    assert full.describe()["order"] == "random" and full.data_fingerprint == d.fingerprint()

@@ -1,5 +1,7 @@
-"""Data sets, loaders and splits: kdfast.data.load("synthetic" | "citeulike-t" | path) ->
-Interactions, kdfast.data.make_split(data, "loo" | "full", seed=0) -> Split."""
+"""Data sets, loaders and splits: kdfast.data.load("synthetic" | "citeulike-t" | path, k_core=None)
+-> Interactions (with timestamps when the file has them), kdfast.data.make_split(data, "loo" |
+"full", seed=0, order="random" | "temporal") -> Split, export_split / read_split (a split as a CSV
+of the original ids)."""
 
 from .datasets import (
     CITEULIKE_SHA256,
@@ -15,15 +17,30 @@ from .datasets import (
     read_users_dat,
     synthetic,
 )
-from .splits import Split, leave_one_out, make_split, random_split
+from .splits import (
+    ORDERS,
+    PROTOCOLS,
+    Split,
+    export_split,
+    leave_last_out,
+    leave_one_out,
+    make_split,
+    random_split,
+    read_split,
+    temporal_split,
+)
 
 __all__ = [
     "CITEULIKE_SHA256",
     "CITEULIKE_URL",
+    "ORDERS",
+    "PROTOCOLS",
     "Interactions",
     "Split",
     "citeulike_path",
+    "export_split",
     "from_pairs",
+    "leave_last_out",
     "leave_one_out",
     "load",
     "load_citeulike",
@@ -32,6 +49,8 @@ __all__ = [
     "load_users_dat",
     "make_split",
     "random_split",
+    "read_split",
     "read_users_dat",
     "synthetic",
+    "temporal_split",
 ]

@@ -7,17 +7,38 @@ leave_one_out: per user one validation and one test item held out at random; eac
 random_split: per user a random 60% / 20% / 20% of the items for train / valid / test (HetComp's
     full-ranking protocol, seed 0); at least one training item per user.
 Both are seeded (numpy PCG64) and deterministic, independent of torch's global state.
+
+Temporal orders (make_split(..., order="temporal"); the data must have timestamps):
+leave_last_out: per user (with >= 3 items) the latest interaction is the test item and the second
+    latest the validation item; negatives sampled as in leave_one_out (same seed, same rule).
+temporal_split: per user the items sorted by time, the earliest 60% train, the next 20% valid,
+    the latest 20% test, with random_split's rounding (train gets round(0.6 n) but at least one,
+    valid round(0.2 n) of what is left, test the rest; Python's round, half to even).
+Ties in time are broken by the item's row id (= the sorted order of the original item ids): of two
+items with the same time, the larger id counts as the later one. A temporal split records
+Interactions.fingerprint(timestamps=True) as its data_fingerprint.
+
+export_split / read_split: a split as a CSV of original ids (user_id,item_id,part), see
+export_split.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .._core.csr import from_lists
+from .._core.files import atomic_write
 from .datasets import Interactions
+
+PROTOCOLS = ("loo", "full")
+ORDERS = ("random", "temporal")
 
 
 @dataclass(frozen=True)
@@ -29,7 +50,9 @@ class Split:
     eval_users: int64 [n_eval] users that have validation/test items.
     valid_candidates, test_candidates (loo only): int64 [n_eval, 1 + n_neg]; column 0 is the
         held-out item, the rest are the sampled unobserved items.
-    seed: the split's seed; data_fingerprint: Interactions.fingerprint() of the data split.
+    seed: the split's seed; data_fingerprint: Interactions.fingerprint() of the data split
+        (fingerprint(timestamps=True) for a temporal split).
+    order: "random" or "temporal" (held-out items chosen at random or by time).
     """
 
     protocol: str
@@ -43,6 +66,7 @@ class Split:
     data_fingerprint: str
     valid_candidates: torch.Tensor | None = None
     test_candidates: torch.Tensor | None = None
+    order: str = "random"
 
     @property
     def n_train(self) -> int:
@@ -51,6 +75,7 @@ class Split:
     def describe(self) -> dict:
         d = {
             "protocol": self.protocol,
+            "order": self.order,
             "seed": self.seed,
             "train": self.n_train,
             "valid": int(self.valid[1].numel()),
@@ -87,9 +112,25 @@ def _sample_unobserved(rng, n_items, observed_sorted, n):
     return out[:n]
 
 
-def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Split:
-    """Leave-one-out split: per user (with >= 3 items) one random validation and one random test
-    item, each with n_neg sampled unobserved negatives."""
+def _need_timestamps(data: Interactions, what: str) -> np.ndarray:
+    if data.timestamps is None:
+        raise ValueError(
+            f"{what}: order='temporal' needs timestamps, but the data {data.name!r} "
+            f"(from {data.source or 'memory'}) has none: users.dat files and synthetic data have "
+            "none; a ratings file has them in a 4th column, a pairs or RecBole .inter file in a "
+            "column its header names 'timestamp' (see kdfast.data.datasets)"
+        )
+    return data.timestamps.numpy()
+
+
+def _by_time(items, times):
+    """items ordered by (time, item id): oldest first, ties by the smaller id first."""
+    return items[np.lexsort((items, times))]
+
+
+def _held_out(data: Interactions, n_neg: int, seed: int, order: str, pick_two) -> Split:
+    """The leave-one-out family: pick_two(rng, u, items) gives the positions (in the user's sorted
+    row) of the validation and the test item; then n_neg negatives for each, in that order."""
     if n_neg < 1:
         raise ValueError(f"n_neg must be >= 1, got {n_neg}")
     rng = np.random.default_rng(seed)
@@ -103,7 +144,7 @@ def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Spl
             valid_rows.append([])
             test_rows.append([])
             continue
-        pick = rng.choice(len(items), size=2, replace=False)
+        pick = pick_two(rng, u, items)
         v, t = items[pick[0]], items[pick[1]]
         train_rows.append(np.delete(items, pick))
         valid_rows.append([v])
@@ -112,7 +153,8 @@ def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Spl
         vc.append(np.concatenate([[v], _sample_unobserved(rng, data.n_items, items, n_neg)]))
         tc.append(np.concatenate([[t], _sample_unobserved(rng, data.n_items, items, n_neg)]))
     if not eval_users:
-        raise ValueError("leave_one_out: no user has >= 3 interactions")
+        what = "leave_one_out" if order == "random" else "leave_last_out"
+        raise ValueError(f"{what}: no user has >= 3 interactions")
     return Split(
         "loo",
         data.n_users,
@@ -122,26 +164,52 @@ def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Spl
         from_lists(test_rows, data.n_users),
         torch.tensor(eval_users, dtype=torch.int64),
         seed,
-        data.fingerprint(),
+        data.fingerprint(timestamps=order == "temporal"),
         torch.from_numpy(np.stack(vc).astype(np.int64)),
         torch.from_numpy(np.stack(tc).astype(np.int64)),
+        order=order,
     )
 
 
-def random_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> Split:
-    """Per-user random split into train / valid / test by the given fractions (rounded; train gets
-    at least one item and the remainder goes to test). Evaluated users: those with a test item."""
+def leave_one_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Split:
+    """Leave-one-out split: per user (with >= 3 items) one random validation and one random test
+    item, each with n_neg sampled unobserved negatives."""
+    return _held_out(
+        data, n_neg, seed, "random", lambda rng, u, items: rng.choice(len(items), 2, replace=False)
+    )
+
+
+def leave_last_out(data: Interactions, *, n_neg: int = 499, seed: int = 0) -> Split:
+    """Temporal leave-one-out: per user (with >= 3 items) the latest interaction is the test item,
+    the second latest the validation item (ties in time: the larger item id is the later), each
+    with n_neg sampled unobserved negatives (seeded as in leave_one_out). ValueError without
+    timestamps."""
+    times = _need_timestamps(data, "leave_last_out")
+    indptr = data.indptr.numpy()
+
+    def latest_two(rng, u, items):
+        rank = np.lexsort((items, times[indptr[u] : indptr[u + 1]]))  # oldest first
+        return np.array([rank[-2], rank[-1]])
+
+    return _held_out(data, n_neg, seed, "temporal", latest_two)
+
+
+def _check_fractions(fractions) -> np.ndarray:
     f = np.asarray(fractions, dtype=np.float64)
     if f.shape != (3,) or (f < 0).any() or abs(f.sum() - 1.0) > 1e-9 or f[0] <= 0:
         raise ValueError(
             "fractions must be three non-negative numbers summing to 1 with train > 0, "
             f"got {fractions}"
         )
-    rng = np.random.default_rng(seed)
+    return f
+
+
+def _fraction_split(data: Interactions, f, seed: int, order: str, arrange) -> Split:
+    """Per user, the items in arrange(u, items)'s order cut into train / valid / test by f."""
     indptr, indices = data.indptr.numpy(), data.indices.numpy()
     tr, va, te, eval_users = [], [], [], []
     for u in range(data.n_users):
-        items = rng.permutation(indices[indptr[u] : indptr[u + 1]])
+        items = arrange(u, indices[indptr[u] : indptr[u + 1]])
         n = len(items)
         n_tr = max(1, int(round(f[0] * n)))
         n_va = min(n - n_tr, int(round(f[1] * n)))
@@ -151,7 +219,8 @@ def random_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0
         if n - n_tr - n_va > 0:
             eval_users.append(u)
     if not eval_users:
-        raise ValueError("random_split: no user has a test item")
+        what = "random_split" if order == "random" else "temporal_split"
+        raise ValueError(f"{what}: no user has a test item")
     return Split(
         "full",
         data.n_users,
@@ -161,14 +230,161 @@ def random_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0
         from_lists(te, data.n_users),
         torch.tensor(eval_users, dtype=torch.int64),
         seed,
-        data.fingerprint(),
+        data.fingerprint(timestamps=order == "temporal"),
+        order=order,
     )
 
 
-def make_split(data: Interactions, protocol: str, *, seed: int = 0, n_neg: int = 499) -> Split:
-    """leave_one_out for protocol "loo", random_split (60/20/20) for "full"."""
+def random_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> Split:
+    """Per-user random split into train / valid / test by the given fractions (rounded; train gets
+    at least one item and the remainder goes to test). Evaluated users: those with a test item."""
+    f = _check_fractions(fractions)
+    rng = np.random.default_rng(seed)
+    return _fraction_split(data, f, seed, "random", lambda u, items: rng.permutation(items))
+
+
+def temporal_split(data: Interactions, *, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> Split:
+    """Per-user temporal split: the user's items sorted by (time, item id), the earliest
+    fractions[0] train, the next fractions[1] valid, the latest rest test, rounded as in
+    random_split. Deterministic (seed is only recorded). ValueError without timestamps."""
+    f = _check_fractions(fractions)
+    times = _need_timestamps(data, "temporal_split")
+    indptr = data.indptr.numpy()
+    return _fraction_split(
+        data,
+        f,
+        seed,
+        "temporal",
+        lambda u, items: _by_time(items, times[indptr[u] : indptr[u + 1]]),
+    )
+
+
+def make_split(
+    data: Interactions, protocol: str, *, seed: int = 0, n_neg: int = 499, order: str = "random"
+) -> Split:
+    """protocol "loo": leave_one_out (order "random") or leave_last_out ("temporal"); "full":
+    random_split or temporal_split (60/20/20)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be 'loo' or 'full', got {protocol!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if protocol == "loo":
-        return leave_one_out(data, n_neg=n_neg, seed=seed)
-    if protocol == "full":
-        return random_split(data, seed=seed)
-    raise ValueError(f"protocol must be 'loo' or 'full', got {protocol!r}")
+        fn = leave_one_out if order == "random" else leave_last_out
+        return fn(data, n_neg=n_neg, seed=seed)
+    fn = random_split if order == "random" else temporal_split
+    return fn(data, seed=seed)
+
+
+SPLIT_COLUMNS = ("user_id", "item_id", "part")
+SPLIT_PARTS = ("train", "valid", "test", "valid_negative", "test_negative")
+
+
+def _rows_cols(csr):
+    indptr, indices = (t.numpy() for t in csr)
+    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr)), indices
+
+
+def export_split(dataset: Interactions, split: Split, path, *, negatives: bool = True) -> Path:
+    """Write `split` of `dataset` as a CSV with the header user_id,item_id,part and one row per
+    (user, item) in the ORIGINAL ids (dataset.user_ids / item_ids), so it joins back to the source
+    file: part is "train", "valid" or "test"; for a loo split (with negatives=True) also
+    "valid_negative" / "test_negative", one row per sampled negative of each evaluated user, in
+    candidate order (the held-out item itself is its "valid" / "test" row). Rows come part by
+    part, users in row order, items in id order. Gzip-compressed when the name ends in ".gz"
+    (reproducibly: no time or name in the gzip header). Written atomically (a reader never sees
+    half a file). Returns the path. ValueError when the split is not of this dataset."""
+    fps = (dataset.fingerprint(), dataset.fingerprint(timestamps=True))
+    if (split.n_users, split.n_items) != (dataset.n_users, dataset.n_items) or (
+        split.data_fingerprint not in fps
+    ):
+        raise ValueError(
+            f"export_split: the split is of other data (fingerprint {split.data_fingerprint}, "
+            f"{split.n_users} users, {split.n_items} items) than {dataset.name!r} "
+            f"({fps[0]}, {dataset.n_users} users, {dataset.n_items} items)"
+        )
+    parts = [(name, *_rows_cols(getattr(split, name))) for name in ("train", "valid", "test")]
+    if negatives and split.valid_candidates is not None:
+        for name, cands in (
+            ("valid_negative", split.valid_candidates),
+            ("test_negative", split.test_candidates),
+        ):
+            negs = cands[:, 1:].numpy()
+            rows = np.repeat(split.eval_users.numpy(), negs.shape[1])
+            parts.append((name, rows, negs.reshape(-1)))
+
+    def write_rows(f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(SPLIT_COLUMNS)
+        for name, rows, cols in parts:
+            users = dataset.user_ids[rows].tolist()
+            items = dataset.item_ids[cols].tolist()
+            w.writerows(zip(users, items, [name] * len(users)))
+
+    def write(tmp):
+        if str(path).endswith(".gz"):
+            with open(tmp, "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                    with io.TextIOWrapper(gz, encoding="utf-8", newline="") as f:
+                        write_rows(f)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                write_rows(f)
+
+    return atomic_write(path, write)
+
+
+def read_split(path) -> dict:
+    """Read a file written by export_split: {part: (user_ids, item_ids)}, numpy arrays in the
+    file's order, for "train", "valid", "test" (always present, maybe empty) and
+    "valid_negative" / "test_negative" when the file has them. A column's ids are int64 when all
+    of them are integers (as load_pairs reads ids), else strings. Gzip is recognised by content.
+    Raises FileNotFoundError for a missing file and ValueError naming the file and line for a
+    wrong header, a row without three fields or an unknown part."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gz else open
+    got = {name: ([], []) for name in SPLIT_PARTS}
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        try:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or tuple(h.strip() for h in header) != SPLIT_COLUMNS:
+                raise ValueError(
+                    f"{path}, line 1: expected the header {','.join(SPLIT_COLUMNS)}, got "
+                    f"{','.join(header) if header else 'an empty file'!r}"
+                )
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != 3:
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: expected 3 fields "
+                        f"(user_id,item_id,part), got {len(row)}"
+                    )
+                if row[2] not in got:
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: part {row[2]!r} is not one of "
+                        f"{SPLIT_PARTS}"
+                    )
+                got[row[2]][0].append(row[0])
+                got[row[2]][1].append(row[1])
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, csv.Error) as exc:
+            raise ValueError(f"{path}: not a readable split file ({exc})") from None
+
+    def is_int(x):
+        return x.lstrip("-").isdigit() and -(2**63) <= int(x) < 2**63
+
+    ints = [all(is_int(x) for name in SPLIT_PARTS for x in got[name][c]) for c in (0, 1)]
+
+    def typed(values, c):
+        arr = np.asarray(values, dtype=str)
+        return arr.astype(np.int64) if ints[c] else arr
+
+    return {
+        name: (typed(users, 0), typed(items, 1))
+        for name, (users, items) in got.items()
+        if users or name in ("train", "valid", "test")
+    }
