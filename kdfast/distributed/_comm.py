@@ -158,6 +158,18 @@ class Comm:
         got = self.all_gather(pad)  # [sender, receiver, longest, *tail]
         return [got[s, self.rank, : int(all_counts[s, self.rank])] for s in range(self.world)]
 
+    def step(self, fn):
+        """fn() (local work between two collectives) on every rank, then one status exchange: if it
+        raised on any rank, every rank raises (see agree), so that no rank goes on to a collective
+        the others never reach (gloo aborts the process on mismatched sizes)."""
+        err, out = None, None
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by agree
+            err = exc
+        self.agree(err)
+        return out
+
     def agree(self, error: BaseException | None, what: str | None = None):
         """One status exchange: if any rank had an error, every rank raises it (the first failing
         rank's message, naming that rank); the exception type is kept for ValueError/TypeError so

@@ -242,35 +242,26 @@ def topk_scores(
     """
     device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
     comm = Comm(group, device, WHERE)
-    err, opts = None, None
-    try:
-        opts = _local_checks(queries, keys, k, layout, score, key_bias, key_offset, key_ids, merge)
-    except (ValueError, TypeError) as exc:
-        err = exc
-    comm.agree(err)
+    # every local step is followed by a status exchange (comm.step): a rank that raises makes every
+    # rank raise the same error, and no rank is left in a collective the others never reach
+    opts = comm.step(
+        lambda: _local_checks(queries, keys, k, layout, score, key_bias, key_offset, key_ids, merge)
+    )
     k, layout, score, merge, key_offset, key_ids = opts
     meta = comm.all_gather(
         _meta(queries, keys, k, layout, score, key_bias, key_offset, key_ids, merge)
     ).cpu()
-    ranges, n_total = _cross_checks(meta, layout)
+    ranges, n_total = _cross_checks(meta, layout)  # the same table on every rank: raises alike
     n_q_all = meta[:, 0]
     q_start = int(n_q_all[: comm.rank].sum())
     n_rows = int(n_q_all.sum())
     if layout == "queries":
-        err, out = None, None
-        try:
-            out = _local_topk(
-                queries,
-                keys,
-                k,
-                exclude=exclude,
-                score=score,
-                key_bias=key_bias,
+        out = comm.step(
+            lambda: _local_topk(
+                queries, keys, k, exclude=exclude, score=score, key_bias=key_bias,
                 backend=backend,
             )
-        except (ValueError, TypeError, RuntimeError) as exc:
-            err = exc
-        comm.agree(err)
+        )  # fmt: skip
         return Ranking(*out, q_start, n_rows)
     return _keys_layout(
         comm, queries, keys, k, exclude, score, key_bias, key_ids, backend, merge, meta, ranges,
@@ -278,58 +269,70 @@ def topk_scores(
     )  # fmt: skip
 
 
-def _gather_queries(comm, queries, n_q_all):
-    """All ranks' queries [sum n_q, d] in rank order (sent as bytes, padded to the longest)."""
+def _query_bytes(queries, n_q_all, device):
+    """This rank's queries as bytes [longest, d * itemsize], zero rows after its own."""
     longest = int(n_q_all.max())
-    d = queries.shape[1]
-    raw = queries.contiguous().view(torch.uint8).reshape(queries.shape[0], -1)
-    pad = torch.zeros((longest, raw.shape[1]), dtype=torch.uint8, device=comm.device)
-    pad[: queries.shape[0]] = raw.to(comm.device)
-    got = comm.all_gather(pad)
-    rows = [got[r, : int(n_q_all[r])] for r in range(comm.world)]
+    width = queries.shape[1] * queries.element_size()
+    raw = queries.contiguous().view(torch.uint8).reshape(queries.shape[0], width)
+    pad = torch.zeros((longest, width), dtype=torch.uint8, device=device)
+    pad[: queries.shape[0]] = raw.to(device)
+    return pad
+
+
+def _all_queries(got, n_q_all, queries):
+    """All ranks' queries [sum n_q, d] in rank order, from the gathered bytes."""
+    rows = [got[r, : int(n_q_all[r])] for r in range(got.shape[0])]
     allq = torch.cat(rows).to(queries.device)
-    return allq.view(queries.dtype).reshape(-1, d)
+    return allq.view(queries.dtype).reshape(-1, queries.shape[1])
+
+
+def _exclusion_chunks(exclude, queries, n_total, q_start, ranges, n_k_all, world):
+    """This rank's exclusions as (global query row, global key id) pairs, one chunk per rank: the
+    rank holding the id (with explicit key_ids: every rank)."""
+    lo, hi, by_ids = ranges
+    ip, ix = as_csr(exclude, "exclude", queries.shape[0], max(n_total, 1), optional=True)
+    validate_csr(ip, ix, "exclude", n_total)
+    entries = torch.stack([row_ids(ip) + q_start, ix], 1).cpu()
+    if by_ids:
+        return [entries] * world
+    owner = _owner_of(entries[:, 1], lo, hi, n_k_all)
+    return [entries[owner == r] for r in range(world)]
+
+
+def _merge(got, k, dev):
+    """The k largest rank keys of each row among every rank's partial list, decoded."""
+    cand = torch.cat([g.to(dev) for g in got], 1)
+    top = torch.topk(cand, k, dim=1, sorted=True).values if cand.shape[0] else cand[:, :k]
+    values, index = decode_rank_keys(top)
+    return values.to(torch.float32), index
 
 
 def _keys_layout(
     comm, queries, keys, k, exclude, score, key_bias, key_ids, backend, merge, meta, ranges,
     n_total, q_start, n_rows,
 ):  # fmt: skip
-    lo, hi, by_ids = ranges
-    me = comm.rank
     dev = queries.device
-    # this rank's exclusions as (global query row, global key id), each sent to the rank holding
-    # the id (with explicit key_ids: to every rank)
-    err, entries = None, None
-    try:
-        ip, ix = as_csr(exclude, "exclude", queries.shape[0], max(n_total, 1), optional=True)
-        validate_csr(ip, ix, "exclude", n_total)
-        entries = torch.stack([row_ids(ip) + q_start, ix], 1).cpu()
-    except (ValueError, TypeError) as exc:
-        err = exc
-    comm.agree(err)
-    if by_ids:
-        chunks = [entries] * comm.world
-    else:
-        owner = _owner_of(entries[:, 1], lo, hi, meta[:, 2])
-        chunks = [entries[owner == r] for r in range(comm.world)]
-    mine = torch.cat(comm.exchange(chunks, merge)).cpu()
-    all_q = _gather_queries(comm, queries, meta[:, 0])
-    # the local partial top-k of every query, as rank keys with global ids
-    err, part = None, None
-    try:
-        part = _partial(all_q, keys, k, mine, score, key_bias, key_ids, lo[me], backend, n_rows)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        err = exc
-    comm.agree(err)
-    bounds = torch.cumsum(meta[:, 0], 0).tolist()
-    starts = [0] + bounds[:-1]
-    chunks = [part[s:e] for s, e in zip(starts, bounds)]
-    got = comm.exchange(chunks, merge)  # world blocks [n_q, k] from every rank
-    cand = torch.cat([g.to(dev) for g in got], 1) if got else part[:0]
-    top = torch.topk(cand, k, dim=1, sorted=True).values if cand.shape[0] else cand[:, :k]
-    values, index = decode_rank_keys(top)
-    return Ranking(values.to(torch.float32), index, q_start, n_rows)
+    n_q_all = meta[:, 0]
+    chunks, qbytes = comm.step(
+        lambda: (
+            _exclusion_chunks(exclude, queries, n_total, q_start, ranges, meta[:, 2], comm.world),
+            _query_bytes(queries, n_q_all, comm.device),
+        )
+    )
+    mine = comm.exchange(chunks, merge)
+    got_q = comm.all_gather(qbytes)
+    lo = ranges[0][comm.rank]
+
+    def partial_lists():  # every query's top-k among this rank's keys, one chunk per owner
+        all_q = _all_queries(got_q, n_q_all, queries)
+        entries = torch.cat(mine).cpu()
+        part = _partial(all_q, keys, k, entries, score, key_bias, key_ids, lo, backend, n_rows)
+        bounds = torch.cumsum(n_q_all, 0).tolist()
+        return [part[s:e] for s, e in zip([0] + bounds[:-1], bounds)]
+
+    got = comm.exchange(comm.step(partial_lists), merge)  # [n_q, k] from every rank
+    values, index = comm.step(lambda: _merge(got, k, dev))
+    return Ranking(values, index, q_start, n_rows)
 
 
 def _owner_of(ids, lo, hi, n_k):
