@@ -116,6 +116,15 @@ def add_arguments(p) -> None:
         "reported on test, and the whole grid is recorded; repeatable",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train the students (every method and --sweep point) in N processes at once, each "
+        "with --threads threads (default: this machine's threads divided by N); 1 (the default) "
+        "trains them one after another here",
+    )
+    p.add_argument(
         "--epochs",
         type=int,
         default=1000,
@@ -346,6 +355,7 @@ def _check_args(args) -> None:
         "synthetic_users",
         "synthetic_items",
         "checkpoint_every",
+        "jobs",
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -508,6 +518,98 @@ def _write_history_csv(results, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def _train_unit(shared, label, name, options, log, on_validation):
+    """One student (a method at one grid point), checkpointed under --out/checkpoints/LABEL.pt
+    and saved to --out/students/LABEL.pt."""
+    from .. import experiment
+
+    out = shared["out"]
+    return experiment.train_student(
+        shared["split"],
+        shared["teacher"],
+        name,
+        options,
+        student_model=shared["student_model"],
+        student_dim=shared["student_dim"],
+        train=shared["train"],
+        log=log,
+        save_to=out / "students" / f"{label}.pt",
+        dataset=shared["dataset"],
+        data_spec=shared["data_spec"],
+        checkpoint=out / "checkpoints" / f"{label}.pt",
+        resume=shared["resume"],
+        on_validation=on_validation,
+    )
+
+
+_WORKER = {}
+
+
+def _worker_init(shared, threads):
+    import signal
+
+    import torch
+
+    from .._core import progress
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
+    torch.set_num_threads(threads)
+    progress.set_enabled(False)
+    _WORKER.update(shared)
+    _WORKER["live"] = _LiveLog(shared["out"] / "history.csv", shared["tensorboard"], fresh=False)
+
+
+def _worker_run(label, name, options):
+    live = _WORKER["live"]
+    try:
+        return _train_unit(_WORKER, label, name, options, print, live.hook(label))
+    finally:
+        live.flush()
+
+
+class _Students:
+    """The students of a run: trained here one after another in the order asked for, or, with
+    --jobs N > 1, all submitted at once to N worker processes (spawned; each with the threads of
+    this process divided by N, at least one, or --threads), results taken in the run's order."""
+
+    def __init__(self, shared, units, jobs, log, live, threads=None):
+        self.shared, self.units, self.log, self.live = shared, units, log, live
+        self.pool, self.futures = None, {}
+        if jobs > 1 and len(units) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            import torch
+
+            threads = threads or max(1, torch.get_num_threads() // jobs)
+            log(
+                f"students: {len(units)} in {min(jobs, len(units))} processes, "
+                f"{threads} threads each"
+            )
+            self.pool = ProcessPoolExecutor(
+                max_workers=min(jobs, len(units)),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(shared, threads),
+            )
+            for label, (name, options) in units.items():
+                self.futures[label] = self.pool.submit(_worker_run, label, name, options)
+
+    def result(self, label):
+        if self.pool is None:
+            name, options = self.units[label]
+            return _train_unit(self.shared, label, name, options, self.log, self.live.hook(label))
+        return self.futures[label].result()
+
+    def close(self, cancel=False):
+        if self.pool is None:
+            return
+        if cancel:
+            for proc in list(getattr(self.pool, "_processes", {}).values()):
+                proc.terminate()  # their checkpoints keep what they did
+        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
 class _LiveLog:
     """Each evaluation as it happens: one row appended to --out/history.csv (rewritten whole from
     results.json when the run ends) and, with --tensorboard, scalars <model>/loss, loss_base,
@@ -552,6 +654,10 @@ class _LiveLog:
                 w.writerow(["model", "epoch", "loss", "loss_base", "loss_kd", *metrics])
             row = [model, entry["epoch"], entry["loss"], entry.get("loss_base")]
             w.writerow(row + [entry.get("loss_kd")] + [entry["valid"].get(m) for m in metrics])
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self):
         if self.writer is not None:
@@ -753,54 +859,66 @@ def _run(args, out: Path) -> int:
         _write_json(results, out / "results.json")
 
         done = (previous or {}).get("students", {})
+        units = {}  # label -> (method, its options at this grid point)
         for name, opts in methods:
             resolved = _resolved(name, opts) if name != "none" else {}
-            if name in done and done[name].get("options") == resolved:
-                results["students"][name] = done[name]  # finished before the interruption
-                log(f"student {name}: finished in the interrupted run")
-                continue
-            grid = []
-            for point in grids.get(name, [{}]):
-                label = _label(name, point)
-                r = experiment.train_student(
-                    split,
-                    teacher,
-                    name,
-                    _validated(name, {**opts, **point}) if point else opts,
-                    student_model=args.student_model,
-                    student_dim=args.student_dim,
-                    train=train,
-                    log=log,
-                    save_to=out / "students" / f"{label}.pt",
-                    dataset=dataset,
-                    data_spec=data_spec,
-                    checkpoint=checkpoints / f"{label}.pt",
-                    resume=previous is not None,
-                    on_validation=live.hook(label),
-                )
-                grid.append((point, r))
-                if point:
-                    log(f"[sweep {label}] valid {monitor} {r['valid'][monitor]:.4f}")
-            # the setting chosen on validation (the first of equals); test is reported for it only
-            point, best = max(grid, key=lambda pr: pr[1]["valid"][monitor])
-            if name in grids:
-                best = dict(best)
-                best["sweep"] = {
-                    "chosen": point,
-                    "monitor": monitor,
-                    "grid": [
-                        {
-                            "options": p,
-                            "valid": r["valid"],
-                            "best_epoch": r["best_epoch"],
-                            "file": r.get("file"),
-                        }
-                        for p, r in grid
-                    ],  # fmt: skip
-                }
-            best = dict(best, options=resolved)
-            results["students"][name] = best
-            _write_json(results, out / "results.json")
+            if not (name in done and done[name].get("options") == resolved):
+                for point in grids.get(name, [{}]):
+                    units[_label(name, point)] = (
+                        name,
+                        _validated(name, {**opts, **point}) if point else opts,
+                    )
+        shared = {
+            "split": split,
+            "teacher": teacher,
+            "dataset": dataset,
+            "data_spec": data_spec,
+            "train": train,
+            "student_model": args.student_model,
+            "student_dim": args.student_dim,
+            "out": out,
+            "resume": previous is not None,
+            "tensorboard": args.tensorboard,
+        }
+        pool = _Students(shared, units, args.jobs, log, live, threads=args.threads)
+        try:
+            for name, opts in methods:
+                resolved = _resolved(name, opts) if name != "none" else {}
+                if name in done and done[name].get("options") == resolved:
+                    results["students"][name] = done[name]  # finished before the interruption
+                    log(f"student {name}: finished in the interrupted run")
+                    continue
+                grid = []
+                for point in grids.get(name, [{}]):
+                    label = _label(name, point)
+                    r = pool.result(label)
+                    grid.append((point, r))
+                    if point:
+                        log(f"[sweep {label}] valid {monitor} {r['valid'][monitor]:.4f}")
+                # the setting chosen on validation (the first of equals); test reported for it only
+                point, best = max(grid, key=lambda pr: pr[1]["valid"][monitor])
+                if name in grids:
+                    best = dict(best)
+                    best["sweep"] = {
+                        "chosen": point,
+                        "monitor": monitor,
+                        "grid": [
+                            {
+                                "options": p,
+                                "valid": r["valid"],
+                                "best_epoch": r["best_epoch"],
+                                "file": r.get("file"),
+                            }
+                            for p, r in grid
+                        ],  # fmt: skip
+                    }
+                best = dict(best, options=resolved)
+                results["students"][name] = best
+                _write_json(results, out / "results.json")
+        except BaseException:
+            pool.close(cancel=True)
+            raise
+        pool.close()
 
         results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_history_csv(results, out / "history.csv")
