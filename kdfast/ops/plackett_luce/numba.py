@@ -37,6 +37,54 @@ SCORE_ROWS = 64  # rows per parallel iteration, score form
 EMB_ROWS = 16  # and embedding form
 
 
+# exp(y) = 2^n exp(r), n = round(y / ln 2), r = y - n ln 2 (ln 2 in two parts: n ln2_hi is exact)
+LOG2E = 1.4426950408889634
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _exp_shift(x, shift, out, n_buf):
+    """out[i] = exp(x[i] + shift) in float64 for i < len(x), in loops that LLVM vectorises (the
+    scalar libm exp is the cost of this op otherwise): |r| <= ln(2) / 2 and the degree-13 Taylor
+    polynomial of exp(r) (truncation below 1e-17), then n added to the exponent bits. Results below
+    exp(-708) are 0 (the exact ones are subnormal), above exp(709) +inf; NaN stays NaN. Scratch
+    n_buf: len(x) int64."""
+    m = x.shape[0]
+    for i in range(m):
+        y = np.float64(x[i]) + shift
+        y = y if y > -708.0 else -708.0  # NaN too: fixed below
+        y = y if y < 709.0 else 709.0
+        n = np.floor(y * LOG2E + 0.5)
+        r = (y - n * LN2_HI) - n * LN2_LO
+        p = 1.6059043836821613e-10
+        p = p * r + 2.08767569878681e-09
+        p = p * r + 2.505210838544172e-08
+        p = p * r + 2.755731922398589e-07
+        p = p * r + 2.7557319223985893e-06
+        p = p * r + 2.48015873015873e-05
+        p = p * r + 0.0001984126984126984
+        p = p * r + 0.001388888888888889
+        p = p * r + 0.008333333333333333
+        p = p * r + 0.041666666666666664
+        p = p * r + 0.16666666666666666
+        p = p * r + 0.5
+        p = p * r + 1.0
+        out[i] = p * r + 1.0
+        n_buf[i] = np.int64(n)
+    bits = out[:m].view(np.int64)
+    for i in range(m):
+        bits[i] += n_buf[i] << 52
+    for i in range(m):
+        y = np.float64(x[i]) + shift
+        if y != y:
+            out[i] = np.nan
+        elif y < -708.0:
+            out[i] = 0.0
+        elif y > 709.0:
+            out[i] = np.inf
+
+
 @njit(cache=True, nogil=True)
 def _logaddexp(a, b):
     mx = a if a > b else b
@@ -47,9 +95,9 @@ def _logaddexp(a, b):
 
 
 @njit(cache=True, nogil=True)
-def _log_rest(u, t, has_t):
+def _log_rest(u, t, has_t, buf, n_buf):
     """log(sum_l exp(u_l) + exp(t)) over the entries that are not -inf: -inf when there are none,
-    NaN when one is NaN, else +inf when one is +inf."""
+    NaN when one is NaN, else +inf when one is +inf. Scratch buf, n_buf: len(u) each."""
     m = NINF
     nan = False
     for x in u:
@@ -67,18 +115,19 @@ def _log_rest(u, t, has_t):
         return np.nan
     if m == NINF or m == np.inf:
         return m
+    _exp_shift(u, -m, buf, n_buf)
     z = 0.0
-    for x in u:
-        z += np.exp(np.float64(x) - m)
+    for i in range(u.shape[0]):
+        z += buf[i]
     if has_t:
         z += np.exp(t - m)
     return m + np.log(z)
 
 
 @njit(cache=True, nogil=True)
-def _ranked_row(s, rest, e, r, gs, want):
+def _ranked_row(s, rest, e, r, n_buf, gs, want):
     """(loss, A_K) of one row of ranked scores s given log(rest mass); with want, gs <- dL/ds.
-    Scratch e, r: K float64 each."""
+    Scratch e, r: K float64 each, n_buf: K int64."""
     K = s.shape[0]
     c = rest
     n_valid = 0
@@ -95,8 +144,7 @@ def _ranked_row(s, rest, e, r, gs, want):
         return 0.0, NINF
     fast = np.isfinite(c)
     if fast:
-        for k in range(K):
-            e[k] = np.exp(np.float64(s[k]) - c)
+        _exp_shift(s, -c, e, n_buf)
         acc = np.exp(rest - c)
         for k in range(K - 1, -1, -1):
             acc += e[k]
@@ -160,14 +208,17 @@ def _scores(s, u, t, has_t, want, loss, d_r, d_u, d_t):
     for run in prange(n_runs):
         e = np.empty(K)
         r = np.empty(K)
+        buf = np.empty(L)
+        n_buf = np.empty(max(K, L), np.int64)
         for b in range(run * SCORE_ROWS, min(B, (run + 1) * SCORE_ROWS)):
             tb = np.float64(t[b]) if has_t else 0.0
-            rest = _log_rest(u[b], tb, has_t)
-            value, inv = _ranked_row(s[b], rest, e, r, d_r[b], want)
+            rest = _log_rest(u[b], tb, has_t, buf, n_buf)
+            value, inv = _ranked_row(s[b], rest, e, r, n_buf, d_r[b], want)
             loss[b] = value
             if want:
+                _exp_shift(u[b], inv, buf, n_buf)
                 for l in range(L):
-                    d_u[b, l] = np.exp(np.float64(u[b, l]) + inv)
+                    d_u[b, l] = buf[l]
                 if has_t:
                     d_t[b] = np.exp(tb + inv)
 
@@ -198,6 +249,8 @@ def _emb_forward(q, e, rows, has_rows, ri, ui, t, has_t, want, loss, d_r, d_u, d
         su = np.empty(L)
         eb = np.empty(K)
         rb = np.empty(K)
+        buf = np.empty(L)
+        n_buf = np.empty(max(K, L), np.int64)
         acc = np.empty(d)
         for b in range(run * EMB_ROWS, min(B, (run + 1) * EMB_ROWS)):
             qr = rows[b] if has_rows else b
@@ -209,8 +262,8 @@ def _emb_forward(q, e, rows, has_rows, ri, ui, t, has_t, want, loss, d_r, d_u, d
                 i = ui[qr, j]
                 su[j] = NINF if i < 0 else _dot(qb, e[i])
             tb = np.float64(t[qr]) if has_t else 0.0
-            rest = _log_rest(su, tb, has_t)
-            value, inv = _ranked_row(sc, rest, eb, rb, d_r[b], want)
+            rest = _log_rest(su, tb, has_t, buf, n_buf)
+            value, inv = _ranked_row(sc, rest, eb, rb, n_buf, d_r[b], want)
             loss[b] = value
             if not want:
                 continue
@@ -220,9 +273,9 @@ def _emb_forward(q, e, rows, has_rows, ri, ui, t, has_t, want, loss, d_r, d_u, d
                 w = np.float64(d_r[b, j])
                 if i >= 0 and w != 0:
                     _axpy(acc, w, e[i])
+            _exp_shift(su, inv, buf, n_buf)
             for j in range(L):
-                w = np.exp(su[j] + inv)
-                d_u[b, j] = w
+                d_u[b, j] = buf[j]
                 i = ui[qr, j]
                 w = np.float64(d_u[b, j])
                 if i >= 0 and w != 0:
