@@ -336,25 +336,20 @@ def _parse_times(path, tokens, linenos, declared: bool):
     missing = next((k for k, t in enumerate(tokens) if t is None or not t), None)
     if missing is not None:
         return give_up(missing, "no timestamp in the timestamp column")
-    arr = np.asarray(tokens)
     try:
-        return arr.astype(np.int64)
+        return np.asarray(tokens).astype(np.int64)
     except (ValueError, OverflowError):
         pass
-    try:
-        out = arr.astype(np.float64)
-    except ValueError:
-        out = None
-    if out is not None and np.isfinite(out).all():
-        return out
+    values = []
     for k, t in enumerate(tokens):
         try:
-            ok = np.isfinite(float(t))
+            v = float(t)
         except ValueError:
-            ok = False
-        if not ok:
+            v = float("nan")
+        if not np.isfinite(v):
             return give_up(k, f"timestamp {t!r} is not a finite number")
-    return None  # unreachable: some token failed above
+        values.append(v)
+    return np.asarray(values, dtype=np.float64)
 
 
 def _separator(line: str):

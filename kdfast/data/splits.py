@@ -290,7 +290,8 @@ def export_split(dataset: Interactions, split: Split, path, *, negatives: bool =
     file: part is "train", "valid" or "test"; for a loo split (with negatives=True) also
     "valid_negative" / "test_negative", one row per sampled negative of each evaluated user, in
     candidate order (the held-out item itself is its "valid" / "test" row). Rows come part by
-    part, users in row order, items in id order. Gzip-compressed when the name ends in ".gz"
+    part, users in row order, items in id order. (users.dat data has no user ids: a user's id is
+    its 0-based line number.) Gzip-compressed when the name ends in ".gz"
     (reproducibly: no time or name in the gzip header). Written atomically (a reader never sees
     half a file). Returns the path. ValueError when the split is not of this dataset."""
     fps = (dataset.fingerprint(), dataset.fingerprint(timestamps=True))
@@ -312,18 +313,26 @@ def export_split(dataset: Interactions, split: Split, path, *, negatives: bool =
             rows = np.repeat(split.eval_users.numpy(), negs.shape[1])
             parts.append((name, rows, negs.reshape(-1)))
 
+    plain = dataset.user_ids.dtype.kind in "iu" and dataset.item_ids.dtype.kind in "iu"
+
     def write_rows(f):
         w = csv.writer(f, lineterminator="\n")
         w.writerow(SPLIT_COLUMNS)
         for name, rows, cols in parts:
-            users = dataset.user_ids[rows].tolist()
-            items = dataset.item_ids[cols].tolist()
-            w.writerows(zip(users, items, [name] * len(users)))
+            for a in range(0, len(rows), 1 << 18):  # bounded memory for millions of negatives
+                users = dataset.user_ids[rows[a : a + (1 << 18)]].tolist()
+                items = dataset.item_ids[cols[a : a + (1 << 18)]].tolist()
+                if plain:  # integer ids need no quoting: the faster way
+                    f.write("".join(f"{u},{i},{name}\n" for u, i in zip(users, items)))
+                else:
+                    w.writerows(zip(users, items, [name] * len(users)))
 
     def write(tmp):
         if str(path).endswith(".gz"):
             with open(tmp, "wb") as raw:
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+                with gzip.GzipFile(
+                    filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0
+                ) as gz:
                     with io.TextIOWrapper(gz, encoding="utf-8", newline="") as f:
                         write_rows(f)
         else:
@@ -346,7 +355,6 @@ def read_split(path) -> dict:
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     opener = gzip.open if gz else open
-    got = {name: ([], []) for name in SPLIT_PARTS}
     with opener(path, "rt", encoding="utf-8", newline="") as f:
         try:
             reader = csv.reader(f)
@@ -356,35 +364,36 @@ def read_split(path) -> dict:
                     f"{path}, line 1: expected the header {','.join(SPLIT_COLUMNS)}, got "
                     f"{','.join(header) if header else 'an empty file'!r}"
                 )
+            code = {name: k for k, name in enumerate(SPLIT_PARTS)}
+            users, items, parts = [], [], []
             for row in reader:
-                if not row:
-                    continue
-                if len(row) != 3:
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: expected 3 fields "
-                        f"(user_id,item_id,part), got {len(row)}"
+                if len(row) == 3 and row[2] in code:
+                    users.append(row[0])
+                    items.append(row[1])
+                    parts.append(code[row[2]])
+                elif row:
+                    what = (
+                        f"part {row[2]!r} is not one of {SPLIT_PARTS}"
+                        if len(row) == 3
+                        else f"expected 3 fields (user_id,item_id,part), got {len(row)}"
                     )
-                if row[2] not in got:
-                    raise ValueError(
-                        f"{path}, line {reader.line_num}: part {row[2]!r} is not one of "
-                        f"{SPLIT_PARTS}"
-                    )
-                got[row[2]][0].append(row[0])
-                got[row[2]][1].append(row[1])
+                    raise ValueError(f"{path}, line {reader.line_num}: {what}")
         except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, csv.Error) as exc:
             raise ValueError(f"{path}: not a readable split file ({exc})") from None
 
-    def is_int(x):
-        return x.lstrip("-").isdigit() and -(2**63) <= int(x) < 2**63
+    def typed(ids):  # int64 when every id is an integer that fits, as load_pairs reads ids
+        arr = np.asarray(ids, dtype=str)
+        if all(x.lstrip("-").isdigit() for x in set(ids)):
+            try:
+                return arr.astype(np.int64)
+            except (ValueError, OverflowError):
+                pass
+        return arr
 
-    ints = [all(is_int(x) for name in SPLIT_PARTS for x in got[name][c]) for c in (0, 1)]
-
-    def typed(values, c):
-        arr = np.asarray(values, dtype=str)
-        return arr.astype(np.int64) if ints[c] else arr
-
-    return {
-        name: (typed(users, 0), typed(items, 1))
-        for name, (users, items) in got.items()
-        if users or name in ("train", "valid", "test")
-    }
+    users, items, parts = typed(users), typed(items), np.asarray(parts, dtype=np.int8)
+    out = {}
+    for k, name in enumerate(SPLIT_PARTS):
+        mask = parts == k
+        if mask.any() or name in ("train", "valid", "test"):
+            out[name] = (users[mask], items[mask])
+    return out
