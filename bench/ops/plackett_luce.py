@@ -227,6 +227,15 @@ def _kd_loss(x, p):
     return lambda: kdfast.plackett_luce_loss(x.s, x.u, log_tail=x.t, backend=p["backend"])
 
 
+def _numba_usable(p):
+    return kdfast.backends()["numba"][0]
+
+
+def _on_numba(make):
+    """A provider's make on the numba backend (CPU, where numba imports)."""
+    return lambda x, p: make(x, dict(p, backend="numba"))
+
+
 def _memory_floor(x, p):
     B, K, L = p["B"], p["K"], p["L"]
     moved = 2 * B * (K + L) * x.s.element_size() + 3 * B * 4
@@ -234,6 +243,12 @@ def _memory_floor(x, p):
         copy_rate(x.device), moved, "read scores once, write their gradients once (copy rate)"
     )
 
+
+# the device's backend, then numba (CPU, where it imports): (name, make wrapper, Provider options)
+_BACKENDS = (
+    ("{backend}", lambda make: make, {}),
+    ("numba", _on_numba, dict(kinds=("cpu",), when=_numba_usable)),
+)
 
 SCORES = Bench(
     op="plackett_luce_loss",
@@ -249,20 +264,34 @@ SCORES = Bench(
     inputs=_scores_inputs,
     label=lambda p: f"B={p['B']} K={p['K']} L={p['L']} {p.get('dtype', 'float32')}",
     providers=(
-        Provider(
-            "kdfast {backend}",
-            lambda x, p: Step(_kd_loss(x, p), leaves=x.leaves, reps=_reps(x, 50)),
+        *(
+            Provider(
+                f"kdfast {name}",
+                wrap(lambda x, p: Step(_kd_loss(x, p), leaves=x.leaves, reps=_reps(x, 50))),
+                **kw,
+            )
+            for name, wrap, kw in _BACKENDS
         ),
-        Provider(
-            "kdfast {backend} forward only",
-            lambda x, p: Step(_no_grad(_kd_loss(x, p)), reps=_reps(x, 50)),
+        *(
+            Provider(
+                f"kdfast {name} forward only",
+                wrap(lambda x, p: Step(_no_grad(_kd_loss(x, p)), reps=_reps(x, 50))),
+                **kw,
+            )
+            for name, wrap, kw in _BACKENDS
         ),
-        Provider(
-            "kdfast {backend} backend loss_and_grads",
-            lambda x, p: Step(
-                lambda: pl.BACKENDS[p["backend"]]().loss_and_grads(x.s, x.u, x.t, True),
-                reps=_reps(x, 50),
-            ),
+        *(
+            Provider(
+                f"kdfast {name} backend loss_and_grads",
+                wrap(
+                    lambda x, p: Step(
+                        lambda: pl.BACKENDS[p["backend"]]().loss_and_grads(x.s, x.u, x.t, True),
+                        reps=_reps(x, 50),
+                    )
+                ),
+                **kw,
+            )
+            for name, wrap, kw in _BACKENDS
         ),
         Provider(
             "eager reference",
@@ -298,15 +327,21 @@ EMB = Bench(
         f"B={p['B']} K={p['K']} L={p['L']} N={p['N']} d={p['d']} {p.get('dtype', 'float32')}"
     ),
     providers=(
-        Provider(
-            "kdfast {backend}",
-            lambda x, p: Step(
-                lambda: kdfast.plackett_luce_loss_from_embeddings(
-                    x.q, x.e, x.ri, x.ui, log_tail=x.t, backend=p["backend"]
+        *(
+            Provider(
+                f"kdfast {name}",
+                wrap(
+                    lambda x, p: Step(
+                        lambda: kdfast.plackett_luce_loss_from_embeddings(
+                            x.q, x.e, x.ri, x.ui, log_tail=x.t, backend=p["backend"]
+                        ),
+                        leaves=x.leaves,
+                        reps=_reps(x, 20),
+                    )
                 ),
-                leaves=x.leaves,
-                reps=_reps(x, 20),
-            ),
+                **kw,
+            )
+            for name, wrap, kw in _BACKENDS
         ),
         Provider(
             "eager reference",

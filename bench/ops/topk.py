@@ -1,6 +1,7 @@
 """kdfast.topk_scores: benchmark cases and providers, and the GPU checks of the Triton backend.
 
-Providers: kdfast on the device's backend (CPU: kdfast.topk_scores, cpp; GPU: the Triton backend's
+Providers: kdfast on the device's backend (CPU: kdfast.topk_scores, cpp, and numba where it imports;
+GPU: the Triton backend's
 variants, buffer and merge, timed directly to choose the variant and report registers and tiles),
 the eager reference, torch.compile of it, and on the GPU the matmul floor 2*n_q*n_k*d / (rate of a
 compute-bound 8192^3 torch.mm in the same precision, measured in the same run).
@@ -371,6 +372,14 @@ def _kdfast(x, p):
     return Step(with_tf32(x.tf32, fn), reps=5)
 
 
+def _numba_usable(p):
+    return kdfast.backends()["numba"][0]
+
+
+def _kdfast_numba(x, p):
+    return _kdfast(x, dict(p, backend="numba"))
+
+
 def _reference(x, p):
     reps = 1 if x.device.type == "cuda" else 2
     return Step(with_tf32(x.tf32, lambda: ref_topk(x.q, x.keys, x.k, *x.excl)), reps=reps)
@@ -448,6 +457,7 @@ TOPK = Bench(
         Provider("matmul floor", _matmul_floor, kinds=("cuda",)),
         Provider("eager reference", _reference),
         Provider("kdfast cpp", _kdfast, kinds=("cpu",)),
+        Provider("kdfast numba", _kdfast_numba, kinds=("cpu",), when=_numba_usable),
         Provider("kdfast triton buffer", _triton("buffer"), kinds=("cuda",)),
         Provider(
             "kdfast triton merge",
