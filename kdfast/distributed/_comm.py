@@ -99,9 +99,6 @@ class Comm:
         """[world, *x.shape]: every rank's x (same shape and dtype on every rank)."""
         x = x.to(self.device).contiguous()
         out = torch.empty((self.world, *x.shape), dtype=x.dtype, device=self.device)
-        if self.world == 1:
-            out[0] = x
-            return out
         d = dist()
         fn = getattr(d, "all_gather_single", None) or d.all_gather_into_tensor
         _guard(self.where, lambda: fn(out.view(-1), x.view(-1), group=self.group), self.timeout_s)
@@ -109,9 +106,8 @@ class Comm:
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).clone()
-        if self.world > 1:
-            d = dist()
-            _guard(self.where, lambda: d.all_reduce(x, group=self.group), self.timeout_s)
+        d = dist()
+        _guard(self.where, lambda: d.all_reduce(x, group=self.group), self.timeout_s)
         return x
 
     def exchange(self, chunks, merge: str = "auto"):
@@ -122,8 +118,6 @@ class Comm:
         receives everything and keeps its own)."""
         tail = tuple(chunks[0].shape[1:])
         dtype = chunks[0].dtype
-        if self.world == 1:
-            return [chunks[0].to(self.device)]
         counts = torch.tensor([c.shape[0] for c in chunks], dtype=torch.int64)
         use_a2a = merge == "all_to_all" or (merge == "auto" and self.backend in ALL_TO_ALL_BACKENDS)
         d = dist()
