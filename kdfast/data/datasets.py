@@ -20,12 +20,21 @@ Filters (applied in this order by from_pairs, so by every loader):
 Timestamps: `Interactions.timestamps` is the time of every interaction (aligned with `indices`),
 or None when the source has none. They are read from a ratings file's 4th column (MovieLens
 u.data, ratings.dat; headerless files only when every line has a numeric 4th field), and from a
-header-named column ("timestamp", "time", "ts", RecBole's "timestamp:float", ...) of a ratings
-or pairs file with a header. users.dat files and synthetic data have none. int64 when every value
-is an integer, float64 otherwise. A pair that occurs on several lines is one interaction with the
-LATEST of its timestamps (for ratings: the latest among the lines rated >= threshold). A declared
-timestamp column with a value that is not a finite number is reported by a warning naming the file
-and line, and the data is loaded without timestamps (everything but a temporal split works).
+header-named column ("timestamp", "time", "ts", RecBole's "timestamp:float", ...) of a file with
+a header: after the rating in a ratings file (ratings.csv, a RecBole .inter with ratings), after
+the item in a pairs file (a RecBole .inter without ratings; pairs files have a header only above
+integer ids). A pairs file without a header has none (a third column could be a count or a
+weight). users.dat files and synthetic data have none. int64 when every value is an integer,
+float64 otherwise. A pair that occurs on several lines is one interaction with the LATEST of its
+timestamps (for ratings: the latest among the lines rated >= threshold). A declared timestamp
+column with a value that is not a finite number is reported by a warning naming the file and line,
+and the data is loaded without timestamps (everything but a temporal split works).
+
+Fingerprint: Interactions.fingerprint() hashes the sizes and the CSR only, as it always has, so
+the fingerprint of a file (and the teachers saved for it) is the same whether or not it has
+timestamps; fingerprint(timestamps=True) also hashes the timestamps when there are some (equal to
+fingerprint() when there are none). A temporal split records the latter, as its parts depend on
+the times.
 """
 
 from __future__ import annotations
