@@ -129,7 +129,7 @@ def _equality_worker(rank, world, init_file, out_dir):
     k = 9
     want = kdfast.topk_scores(q, keys, k, exclude=ex)
     r0, r1 = kd.block_range(n_q, rank, world)
-    my_ex = select_rows(*ex, torch.arange(r0, r1))
+    my_ex = kd.slice_rows(ex, r0, r1)
     # uneven key shards, rank 1's smaller than k
     cut = 60
     k0, k1 = (0, cut) if rank == 0 else (cut, n_k)

@@ -7,6 +7,7 @@ processes, started with torchrun; kdfast has no transport of its own). See docs/
     evaluate(user_emb, item_emb, split, ...)   kdfast.metrics.evaluate's full-ranking numbers
     ShardWriter / load_rankings(path)          rankings written one file per rank, read back as one
     block_range(n, rank, world)                the rows a rank owns
+    slice_rows(csr, start, stop)               those rows of an exclusion CSR
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from ._comm import DEFAULT_TIMEOUT_S, DistributedError, init
 from .evaluate import evaluate
 from .shards import ShardedArray, ShardWriter, load_rankings
-from .topk import Ranking, block_range, topk_scores
+from .topk import Ranking, block_range, slice_rows, topk_scores
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -26,5 +27,6 @@ __all__ = [
     "evaluate",
     "init",
     "load_rankings",
+    "slice_rows",
     "topk_scores",
 ]

@@ -65,6 +65,14 @@ def block_range(n: int, rank: int, world: int) -> tuple:
     return n * rank // world, n * (rank + 1) // world
 
 
+def slice_rows(csr, start: int, stop: int):
+    """Rows start..stop of a CSR pair (indptr, indices), as a CSR pair: the exclusions of the
+    queries a rank owns, e.g. slice_rows(train, *block_range(n_users, rank, world))."""
+    indptr, indices = (torch.as_tensor(a) for a in csr)
+    lo, hi = int(indptr[start]), int(indptr[stop])
+    return indptr[start : stop + 1] - lo, indices[lo:hi]
+
+
 def _local_checks(queries, keys, k, layout, score, key_bias, key_offset, key_ids, merge):
     checks.floating(queries, "queries", ndim=2)
     checks.floating(keys, "keys", ndim=2)
