@@ -15,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
     register_full_catalog(m);
     register_topology(m);
     register_sampling(m);
+    register_rank_of_ids(m);
 }

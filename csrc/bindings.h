@@ -10,3 +10,4 @@ void register_plackett_luce_emb_backward(pybind11::module_& m);
 void register_full_catalog(pybind11::module_& m);
 void register_topology(pybind11::module_& m);
 void register_sampling(pybind11::module_& m);
+void register_rank_of_ids(pybind11::module_& m);

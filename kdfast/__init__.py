@@ -18,6 +18,7 @@ _EXPORTS = {
     # ops
     "topk_scores": "kdfast.ops.topk",
     "topk_from_scorer": "kdfast.ops.topk.scorer",
+    "rank_of_ids": "kdfast.ops.rank_of_ids",
     "plackett_luce_loss": "kdfast.ops.plackett_luce",
     "plackett_luce_loss_from_embeddings": "kdfast.ops.plackett_luce",
     "full_catalog_listwise_loss": "kdfast.ops.full_catalog",

@@ -517,3 +517,79 @@ GROUPED_TOPOLOGY = Spec(
 )
 
 SPECS = [TOPK, PLACKETT_LUCE, PLACKETT_LUCE_EMB, FULL_CATALOG, TOPOLOGY, GROUPED_TOPOLOGY]
+
+
+# ------------------------------------------------------------------------------------ rank of ids
+# Ranks are integers: call and oracle return (ranks as float64, ranks), so that the tuple clauses of
+# test_contract compare the ranks exactly.
+def _rank_make(dtype, device, gen):
+    # small integers: every dot product is exact (many ties), so every backend must give the
+    # reference's ranks exactly
+    q = torch.randint(-2, 3, (6, 5), generator=gen).to(dtype).to(device)
+    keys = torch.randint(-2, 3, (31, 5), generator=gen).to(dtype).to(device)
+    ip, ix = _csr(6, 31, gen, device=device)
+    ids = _ids((6, 7), 31, gen, device)
+    ids[0, 0] = ix[0]  # an excluded id: its rank among the others
+    return (q, keys, ids), {"exclude": (ip, ix)}
+
+
+def _rank_pair(ranks):
+    return ranks.double(), ranks
+
+
+def _rank_oracle(args, kwargs):
+    from kdfast.ops.rank_of_ids import reference as rank_ref
+
+    q, keys, ids = args
+    indptr, indices = kdfast.as_csr(kwargs["exclude"], "exclude", q.shape[0], keys.shape[0])
+    return _rank_pair(rank_ref.rank_of_ids(q.double(), keys.double(), ids, indptr, indices))
+
+
+def _rank_ops(args, kwargs, backend):
+    from kdfast.ops import rank_of_ids as rank_op
+
+    q, keys, ids = args
+    indptr, indices = kwargs["exclude"]
+    return [(rank_op._rank_op, (q, keys, ids, indptr, indices, backend))]
+
+
+def _rank_ids(change):
+    def mutate(a, kw):
+        return _swap(a, 2, change(a[2].clone())), kw
+
+    return mutate
+
+
+RANK_OF_IDS = Spec(
+    name="rank_of_ids",
+    make=_rank_make,
+    call=lambda a, kw, b: _rank_pair(kdfast.rank_of_ids(*a, backend=b, **kw)),
+    oracle=_rank_oracle,
+    ops=_rank_ops,
+    bad=[
+        ("ids too large", _rank_ids(lambda i: i + 31), ValueError, "ids holds ids outside"),
+        ("ids below -1", _rank_ids(lambda i: i - 40), ValueError, "ids holds ids outside"),
+        ("ids float", _rank_ids(lambda i: i.float()), TypeError, "ids must be an integer"),
+        ("ids 1-D", _rank_ids(lambda i: i[0]), ValueError, "ids must be 2-D"),
+        ("ids rows", _rank_ids(lambda i: i[:2]), ValueError, "ids must have 6 rows"),
+        (
+            "queries 1-D",
+            lambda a, kw: (_swap(a, 0, a[0][0]), kw),
+            ValueError,
+            "queries must be 2-D",
+        ),
+        ("keys integer", lambda a, kw: (_swap(a, 1, a[1].long()), kw), TypeError, "keys must be"),
+        ("d differs", lambda a, kw: (_swap(a, 1, a[1][:, :3]), kw), ValueError, "same dimension"),
+        ("dtypes differ", lambda a, kw: (_swap(a, 1, a[1].half()), kw), TypeError, "same dtype"),
+        ("exclude rows", _excl(lambda ip, ix: (ip[:-1], ix)), ValueError, "exclude indptr"),
+        ("exclude id", _excl(lambda ip, ix: (ip, ix + 100)), ValueError, "exclude indices"),
+        (
+            "key_bias length",
+            lambda a, kw: (a, _with(kw, key_bias=torch.zeros(3, device=a[1].device))),
+            ValueError,
+            "key_bias must have one value per key",
+        ),
+        ("score", lambda a, kw: (a, _with(kw, score="l1")), ValueError, "score"),
+    ],
+)
+SPECS.append(RANK_OF_IDS)
