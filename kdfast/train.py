@@ -94,10 +94,24 @@ class Trainer:
         optimizer, every RNG, the epoch, early stopping), whole or not at all;
     on_validation: None or a function (entry) called with each evaluation's history entry (a
         live log: kdfast distill's history.csv and TensorBoard);
+    group: a torch.distributed process group to train data-parallel over (default: the default
+        group when one is initialised with more than one process; see "Data-parallel" below);
     resume: with a checkpoint file that exists, continue from it instead of starting afresh: the
         model and method must be built exactly as for the interrupted run (the same seed and
         options), and the result is then bit for bit that of an uninterrupted run; a checkpoint
         of a finished run returns its result at once (the model in its best state).
+
+    Data-parallel (torch.distributed, e.g. under torchrun): every rank builds the same model and
+    method (the same seed) and draws the same epoch permutation and negatives; each step's batch
+    of `batch_size` pairs is split by user (the pairs of user u go to rank u mod world), each rank
+    backpropagates its part, and the gradients are summed over the ranks (one all_reduce of one
+    flat buffer per step, as DistributedDataParallel does), so every rank takes the same Adam step.
+    The BPR loss and every sum over a batch's unique users are then those of one process; a sum
+    over a batch's unique items counts an item once per rank whose part holds it. A method's
+    per-epoch work (start_epoch: its sampling) runs on every rank alike. Evaluation is split by
+    users (kdfast.distributed.evaluate for full ranking). Only rank 0 logs and writes checkpoints;
+    every rank returns the same result. A teacher family trained by its own loss (CML, NeuMF,
+    MultVAE, I-AutoRec) trains the whole batch on every rank (no split).
     """
 
     def __init__(
@@ -124,6 +138,7 @@ class Trainer:
         checkpoint_every: int = 1,
         resume: bool = False,
         on_validation=None,
+        group=None,
     ):
         for arg, v in (
             ("epochs", epochs),
@@ -170,6 +185,10 @@ class Trainer:
                 f"on_validation must be callable or None, got {type(on_validation).__name__}"
             )
         self.on_validation = on_validation
+        self.group = group
+        self.rank, self.world = _dist_rank_world(group)
+        if self.rank != 0:  # one voice: rank 0 logs, shows progress and writes checkpoints
+            self.log, self.progress = None, False
 
     def _params(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -188,6 +207,9 @@ class Trainer:
                     part,
                     valid_excludes_test=self.valid_excludes_test,
                 )
+            elif self.world > 1:
+                ue, ie = dot_tables(self.model)
+                out = _sharded_evaluate(self, ue, ie, part)
             else:
                 ue, ie = dot_tables(self.model)
                 out = metrics.evaluate(
@@ -268,6 +290,8 @@ class Trainer:
                 return dict(saved["result"], resumed_from=resumed_from)
 
         def save_checkpoint(finished=False, result=None):
+            if self.rank != 0:
+                return
             payload = {
                 "name": self.name,
                 "seed": self.seed,
@@ -292,6 +316,7 @@ class Trainer:
         if self.method is not None:
             self.method.train()
         history = run["history"]
+        split_batches = self.world > 1 and own_loss is None
         for epoch in range(run["epochs_run"] + 1, self.epochs + 1):
             if run["stopped"]:
                 break
@@ -300,6 +325,7 @@ class Trainer:
             users, pos = users_all[perm], items[perm]
             neg = sample_negatives(users, train_keys, n_items, gen)
             users, pos, neg = users.to(device), pos.to(device), neg.to(device)
+            mine = users % self.world == self.rank if split_batches else None
             if self.method is not None:
                 with torch.no_grad():
                     su, si = self.model.embeddings()
@@ -314,6 +340,13 @@ class Trainer:
             for b in bar:
                 sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 batch = users[sl], pos[sl], neg[sl]
+                if split_batches:  # this rank's part of the step: the pairs of its users
+                    batch = tuple(t[mine[sl]] for t in batch)
+                    if batch[0].numel() == 0:
+                        opt.zero_grad(set_to_none=True)
+                        _sum_grads(params, self.group)
+                        opt.step()
+                        continue
                 if own_loss is not None:  # a family trained by its own loss (no KD method)
                     loss = own_loss(*batch)
                 elif self.method is None or self.method.uses_base_loss:
@@ -329,11 +362,20 @@ class Trainer:
                     kd_parts.append(loss.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if split_batches:
+                    _sum_grads(params, self.group)
                 opt.step()
                 if constrain is not None:
                     constrain()
                 total += float(loss.detach())
             bar.close()
+            kd_total = None
+            if self.method is not None:  # the epoch's KD part (summed in step order, as total)
+                kd_total = 0.0
+                for part in torch.stack(kd_parts).tolist() if kd_parts else []:
+                    kd_total += part
+            if split_batches:  # the epoch's losses over all ranks' parts
+                total, kd_total = _sum_floats(total, kd_total, self.group)
             if not math.isfinite(total):
                 raise FloatingPointError(f"{self.name}: the loss is {total} at epoch {epoch}")
             run["train_seconds"] += time.perf_counter() - t0
@@ -341,7 +383,7 @@ class Trainer:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, self.model)
             if epoch % self.eval_every == 0 or epoch == self.epochs:
-                self._validate(epoch, total, kd_parts, run)
+                self._validate(epoch, total, kd_total, run)
             if self.checkpoint is not None and (
                 epoch % self.checkpoint_every == 0 or run["stopped"]
             ):
@@ -368,14 +410,11 @@ class Trainer:
             save_checkpoint(finished=True, result=result)
         return dict(result, resumed_from=resumed_from)
 
-    def _validate(self, epoch, total, kd_parts, run) -> None:
+    def _validate(self, epoch, total, kd_total, run) -> None:
         """An epoch's validation: its history entry, the best state, early stopping, the log."""
         valid = self.evaluate("valid")
         entry = {"epoch": epoch, "loss": total, "valid": valid}
-        if self.method is not None:  # the epoch's loss split into its base and KD parts
-            kd_total = 0.0
-            for part in torch.stack(kd_parts).tolist() if kd_parts else []:
-                kd_total += part  # (summed in step order, as the total is)
+        if kd_total is not None:  # the epoch's loss split into its base and KD parts
             entry["loss_kd"], entry["loss_base"] = kd_total, total - kd_total
         status = self.method.status() if self.method is not None else None
         if status:
@@ -411,3 +450,89 @@ class Trainer:
             raise ValueError(
                 f"{self.checkpoint} is the checkpoint of another run: " + ", ".join(differ)
             )
+
+
+# ------------------------------------------------------------------------------- data-parallel
+def _dist_rank_world(group):
+    """(rank, world size) in `group` (the default group when None), (0, 1) without
+    torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group: torch.distributed is not initialised")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _sum_grads(params, group) -> None:
+    """Sum every parameter's gradient over the ranks, in one all_reduce per dtype and device; a
+    parameter no rank has a gradient for keeps None (Adam then skips it, as in one process)."""
+    import torch.distributed as dist
+
+    from .distributed._comm import _guard
+
+    buckets = {}
+    for p in params:
+        buckets.setdefault((p.dtype, p.device), []).append(p)
+    for (dtype, dev), ps in buckets.items():
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
+            + [torch.tensor([float(p.grad is not None) for p in ps], dtype=dtype, device=dev)]
+        )
+        _guard("data-parallel training", lambda f=flat: dist.all_reduce(f, group=group))
+        at = 0
+        for p in ps:
+            n = p.numel()
+            p.grad = flat[at : at + n].view_as(p).clone()
+            at += n
+        for p, has in zip(ps, flat[at:].tolist()):
+            if has == 0:
+                p.grad = None
+
+
+def _sum_floats(total, kd_total, group):
+    """(total, kd_total) summed over the ranks (float64; kd_total may be None)."""
+    import torch.distributed as dist
+
+    from .distributed._comm import _guard
+
+    t = torch.tensor([total, kd_total or 0.0], dtype=torch.float64)
+    _guard("data-parallel training", lambda: dist.all_reduce(t, group=group))
+    return float(t[0]), None if kd_total is None else float(t[1])
+
+
+def _sharded_evaluate(trainer, ue, ie, part) -> dict:
+    """Trainer.evaluate over the ranks: each ranks a block of the users, the same numbers as one
+    process (full: kdfast.distributed.evaluate; loo: each block's held-out ranks gathered)."""
+    import torch.distributed as dist
+
+    from .distributed import block_range
+    from .distributed import evaluate as dist_evaluate
+    from .distributed._comm import _guard
+
+    split = trainer.split
+    if split.protocol == "full":
+        return dist_evaluate(
+            ue,
+            ie,
+            split,
+            part,
+            backend=trainer.backend,
+            valid_excludes_test=trainer.valid_excludes_test,
+            group=trainer.group,
+        )
+    cands = split.valid_candidates if part == "valid" else split.test_candidates
+    n = split.eval_users.numel()
+    r0, r1 = block_range(n, trainer.rank, trainer.world)
+    mine = metrics.loo_ranks(ue, ie, split.eval_users[r0:r1], cands[r0:r1])
+    size = -(-n // trainer.world)  # the largest block
+    padded = torch.full((size,), -1, dtype=torch.int64)
+    padded[: mine.numel()] = mine
+    parts = [torch.empty_like(padded) for _ in range(trainer.world)]
+    _guard("evaluation", lambda: dist.all_gather(parts, padded, group=trainer.group))
+    ranks = torch.cat(
+        [parts[r][: block_range(n, r, trainer.world)[1] - block_range(n, r, trainer.world)[0]]
+         for r in range(trainer.world)]
+    )  # fmt: skip
+    return metrics.loo_metrics(ranks)

@@ -189,6 +189,14 @@ def add_arguments(p) -> None:
         "DIR (needs the tensorboard package: pip install 'kdfast[tensorboard]')",
     )
     p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="under torchrun: seconds a collective may wait for the other ranks before every rank "
+        "fails with an error (default: %(default)s)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=1,
@@ -311,7 +319,11 @@ def _environment(args, device) -> dict:
         resolved = _backend.resolve(args.backend, device, dtype=torch.float32)
     except (ValueError, RuntimeError, TypeError) as exc:
         resolved = f"unavailable: {exc}"
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {
+        "processes": world,
         "kdfast": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -361,6 +373,8 @@ def _check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise UsageError(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
@@ -413,7 +427,13 @@ def plot(results: dict, monitor: str, path: Path) -> None:
     plt.close(fig)
 
 
+#: this process's rank under torch.distributed (torchrun); only rank 0 writes files and logs
+_RANK = 0
+
+
 def _write_json(results, path: Path) -> None:
+    if _RANK != 0:
+        return
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
@@ -498,6 +518,8 @@ def _alive(pid: int) -> bool:
 
 
 def _write_history_csv(results, path: Path) -> None:
+    if _RANK != 0:
+        return
     """One row per model and evaluation: model, epoch, loss, loss_base, loss_kd and every
     validation metric (the teacher's rows when it was trained in this run)."""
     import csv
@@ -524,6 +546,7 @@ def _train_unit(shared, label, name, options, log, on_validation):
     from .. import experiment
 
     out = shared["out"]
+    lead = shared.get("rank", 0) == 0
     return experiment.train_student(
         shared["split"],
         shared["teacher"],
@@ -533,7 +556,7 @@ def _train_unit(shared, label, name, options, log, on_validation):
         student_dim=shared["student_dim"],
         train=shared["train"],
         log=log,
-        save_to=out / "students" / f"{label}.pt",
+        save_to=out / "students" / f"{label}.pt" if lead else None,
         dataset=shared["dataset"],
         data_spec=shared["data_spec"],
         checkpoint=out / "checkpoints" / f"{label}.pt",
@@ -617,6 +640,8 @@ class _LiveLog:
 
     def __init__(self, path: Path, tensorboard=None, *, fresh: bool):
         self.path, self.writer, self.columns = path, None, None
+        if _RANK != 0:
+            return
         if fresh and path.exists():
             path.unlink()  # a log without results (a run stopped before any model finished)
         if tensorboard:
@@ -630,6 +655,9 @@ class _LiveLog:
             self.writer = SummaryWriter(log_dir=str(tensorboard))
 
     def hook(self, model: str):
+        if _RANK != 0:
+            return None
+
         def on_validation(entry):
             self._row(model, entry)
             if self.writer is not None:
@@ -670,6 +698,8 @@ def _keep_previous(out: Path, log) -> None:
     old = out / "results.json"
     if not old.exists():
         return
+    if _RANK != 0:
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
     n, suffix = 0, ""
     while (out / f"results-{stamp}{suffix}.json").exists():
@@ -687,7 +717,7 @@ def _keep_previous(out: Path, log) -> None:
 
 
 #: arguments that may differ between an interrupted run and its --resume
-_RESUME_FREE = ("resume", "no_progress", "threads", "config", "out", "command")
+_RESUME_FREE = ("resume", "no_progress", "threads", "config", "out", "command", "jobs")
 
 
 def _resumable(out: Path, args, log):
@@ -717,6 +747,10 @@ def _resumable(out: Path, args, log):
     return old
 
 
+def _quiet(*args, **kwargs):
+    pass
+
+
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -725,13 +759,15 @@ def run(args) -> int:
     import signal
     import threading
 
+    global _RANK
     _check_args(args)
     out = Path(args.out)
     _check_writable(out, "--out folder")
+    owned = _start_distributed(args)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        with _exclusive(out):
+        with _exclusive(out) if _RANK == 0 else contextlib.nullcontext():
             return _run(args, out)
     except KeyboardInterrupt:
         if (out / "checkpoints").is_dir():
@@ -744,6 +780,35 @@ def run(args) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        _RANK = 0
+
+
+def _start_distributed(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group (gloo on the
+    CPU, NCCL for --device cuda) with --dist-timeout; returns whether this call created it."""
+    global _RANK
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return False
+    if args.jobs > 1:
+        raise UsageError("--jobs runs students in worker processes; under torchrun use --jobs 1")
+    import torch.distributed as dist
+
+    from .. import distributed
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    try:
+        _RANK, _ = distributed.init(backend, timeout_s=args.dist_timeout)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"torch.distributed: cannot join the process group: {exc}") from None
+    if backend == "nccl" and args.device == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return owned
 
 
 def _run(args, out: Path) -> int:
@@ -791,13 +856,13 @@ def _run(args, out: Path) -> int:
         dataset, split = experiment.load_split(data_spec)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--data {args.data}: {exc}") from None
-    log = print
+    log = print if _RANK == 0 else _quiet
     previous = _resumable(out, args, log) if args.resume else None
     if previous is None:
         _keep_previous(out, log)
     elif previous.get("environment", {}).get("finished"):
         log(f"--resume: the run in {out} had finished; nothing to do")
-        print(report_table(previous, args.protocol, monitor))
+        log(report_table(previous, args.protocol, monitor))
         return 0
     checkpoints = out / "checkpoints"
     live = _LiveLog(out / "history.csv", args.tensorboard, fresh=previous is None)
@@ -842,7 +907,7 @@ def _run(args, out: Path) -> int:
                 data_spec,
                 teacher_spec,
                 teacher_train,
-                path=teacher_path,
+                path=teacher_path if _RANK == 0 or teacher_path.exists() else None,
                 log=log,
                 checkpoint=checkpoints / "teacher.pt",
                 resume=previous is not None,
@@ -879,6 +944,7 @@ def _run(args, out: Path) -> int:
             "out": out,
             "resume": previous is not None,
             "tensorboard": args.tensorboard,
+            "rank": _RANK,
         }
         pool = _Students(shared, units, args.jobs, log, live, threads=args.threads)
         try:
@@ -923,6 +989,8 @@ def _run(args, out: Path) -> int:
         results["environment"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_history_csv(results, out / "history.csv")
         _write_json(results, out / "results.json")
+        if _RANK != 0:
+            return 0
         plot(results, monitor, out / "validation.png")
         if checkpoints.is_dir():  # the run is complete: its checkpoints are no longer needed
             import shutil
