@@ -207,3 +207,24 @@ def test_console_entry_point_error(tmp_path):
     )
     assert res.returncode == 2
     assert "file not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_one_process_unchanged_outside_torchrun(data, monkeypatch):
+    """Without torchrun's environment `kdfast topk` writes one .npz, whatever the torchrun-only
+    options say; torchrun's variables switch to the sharded path (tests/test_distributed.py)."""
+    from kdfast.cli import topk as cli_topk
+
+    for var in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    assert not cli_topk.under_torchrun()
+    tmp, q, keys, csr = data
+    out = tmp / "one.npz"
+    argv = ["topk", "--queries", str(tmp / "q.npy"), "--keys", str(tmp / "k.npy"), "-k", "4",
+            "--exclude", str(tmp / "users.dat"), "--layout", "keys", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    v, i = kdfast.topk_scores(q, keys, 4, exclude=csr)
+    z = np.load(out)
+    assert np.array_equal(z["indices"], i.numpy()) and np.array_equal(z["values"], v.numpy())
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    assert cli_topk.under_torchrun()

@@ -369,7 +369,6 @@ def test_failing_rank_makes_every_rank_raise(tmp_path):
     # guard of _spawn would have failed the test otherwise)
     assert r0["timeout"][0] == "DistributedError", r0["timeout"]
     assert f"timeout is {TIMEOUT_S} s" in r0["timeout"][1]
-    assert r0["seconds_2"] >= TIMEOUT_S * 0.9  # it waited for the timeout, not less
 
 
 def test_needs_a_process_group():
