@@ -46,6 +46,8 @@ class DataSpec:
     protocol: str = "loo"
     n_neg: int = 499
     split_seed: int = 0
+    split_order: str = "random"
+    k_core: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,21 +104,27 @@ def load_split(spec: DataSpec):
         min_user_interactions=spec.min_interactions,
         threshold=spec.threshold,
         seed=spec.synthetic_seed,
+        k_core=spec.k_core,
         **options,
     )
-    split = kdata.make_split(dataset, spec.protocol, seed=spec.split_seed, n_neg=spec.n_neg)
+    split = kdata.make_split(
+        dataset, spec.protocol, seed=spec.split_seed, n_neg=spec.n_neg, order=spec.split_order
+    )
     return dataset, split
 
 
 def teacher_fingerprint(dataset, spec: DataSpec, teacher: TeacherSpec) -> dict:
     """The metadata a saved teacher must match to be reused: data, protocol, split and model."""
+    temporal = spec.split_order == "temporal"
     expect = {
-        "data_fingerprint": dataset.fingerprint(),
+        "data_fingerprint": dataset.fingerprint(timestamps=temporal),
         "protocol": spec.protocol,
         "split_seed": spec.split_seed,
         "model": teacher.model,
         "dim": teacher.dim,
     }
+    if temporal:  # (absent for random splits: teachers saved before the option still match)
+        expect["split_order"] = spec.split_order
     if spec.protocol == "loo":
         expect["n_neg"] = spec.n_neg
     return expect

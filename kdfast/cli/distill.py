@@ -48,7 +48,15 @@ def add_arguments(p) -> None:
         "--min-interactions",
         type=int,
         default=5,
-        help="drop users with fewer interactions (default 5; one pass, not an iterated k-core)",
+        help="drop users with fewer interactions (default 5; one pass over users, see --k-core)",
+    )
+    p.add_argument(
+        "--k-core",
+        type=int,
+        default=None,
+        metavar="K",
+        help="after --min-interactions, keep the iterated K-core: drop users and items with fewer "
+        "than K interactions again and again until none is left (default: off)",
     )
     p.add_argument(
         "--min-rating",
@@ -76,6 +84,21 @@ def add_arguments(p) -> None:
         "--n-neg", type=int, default=499, help="loo: sampled negatives per held-out item"
     )
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument(
+        "--split-order",
+        default="random",
+        choices=("random", "temporal"),
+        help="random (default) or temporal: by the data's timestamps, each user's latest "
+        "interactions are held out (loo: the last is test, the one before valid; full: a "
+        "time-ordered 60/20/20)",
+    )
+    p.add_argument(
+        "--export-split",
+        metavar="CSV",
+        default=None,
+        help="also write the split as user_id,item_id,part rows in the data's own ids (.gz: "
+        "gzipped), to join results back to your data",
+    )
     p.add_argument(
         "--teacher-model",
         default="bprmf",
@@ -373,6 +396,8 @@ def _check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise UsageError(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
+    if args.k_core is not None and args.k_core < 1:
+        raise UsageError(f"--k-core must be >= 1, got {args.k_core}")
     if not args.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.threads is not None and args.threads < 1:
@@ -452,6 +477,8 @@ def _specs(args):
         protocol=args.protocol,
         n_neg=args.n_neg,
         split_seed=args.split_seed,
+        split_order=args.split_order,
+        k_core=args.k_core,
     )
     train = TrainSpec(
         epochs=args.epochs,
@@ -872,6 +899,14 @@ def _run(args, out: Path) -> int:
             found = sniff_format(args.data)
             log(f"format: {found['format']} (detected from the content: {found['why']})")
         log(f"split: {split.describe()}")
+        if args.export_split and _RANK == 0:
+            from .. import data as kdata
+
+            try:
+                kdata.export_split(dataset, split, args.export_split)
+            except OSError as exc:
+                raise UsageError(f"--export-split {args.export_split}: {exc}") from None
+            log(f"split: written to {args.export_split}")
         config = {k: v for k, v in vars(args).items() if k != "func"}
         config["args"] = {
             k: v for k, v in vars(args).items() if k not in ("func", "command", "config")
