@@ -38,3 +38,15 @@ def test_automatic_rule_and_bad_setting():
     assert not progress.enabled(1e6) and progress.enabled(2e9)
     with pytest.raises(ValueError, match="progress must be"):
         progress.set_enabled("yes")
+
+
+def test_reading_a_data_file_with_a_bar(always, tmp_path, capsys):
+    from kdfast import data as kdata
+
+    path = tmp_path / "ratings.dat"
+    path.write_text("".join(f"{u}::{i}::5::{u + i}\n" for u in range(8) for i in range(6)))
+    shown = kdata.load(str(path), min_user_interactions=1)
+    assert "reading ratings.dat" in capsys.readouterr().err
+    progress.set_enabled(False)
+    plain = kdata.load(str(path), min_user_interactions=1)
+    assert shown.fingerprint() == plain.fingerprint() and plain.nnz == 48

@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._core import progress
+
 CITEULIKE_URL = "https://raw.githubusercontent.com/js05212/citeulike-t/master/users.dat"
 CITEULIKE_SHA256 = "02d5d429b2c0362e0ed79f6ef204666b4092563d21493abf4dfb521e8a7078bf"
 
@@ -284,7 +286,7 @@ def read_users_dat(path):
     if not lines:
         raise ValueError(f"{path}: the file is empty")
     indptr, indices = [0], []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in progress.lines(lines, path):
         toks = line.split()
         if not toks:
             raise _bad(path, lineno, "empty line (expected 'count id id ...'; write 0 for no ids)")
@@ -455,7 +457,7 @@ def load_movielens(
     if header and lines:
         names = [t.strip() for t in (lines[0].split(sep) if sep else lines[0].split())]
         tcol, declared = _time_column(names, 3), True
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in progress.lines(lines, path):
         if header and lineno == 1:
             continue
         if not line.strip():
@@ -519,7 +521,7 @@ def load_pairs(
         probe = body[min(1, len(body) - 1)][1]
         sep = "\t" if "\t" in probe else ("," if "," in probe else None)
     rows = []
-    for lineno, line in body:
+    for _, (lineno, line) in progress.lines(body, path):
         toks = [t.strip() for t in (line.split(sep) if sep else line.split())]
         if len(toks) < 2 or not toks[0] or not toks[1]:
             raise _bad(
