@@ -104,8 +104,8 @@ class DE(AnnealedMethod):
         ip, ineg = torch.unique(pos), torch.unique(neg)
         items = torch.cat([ip, ineg])
         dtype = student_user.dtype
-        h_t = self.teacher_user[u].to(dtype)
+        h_t = self.teacher_user.index_select(0, u).to(dtype)
         loss = ((h_t - self.reconstruct("user", h_t, gather_rows(student_user, u))) ** 2).sum()
-        h_t = self.teacher_item[items].to(dtype)
+        h_t = self.teacher_item.index_select(0, items).to(dtype)
         hhat = self.reconstruct("item", h_t, gather_rows(student_item, items), (len(ip), len(ineg)))
         return self.lambda_de * (loss + 0.5 * ((h_t - hhat) ** 2).sum())

@@ -49,6 +49,8 @@ class FTD(FrozenTeacher):
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
         u, i = batch_entities(users, pos, neg)
-        t = torch.cat([self.teacher_user[u], self.teacher_item[i]]).to(student_user.dtype)
+        t = torch.cat(
+            [self.teacher_user.index_select(0, u), self.teacher_item.index_select(0, i)]
+        ).to(student_user.dtype)
         s = torch.cat([gather_rows(student_user, u), gather_rows(student_item, i)])
         return self.lambda_td * topology_loss(t, s, backend=self.backend)

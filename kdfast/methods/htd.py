@@ -130,8 +130,8 @@ class HTD(AnnealedMethod):
         u, i = batch_entities(users, pos, neg)
         dtype = student_user.dtype
         parts = {
-            "user": (self.teacher_user[u].to(dtype), gather_rows(student_user, u)),
-            "item": (self.teacher_item[i].to(dtype), gather_rows(student_item, i)),
+            "user": (self.teacher_user.index_select(0, u).to(dtype), gather_rows(student_user, u)),
+            "item": (self.teacher_item.index_select(0, i).to(dtype), gather_rows(student_item, i)),
         }
         ga = 0.0
         group_ids = []

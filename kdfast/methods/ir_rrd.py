@@ -98,6 +98,7 @@ class IRRRD(RRD):
             items = unique_ids(pos, self.n_items)
         else:
             side = self.user_side
-            ids = torch.cat([side.interesting[ub].flatten(), side.uninteresting[ub].flatten()])
-            items = unique_ids(ids, self.n_items)
+            # the batch users' sample rows by index_select (advanced indexing costs ~10x more)
+            rows = (side.interesting.index_select(0, ub), side.uninteresting.index_select(0, ub))
+            items = unique_ids(torch.cat(rows, 1).flatten(), self.n_items)
         return loss + self.lam_ir * self.item_side.loss(student_item, student_user, items)

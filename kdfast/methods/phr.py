@@ -86,7 +86,9 @@ class PHR(FrozenTeacher):
         u = torch.unique(users)
         items = torch.cat([torch.unique(pos), torch.unique(neg)])
         dtype = student_user.dtype
-        h_t = torch.cat([self.teacher_user[u], self.teacher_item[items]]).to(dtype)
+        h_t = torch.cat(
+            [self.teacher_user.index_select(0, u), self.teacher_item.index_select(0, items)]
+        ).to(dtype)
         h_s = torch.cat([gather_rows(student_user, u), gather_rows(student_item, items)])
         w = self.pnet(h_t)
         if w.shape != (h_t.shape[0], d_t * d_s):
