@@ -15,8 +15,8 @@ Memory plan (no n_q x n_k score matrix):
     which LLVM vectorises; one key load serves MR rows);
   * every row keeps a threshold (its k-th best rank key so far and that key's float score): a tile
     row with no score above it is dropped at once; a score that passes is rank-encoded and, unless
-    excluded, appended to the row's candidate buffer (2 min(k, n_k) keys); a full buffer is sorted
-    and cut back to its best min(k, n_k), which raises the threshold. Keys reach a row in
+    excluded, appended to the row's candidate buffer (2 min(k, n_k) keys); a full buffer is cut
+    back to its best min(k, n_k) (quickselect), which raises the threshold. Keys reach a row in
     increasing index order, so a score equal to the threshold's loses the tie: "s <= threshold"
     rejects exactly;
   * exclusions: the row's sorted ids, walked by a pointer that moves only for candidates that pass.
@@ -63,6 +63,34 @@ def _key_value(key, fbuf, ibuf):
     b = ordered if ordered >= 0 else ordered ^ SIGN
     ibuf[0] = np.int32(b)
     return fbuf[0]
+
+
+@njit(cache=True, nogil=True)
+def _keep_largest(buf, n, keep):
+    """Reorders the distinct keys buf[:n] so that buf[:keep] holds the keep largest, the smallest of
+    them at buf[keep - 1] (quickselect, median-of-three pivots: expected O(n)); returns that key."""
+    lo, hi = 0, n - 1
+    target = keep - 1
+    while lo < hi:
+        a, b, c = buf[lo], buf[(lo + hi) >> 1], buf[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while buf[i] > pivot:
+                i += 1
+            while buf[j] < pivot:
+                j -= 1
+            if i <= j:
+                buf[i], buf[j] = buf[j], buf[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            break  # buf[j + 1 .. i - 1] hold the pivot: the target among them
+    return buf[target]
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
@@ -135,12 +163,9 @@ def _block(queries, packed, n_k, q0, rows, k, keep, cap, chunk, indptr, indices,
                         cand[r, count[r]] = key
                         count[r] += 1
                         if count[r] == cap:
-                            buf = cand[r]
-                            buf.sort()
-                            buf[:keep] = buf[cap - keep :].copy()
+                            thr_key[r] = _keep_largest(cand[r], cap, keep)
                             count[r] = keep
-                            thr_key[r] = buf[0]
-                            thr_f[r] = _key_value(buf[0], fbuf, ibuf)
+                            thr_f[r] = _key_value(thr_key[r], fbuf, ibuf)
     for r in range(rows):
         c = count[r]
         buf = cand[r, :c]
