@@ -89,6 +89,7 @@ def main(argv=None):
     layouts = args.layouts.split(",")
     n_q, n_k, d = args.size
     results = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for world in procs:
             cfg = dict(size=args.size, k=args.k, layouts=layouts, reps=args.reps, seed=args.seed,
@@ -130,6 +131,12 @@ def main(argv=None):
         "equal: the ranking equals the one-process op's. MB_received/rank: what the keys "
         "layout's queries all_gather and partial-list all_to_all deliver to each rank (computed).",
     ]
+    if load_start > 0.5 * (os.cpu_count() or 1):
+        intro.append(
+            f"The machine was shared with other jobs: load average (1 min) {load_start:.1f} at the "
+            f"start on {os.cpu_count()} CPUs, so these timings are under load (every configuration "
+            "alike, but noisy); rerun with the command above on an idle machine."
+        )
     if args.out:
         harness.write_results(
             args.out,

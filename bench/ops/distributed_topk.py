@@ -3,9 +3,9 @@ available, gloo otherwise; a file:// rendezvous in a temporary directory), so th
 their real collectives (all_gather, all_to_all) through the backend, checked against
 kdfast.topk_scores on the same device, and timed against it (the collectives' overhead at world 1).
 
-For bench/gpu.py: checks(device, smoke) and timings(device, smoke) in its row format. Registered by
-adding "distributed_topk" to bench/ops/__init__.py's OPS (or run with
-`python bench/gpu.py --modules ops.distributed_topk`).
+For bench/gpu.py: checks(device, smoke) and timings(device, smoke) in its row format; no
+benchmark cases for bench/run.py (BENCHES is empty). Run alone with
+`PYTHONPATH=. python bench/gpu.py --modules distributed_topk` (add `--smoke` without a GPU).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import kdfast.distributed as kd
 from bench.harness import one_line, peak_memory, time_ms
 
 OP = "distributed_topk"
+BENCHES = []  # bench/run.py and bench/test_kernels.py have nothing to run here
 CHECK = (2000, 50000, 64, 100)  # n_q, n_k, d, k
 SMOKE = (37, 300, 16, 10)
 TIMING = (8192, 1_000_000, 64, 100)
