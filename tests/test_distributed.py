@@ -280,6 +280,16 @@ def _equality_worker(rank, world, init_file, out_dir):
                 "overlap",
             ),
             (
+                lambda: kd.topk_scores(
+                    q[r0:r1],
+                    keys[:10],
+                    k,
+                    layout="keys",
+                    **({"key_ids": torch.arange(10, 20)} if rank else {"key_offset": 0}),
+                ),  # fmt: skip
+                "every rank must give the same one",
+            ),
+            (
                 lambda: kd.topk_scores(q[r0:r1], keys, k, layout="bogus" if rank else "keys"),
                 "rank 1 of 2 failed" if rank == 0 else r"on this rank \(1\)",
             ),
@@ -380,6 +390,13 @@ def test_needs_a_process_group():
         kd.topk_scores(torch.randn(3, 4), torch.randn(5, 4), 2)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         kd.init("gloo", timeout_s=0)
+
+
+def test_ranking_pickles():
+    r = kd.Ranking(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.int64), 5, 9)
+    back = pickle.loads(pickle.dumps(r))
+    assert (back.row_start, back.n_rows, back.rows) == (5, 9, range(5, 7))
+    assert torch.equal(back.indices, r.indices) and torch.equal(back.values, r.values)
 
 
 def test_load_rankings_errors(tmp_path):

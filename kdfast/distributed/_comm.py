@@ -54,14 +54,12 @@ def backend_of(group) -> str:
 
 
 def comm_device(group, device: torch.device) -> torch.device:
-    """Where the tensors of a collective live: the CUDA device for NCCL, the CPU otherwise."""
+    """Where the tensors of a collective live: a CUDA device for NCCL (the tensors' own, else the
+    current one: CPU tensors travel through it and come back), the CPU otherwise."""
     if backend_of(group) == "nccl":
-        if device.type != "cuda":
-            raise ValueError(
-                "queries must be CUDA tensors on an NCCL process group (use gloo for CPU tensors), "
-                f"got device {device}"
-            )
-        return device
+        if device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

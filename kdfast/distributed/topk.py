@@ -51,6 +51,9 @@ class Ranking(tuple):
         self.row_start, self.n_rows = int(row_start), int(n_rows)
         return self
 
+    def __getnewargs__(self):  # pickling keeps row_start and n_rows
+        return (self[0], self[1], self.row_start, self.n_rows)
+
     values = property(lambda self: self[0])
     indices = property(lambda self: self[1])
 
@@ -174,10 +177,12 @@ def _cross_checks(meta, layout):
             )
         return None, n_k[0]
     modes = set(meta[:, 8].tolist())
-    if 0 in modes and len(modes) > 1:
+    if len(modes) > 1:
         given = ["neither", "key_offset", "key_ids"]
         shown = [given[m] for m in meta[:, 8].tolist()]
-        raise ValueError(f"key_offset/key_ids: given on some ranks and not on others: {shown}")
+        raise ValueError(
+            f"key_offset/key_ids: every rank must give the same one (or none): {shown}"
+        )
     n_k = meta[:, 2]
     if modes == {0}:
         hi = torch.cumsum(n_k, 0)
@@ -372,7 +377,8 @@ def _partial(all_q, keys, k, entries, score, key_bias, key_ids, lo, backend, n_r
         rows, local = rows[keep], pos[keep]
         to_global = sorted_ids
     else:
-        local = ids - int(lo)
+        keep = (ids >= int(lo)) & (ids < int(lo) + n_local)
+        rows, local = rows[keep], ids[keep] - int(lo)
         to_global = None
     excl = from_entries(rows, local, n_rows)
     values, index = _local_topk(
