@@ -31,6 +31,19 @@ def _test_metrics(top, split):
     return metrics.full_metrics(top[users], select_rows(*truth, users), split.n_items)
 
 
+def _drop(top, csr, k):
+    """Each row of `top` [U, K] without the items of the CSR pair's row (order kept), the first k,
+    -1 padding."""
+    from kdfast._core.csr import has_pair, pair_keys
+
+    keys = pair_keys(*csr, 1 << 40)
+    rows = torch.arange(top.shape[0]).unsqueeze(1).expand_as(top)
+    hit = has_pair(keys, rows * (1 << 40) + top.clamp_min(0)) & (top >= 0)
+    kept = torch.where(hit, torch.full_like(top, -1), top)
+    order = torch.sort((kept < 0).to(torch.int8), dim=1, stable=True).indices
+    return torch.gather(kept, 1, order)[:, :k]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="citeulike-t")
@@ -43,6 +56,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-none", action="store_true", help="no no-KD student")
+    p.add_argument(
+        "--methods",
+        default="none,hetcomp",
+        help="the students at each dim: none, hetcomp, or any single-teacher method (rrd, dcd, "
+        "...), which distils the FIRST trajectory's final checkpoint with its default options",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.threads:
@@ -61,8 +80,11 @@ def main(argv=None):
     exclude = concat_rows(split.train, split.valid)
     finals = []
     for t in teachers:
-        u, i = t["checkpoints"][-1]
-        _, top = topk_scores(u, i, 100, exclude=exclude)
+        if "checkpoints" in t:
+            u, i = t["checkpoints"][-1]
+            _, top = topk_scores(u, i, 100, exclude=exclude)
+        else:  # a teacher saved as lists (no tables): its final list without the valid items
+            top = _drop(t["knowledge"][-1][0], split.valid, 100)
         finals.append(top)
         report["teachers"][t["name"]] = {
             "epochs": t.get("epochs"),
@@ -75,12 +97,14 @@ def main(argv=None):
     train = experiment.TrainSpec(
         epochs=args.epochs, weight_decay=args.weight_decay, eval_every=5, seed=args.seed
     )
-    u, i = teachers[0]["checkpoints"][-1]  # (HetComp reads the trajectories, not this teacher)
-    teacher = experiment.Teacher(u, i, {"model": teachers[0]["name"]}, loaded=True)
+    first = next(t for t in teachers if "checkpoints" in t)
+    u, i = first["checkpoints"][-1]  # (HetComp reads the trajectories, not this teacher)
+    teacher = experiment.Teacher(u, i, {"model": first["name"]}, loaded=True)
     keep = ("best_epoch", "epochs_run", "seconds_per_epoch", "valid", "test")
     report["students"] = {}
     for d in (int(x) for x in args.student_dims.split(",")):
-        for name in (["none"] if not args.skip_none else []) + ["hetcomp"]:
+        names = [m for m in args.methods.split(",") if not (m == "none" and args.skip_none)]
+        for name in names:
             opts = {}
             if name == "hetcomp":
                 opts = {"trajectories": list(args.trajectories), "max_users": args.max_users}

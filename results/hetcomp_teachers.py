@@ -21,6 +21,7 @@ trajectories (HetComp reads its teachers' checkpoints as tables).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -29,7 +30,7 @@ import torch
 
 from kdfast import experiment
 from kdfast.families import dot_tables
-from kdfast.methods.hetcomp import save_trajectories
+from kdfast.methods.hetcomp import save_trajectories, scorer_knowledge
 
 
 def main(argv=None):
@@ -52,6 +53,13 @@ def main(argv=None):
         help="fractions of the best validation value for the early checkpoints",
     )
     p.add_argument("--monitor", default=None)
+    p.add_argument(
+        "--knowledge-k",
+        type=int,
+        default=100,
+        help="a teacher without tables (NeuMF) is saved as its top-K lists per checkpoint: this K "
+        "(HetComp's K must not exceed it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
@@ -80,8 +88,11 @@ def main(argv=None):
         kept = {}
 
         def keep(epoch, m, kept=kept):
-            if epoch % args.every == 0 and getattr(m, "score", "dot") is not None:
-                kept[epoch] = tuple(t.clone() for t in dot_tables(m))
+            if epoch % args.every == 0:
+                if getattr(m, "score", "dot") is not None:
+                    kept[epoch] = tuple(t.clone() for t in dot_tables(m))
+                else:  # a scorer: its state now, its lists later (only for the chosen epochs)
+                    kept[epoch] = copy.deepcopy(m.state_dict())
 
         t0 = time.perf_counter()
         model, res = experiment.train_model(
@@ -100,14 +111,7 @@ def main(argv=None):
             "test": res["test"],
         }
         reports.append(report)
-        if getattr(model, "score", "dot") is None:  # a scorer: no tables to keep
-            print(
-                f"{kind}{dim}: best epoch {res['best_epoch']}, valid {monitor} "
-                f"{res['valid'][monitor]:.4f}, test {res['test'][monitor]:.4f}; no tables: "
-                f"left out of the trajectories; {report['seconds']} s",
-                flush=True,
-            )
-            continue
+        scorer = getattr(model, "score", "dot") is None
         best = res["valid"][monitor]
         valid = {h["epoch"]: h["valid"][monitor] for h in res["history"]}
         epochs = []
@@ -116,7 +120,19 @@ def main(argv=None):
             epochs.append(max(e, epochs[-1] + args.every) if epochs else e)
         epochs.append(res["best_epoch"])
         epochs = sorted(set(min(e, res["best_epoch"]) for e in epochs))
-        ckpts = [kept[e] for e in epochs]
+        if scorer:  # no tables: each chosen checkpoint's lists (kdfast.topk_from_scorer)
+            model.eval()
+            ckpts = []
+            for e in epochs:
+                model.load_state_dict(kept[e])
+                ckpts.append(
+                    scorer_knowledge(
+                        model.score_pairs, split.n_users, split.n_items, split.train,
+                        args.knowledge_k,
+                    )
+                )  # fmt: skip
+        else:
+            ckpts = [kept[e] for e in epochs]
         print(
             f"{kind}{dim}: best epoch {res['best_epoch']}, valid {monitor} {best:.4f}, "
             f"test {res['test'][monitor]:.4f}; "
@@ -132,7 +148,7 @@ def main(argv=None):
                 "epochs": epochs,
                 "valid": [valid[e] for e in epochs],
                 "test": res["test"],
-                "checkpoints": ckpts,
+                ("knowledge" if scorer else "checkpoints"): ckpts,
             }
         )
         del kept

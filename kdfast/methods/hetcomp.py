@@ -97,8 +97,11 @@ def save_trajectories(
     teachers: a list, one entry per teacher:
     {"name": str, "checkpoints": [(user [U, d], item [I, d]), ...]} (checkpoints in training order,
     the last one final; d may differ between teachers), optionally with "epochs" (the epoch of each
-    checkpoint) and any other JSON-able entries. The file records the training CSR's fingerprint;
-    load_trajectories(..., train=...) refuses another split.
+    checkpoint) and any other JSON-able entries. A teacher without embedding tables (a scorer such
+    as NeuMF) gives "knowledge" instead of "checkpoints": [(top [U, K'], obs [nnz]), ...], each
+    checkpoint's checkpoint_knowledge (scorer_knowledge computes it); HetComp then needs K <= K'.
+    The file records the training CSR's fingerprint; load_trajectories(..., train=...) refuses
+    another split.
     """
     blob = {
         "format": TRAJECTORY_FORMAT,
@@ -109,9 +112,13 @@ def save_trajectories(
         "teachers": [],
     }
     for t in _check_teachers(teachers, n_users, n_items):
-        entry = {k: v for k, v in t.items() if k != "checkpoints"}
-        entry["user"] = torch.stack([u.detach().float().cpu() for u, _ in t["checkpoints"]])
-        entry["item"] = torch.stack([i.detach().float().cpu() for _, i in t["checkpoints"]])
+        entry = {k: v for k, v in t.items() if k not in ("checkpoints", "knowledge")}
+        if "knowledge" in t:
+            entry["top"] = torch.stack([top.detach().cpu() for top, _ in t["knowledge"]])
+            entry["obs"] = torch.stack([obs.detach().float().cpu() for _, obs in t["knowledge"]])
+        else:
+            entry["user"] = torch.stack([u.detach().float().cpu() for u, _ in t["checkpoints"]])
+            entry["item"] = torch.stack([i.detach().float().cpu() for _, i in t["checkpoints"]])
         blob["teachers"].append(entry)
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
@@ -136,8 +143,11 @@ def load_trajectories(path, *, train=None, n_users: int | None = None, n_items: 
             )
     out = []
     for t in blob["teachers"]:
-        entry = {k: v for k, v in t.items() if k not in ("user", "item")}
-        entry["checkpoints"] = list(zip(t["user"].unbind(0), t["item"].unbind(0)))
+        entry = {k: v for k, v in t.items() if k not in ("user", "item", "top", "obs")}
+        if "top" in t:
+            entry["knowledge"] = list(zip(t["top"].unbind(0), t["obs"].unbind(0)))
+        else:
+            entry["checkpoints"] = list(zip(t["user"].unbind(0), t["item"].unbind(0)))
         out.append(entry)
     return out
 
@@ -146,9 +156,13 @@ def _check_teachers(teachers, n_users, n_items):
     if not isinstance(teachers, (list, tuple)) or not teachers:
         raise ValueError("trajectories must be a non-empty list of teachers")
     for x, t in enumerate(teachers):
+        if isinstance(t, dict) and "knowledge" in t and "checkpoints" not in t:
+            _check_knowledge(t["knowledge"], x, n_users, n_items)
+            continue
         if not isinstance(t, dict) or "checkpoints" not in t or not t["checkpoints"]:
             raise ValueError(
-                f"trajectories[{x}] must be a dict with a non-empty 'checkpoints' list"
+                f"trajectories[{x}] must be a dict with a non-empty 'checkpoints' list (or, for a "
+                "teacher without tables, 'knowledge')"
             )
         for v, ck in enumerate(t["checkpoints"]):
             if not isinstance(ck, (tuple, list)) or len(ck) != 2:
@@ -165,6 +179,47 @@ def _check_teachers(teachers, n_users, n_items):
                     "dimension"
                 )
     return teachers
+
+
+def _check_knowledge(knowledge, x, n_users, n_items):
+    if not isinstance(knowledge, (list, tuple)) or not knowledge:
+        raise ValueError(f"trajectories[{x}]['knowledge'] must be a non-empty list")
+    for v, ck in enumerate(knowledge):
+        where = f"trajectories[{x}]['knowledge'][{v}]"
+        if not isinstance(ck, (tuple, list)) or len(ck) != 2:
+            raise ValueError(f"{where} must be a (top [U, K], obs [nnz]) pair")
+        top, obs = ck
+        if not isinstance(top, torch.Tensor) or top.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{where}: top must be an int64 tensor of item ids")
+        if top.ndim != 2 or top.shape[0] != n_users:
+            raise ValueError(f"{where}: top must be [{n_users}, K], got {tuple(top.shape)}")
+        if top.numel() and (int(top.max()) >= n_items or int(top.min()) < -1):
+            raise ValueError(f"{where}: top holds ids outside -1 .. {n_items - 1}")
+        checks.floating(obs, f"{where} obs", ndim=1)
+
+
+def scorer_knowledge(score_pairs, n_users: int, n_items: int, excl, K: int, *, batch: int = 64):
+    """checkpoint_knowledge of a teacher that only scores pairs (score_pairs(users [n], items [m])
+    -> [n, m], e.g. NeuMF): its top-K unobserved items per user by kdfast.topk_from_scorer, and its
+    scores of the training pairs in the canonical CSR order (each row's items ascending, as
+    HetComp.build orders them), `batch` users at a time."""
+    from ..ops.topk.scorer import topk_from_scorer
+
+    excl = as_csr(excl, "train", n_users, n_items, device="cpu", canonical=True)
+    with torch.no_grad():
+        _, top = topk_from_scorer(score_pairs, n_users, n_items, K, exclude=excl)
+        obs = torch.empty(excl[1].numel(), dtype=torch.float32)
+        indptr, items = excl
+        for u0 in range(0, n_users, batch):
+            u1 = min(u0 + batch, n_users)
+            lo, hi = int(indptr[u0]), int(indptr[u1])
+            if hi == lo:
+                continue
+            ids, where = torch.unique(items[lo:hi], return_inverse=True)
+            s = score_pairs(torch.arange(u0, u1), ids).float().cpu()
+            rows = row_ids(indptr[u0 : u1 + 1] - lo)
+            obs[lo:hi] = s[rows, where]
+    return top, obs
 
 
 def _trajectories(v, name):
@@ -409,12 +464,23 @@ class HetComp(KDMethod):
         else:
             teachers = _check_teachers(trajectories, n_users, n_items)
         knowledge, obs_scores = [], []
-        for t in teachers:
+        for x, t in enumerate(teachers):
             lists = []
-            for v, (u, i) in enumerate(t["checkpoints"]):
-                top, obs = checkpoint_knowledge(u.to(device), i.to(device), excl, K, backend)
+            given = t.get("knowledge")
+            for v, ck in enumerate(given if given is not None else t["checkpoints"]):
+                if given is not None:  # precomputed lists (a teacher without tables)
+                    top, obs = ck
+                    if top.shape[1] < K:
+                        raise ValueError(
+                            f"trajectories: teacher {t.get('name', x)} has top-{top.shape[1]} "
+                            f"lists, fewer than K = {K}"
+                        )
+                    top, obs = top[:, :K].to(device, torch.int64), obs.to(device)
+                else:
+                    u, i = ck
+                    top, obs = checkpoint_knowledge(u.to(device), i.to(device), excl, K, backend)
                 lists.append(top)
-                if v == len(t["checkpoints"]) - 1:
+                if v == len(lists) - 1 and v == len(given or t["checkpoints"]) - 1:
                     obs_scores.append(obs)
             knowledge.append(lists)
         pi_o = observed_order(excl, obs_scores, n_observed, opts["T_imp"])

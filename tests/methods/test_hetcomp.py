@@ -434,3 +434,44 @@ def test_status_reports_phase_and_selection():
     m.selected[0] = 2
     m.selected[1, :3] = 1
     assert "t0 2.00/2, t1 0.33/2" in m.status()
+
+
+def test_scorer_teacher_knowledge_equals_tables(tmp_path):
+    """A teacher given as precomputed knowledge (scorer_knowledge of a pair scorer, as for NeuMF)
+    builds the HetComp of the same teacher given as tables; files keep it; K must fit."""
+    from kdfast.methods.hetcomp import checkpoint_knowledge, scorer_knowledge
+
+    g = torch.Generator().manual_seed(9)
+    n_users, n_items = 6, 80
+    indptr, items = _train(n_users, n_items, 4, g)
+    train = (indptr, items.view(n_users, 4).sort(1).values.flatten())  # rows ascending: canonical
+    teachers = _teachers(n_users, n_items, g, n_teachers=2, n_ckpt=2)
+    for t in teachers:  # integer tables: every score exact, whichever way it is summed
+        t["checkpoints"] = [(u.round(), i.round()) for u, i in t["checkpoints"]]
+    as_scorer = dict(teachers[1])
+    knowledge = []
+    for u, i in teachers[1]["checkpoints"]:
+        know = scorer_knowledge(lambda a, b, u=u, i=i: u[a] @ i[b].T, n_users, n_items, train, 60)
+        ref = checkpoint_knowledge(u, i, train, 60)
+        assert torch.equal(know[0], ref[0]) and torch.equal(know[1], ref[1])
+        knowledge.append(know)
+    del as_scorer["checkpoints"]
+    as_scorer["knowledge"] = knowledge
+    u, i = teachers[0]["checkpoints"][-1]
+    tables = HetComp.build(u, i, train, 3, trajectories=teachers, K=50)
+    mixed = HetComp.build(u, i, train, 3, trajectories=[teachers[0], as_scorer], K=50)
+    for a, b in zip(tables.knowledge, mixed.knowledge):
+        assert torch.equal(a, b)
+    assert torch.equal(tables.pi_o, mixed.pi_o)
+    path = tmp_path / "mixed.pt"
+    save_trajectories(path, [teachers[0], as_scorer], train=train, n_users=n_users, n_items=n_items)
+    back = load_trajectories(path, train=train, n_users=n_users, n_items=n_items)
+    assert "knowledge" in back[1] and "checkpoints" not in back[1]
+    from_file = HetComp.build(u, i, train, 3, trajectories=str(path), K=50)
+    for a, b in zip(tables.knowledge, from_file.knowledge):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="fewer than K = 70"):
+        HetComp.build(u, i, train, 3, trajectories=[as_scorer], K=70)
+    bad = dict(as_scorer, knowledge=[(knowledge[0][0] + n_items, knowledge[0][1])])
+    with pytest.raises(ValueError, match="outside -1"):
+        HetComp.build(u, i, train, 3, trajectories=[bad], K=50)
