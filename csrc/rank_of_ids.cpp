@@ -14,11 +14,11 @@
 //     so every one of these scores is bitwise the score the scan produces for that key; the given ids
 //     are sorted by rank key (T[0..mv) ascending, float scores Tf, ids Tid) and a histogram
 //     hist[0..mv] is cleared;
-//   * per row, a lookup table over B = min(64 mv + 64, max(4000, 2 mv)) equal-width bins of the
+//   * per row, a lookup table over B = min(64 mv + 64, max(4000, 2 mv), max(64, n_k / 4)) equal-width bins of the
 //     score range [lowest finite given score, highest] (bin_of: a monotone function of the score, the
 //     same float operations for one score and for a vector): a bin that holds no given score maps every
 //     score in it to one count c = #{t : key_t < key(s, j)}; a bin that holds some is marked;
-//   * the scan walks the key panels in chunks (<= 4096 keys, about 256 KB of keys: L2); per group of MR
+//   * the scan walks the key panels in chunks (<= 2048 keys, at most 256 KB of keys: L2); per group of MR
 //     rows and panel an MR x NR score micro-tile is computed in vector registers (d inner, FMA) and
 //     stored as float32 into a score buffer [MR][chunk]; then each row of the group reads its scores
 //     (its table and histogram stay in L1) in 8-lane float vectors: all lanes below the lowest given
@@ -27,7 +27,12 @@
 //     key (this settles ties by index); hist[c] += 1 (two histograms by lane parity);
 //   * excluded keys were counted like every key: their contribution hist[c] is taken back from their
 //     own scores (canonical CSR rows: each id once);
-//   * rank of sorted given key p = sum_{c > p} hist[c] (suffix sums), written back in the ids' order.
+//   * rank of sorted given key p = sum_{c > p} hist[c] (suffix sums), written back in the ids' order;
+//   * with max_rank (ranks >= max_rank reported as max_rank, DCD's clamp): after every 512 keys the given keys
+//     with at least max_rank + (the row's excluded count) keys above them are settled, and the keys below
+//     the lowest unsettled given score are skipped from then on (they only count towards settled ones;
+//     a row with none left is done, a group of MR such rows skips its matmul), so that a row whose given
+//     keys rank low soon reads little more than its scores.
 // Per thread: QB*d query values, MR*chunk float scores, per row (m ids, sorted keys and scores, 2(m+1)
 // counts, B + 2 table entries). Cost per score: the matmul share plus, unless its 8-lane piece is
 // skipped whole, one table look-up and one increment. Summation order of each dot product is fixed
@@ -78,6 +83,7 @@ struct Problem {
     const int64_t* excl_indptr;
     const int64_t* excl_indices;  // canonical rows
     int64_t* out;                 // [n_q, m]
+    int64_t max_rank;             // ranks >= max_rank are reported as max_rank (-1: none)
     int64_t chunk_panels;
 };
 
@@ -89,6 +95,7 @@ struct Row {
     std::vector<int64_t> hist;  // [mv + 1]
     std::vector<int32_t> tab;   // [B + 2]: per score bin, #given keys below it (negative: marked)
     float a = 0, inv_w = 1, bins = 1;
+    float live = 0;  // keys scoring below this touch only given keys already known to rank >= max_rank
     int64_t mv = 0;
 };
 
@@ -106,7 +113,7 @@ __attribute__((always_inline)) inline X bin_of(X x, float a, float inv_w, float 
 // The lookup table of a row's sorted given scores: a bin that holds no given score maps every score in
 // it to the same count (bins are monotone in the score); a bin holding some is marked (exact search
 // among them).
-inline void build_table(Row& R) {
+inline void build_table(Row& R, int64_t n_k) {
     const int64_t mv = R.mv;
     float a = 0.0f, top = 0.0f;
     bool any = false;
@@ -116,7 +123,11 @@ inline void build_table(Row& R) {
             any = true;
             top = R.tf[t];
         }
-    const float bins = static_cast<float>(std::min<int64_t>(64 * mv + 64, std::max<int64_t>(4000, 2 * mv)));
+    // about 64 bins per given key, at most 4000 (the table stays in L1) and n_k / 4 (building it costs
+    // less than the row's scan)
+    const int64_t nbins =
+        std::min<int64_t>({64 * mv + 64, std::max<int64_t>(4000, 2 * mv), std::max<int64_t>(64, n_k / 4)});
+    const float bins = static_cast<float>(nbins);
     // bins of equal width over [a, top] (or, for one distinct score, about 2^-12 of its magnitude)
     const float span = std::max(top - a, std::max(std::fabs(a), std::fabs(top)) * 0x1p-12f);
     float inv_w = 1.0f;
@@ -215,7 +226,7 @@ __attribute__((always_inline)) inline void count_row(Row& R, const float* x, int
     typedef decltype(F{} < F{}) M;
     constexpr int FL = 8;
     const int64_t mv = R.mv;
-    const float lo = R.tf[0], hi = R.tf[mv - 1];
+    const float lo = R.live, hi = R.tf[mv - 1];
     const int32_t* tab = R.tab.data();
     const int64_t* tkey = R.tkey.data();
     int64_t* h0 = R.hist.data();
@@ -238,6 +249,7 @@ __attribute__((always_inline)) inline void count_row(Row& R, const float* x, int
         }
         const M bi = __builtin_convertvector(bin_of(v, R.a, R.inv_w, R.bins), M) + 1;
         for (int l = 0; l < lanes; ++l) {
+            if (v[l] < lo) continue;  // c = 0, or a key that counts only towards settled given keys
             int64_t c = tab[bi[l]];
             if (c < 0) {  // given scores in this bin: place the key among them by its exact rank key
                 c = -c - 1;
@@ -247,6 +259,20 @@ __attribute__((always_inline)) inline void count_row(Row& R, const float* x, int
             ++((l & 1) ? h1 : h0)[c];
         }
     }
+}
+
+// The given keys (sorted positions p < p0) with at least `limit` counted keys above them are settled:
+// R.live rises to the lowest unsettled given score (+inf when none is left).
+inline void settle(Row& R, int64_t limit) {
+    int64_t above = 0, p0 = 0;
+    for (int64_t p = R.mv - 1; p >= 0; --p) {
+        above += R.hist[p + 1] + R.hist[R.mv + 1 + p + 1];
+        if (above >= limit) {
+            p0 = p + 1;
+            break;
+        }
+    }
+    R.live = p0 < R.mv ? R.tf[p0] : std::numeric_limits<float>::infinity();
 }
 
 // Ranks of queries [q0, q0 + rows). T: input type; W: vector width in T; MR: query rows per micro-tile.
@@ -288,7 +314,8 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
             R.tid[t] = kid[at];
             R.tf[t] = sc.scores[at];
         }
-        if (R.mv > 0) build_table(R);
+        if (R.mv > 0) build_table(R, P.n_k);
+        if (R.mv > 0) R.live = R.tf[0];
     }
     const int64_t n_panels = (P.n_k + NR - 1) / NR;
     const int64_t chunk_keys = P.chunk_panels * NR;
@@ -298,6 +325,10 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
         const int64_t k0 = c0 * NR, nk = std::min(P.n_k, c1 * NR) - k0;
         for (int64_t g = 0; g < rows_pad; g += MR) {
             const T* qg = qb + g * d;
+            bool open = false;  // some row of the group still counts
+            for (int i = 0; i < MR && g + i < rows; ++i)
+                open = open || (sc.rows[g + i].mv > 0 && sc.rows[g + i].live < std::numeric_limits<float>::infinity());
+            if (!open) continue;
             for (int64_t pn = c0; pn < c1; ++pn) {
                 const T* kp = P.packed + pn * d * NR;
                 V acc[MR][2] = {};
@@ -324,7 +355,17 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
                 const int64_t r = g + i;
                 if (r >= rows) break;
                 Row& R = sc.rows[r];
-                if (R.mv > 0) count_row(R, sbuf + i * chunk_keys, nk, k0);
+                if (R.mv == 0) continue;
+                // with max_rank, given keys with max_rank + (excluded keys of the row) keys above them
+                // already rank >= max_rank whatever the exclusions take back: after every 512 keys,
+                // keys below all of them (below the lowest given key not yet there) are skipped
+                const int64_t limit =
+                    P.max_rank < 0 ? -1 : P.max_rank + (P.excl_indptr[q0 + r + 1] - P.excl_indptr[q0 + r]);
+                const int64_t step_keys = limit < 0 ? nk : 512;
+                for (int64_t s0 = 0; s0 < nk && R.live < std::numeric_limits<float>::infinity(); s0 += step_keys) {
+                    count_row(R, sbuf + i * chunk_keys + s0, std::min(step_keys, nk - s0), k0 + s0);
+                    if (limit >= 0) settle(R, limit);
+                }
             }
         }
     }
@@ -344,7 +385,7 @@ __attribute__((always_inline)) inline void block_impl(const Problem<T>& P, int64
         int64_t above = 0;
         for (int64_t p = R.mv - 1; p >= 0; --p) {
             above += R.hist[p + 1] + R.hist[R.mv + 1 + p + 1];
-            out[R.tpos[p]] = above;
+            out[R.tpos[p]] = P.max_rank >= 0 ? std::min(above, P.max_rank) : above;
         }
     }
 }
@@ -387,7 +428,8 @@ void isa_shape(Isa isa, int& W, int& MR) {
 
 template <typename T>
 void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, int64_t m, const int64_t* ids,
-         const int64_t* excl_indptr, const int64_t* excl_indices, int64_t* out, int n_threads, Isa isa) {
+         const int64_t* excl_indptr, const int64_t* excl_indices, int64_t* out, int64_t max_rank, int n_threads,
+         Isa isa) {
     int W, MR;
     isa_shape<T>(isa, W, MR);
     const int NR = 2 * W;
@@ -415,9 +457,10 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
     P.excl_indptr = excl_indptr;
     P.excl_indices = excl_indices;
     P.out = out;
-    // key panels per chunk: about 256 KB of keys (L2), and at most 4096 keys (the MR x chunk score
-    // buffer: 128 KB)
-    P.chunk_panels = std::max<int64_t>(1, std::min<int64_t>(4096 / NR, (256 * 1024) / (static_cast<int64_t>(sizeof(T)) *
+    P.max_rank = max_rank;
+    // key panels per chunk: about 256 KB of keys (L2), and at most 2048 keys (the MR x chunk score
+    // buffer: 64 KB; with max_rank, settled given keys are found after every chunk)
+    P.chunk_panels = std::max<int64_t>(1, std::min<int64_t>(2048 / NR, (256 * 1024) / (static_cast<int64_t>(sizeof(T)) *
                                                                                        std::max<int64_t>(d, 1) * NR)));
     const int64_t per_thread = (n_q + n_threads - 1) / n_threads;
     const int64_t qb = std::max<int64_t>(MR, std::min<int64_t>(16 * MR, (per_thread + MR - 1) / MR * MR));
@@ -451,7 +494,7 @@ void run(const T* queries, const T* keys, int64_t n_q, int64_t n_k, int64_t d, i
 
 void rank_of_ids(std::uintptr_t queries, std::uintptr_t keys, int64_t n_q, int64_t n_k, int64_t d, int64_t m,
                  std::uintptr_t ids, std::uintptr_t excl_indptr, std::uintptr_t excl_indices, std::uintptr_t out,
-                 bool is_double, int n_threads, const std::string& isa_req) {
+                 int64_t max_rank, bool is_double, int n_threads, const std::string& isa_req) {
     if (n_q < 0 || n_k < 1 || d < 0 || m < 0) throw std::invalid_argument("rank_of_ids: bad sizes");
     if (n_k > LOW) throw std::invalid_argument("rank_of_ids: n_k must be below 2^32");
     const Isa isa = kdfast::pick_isa(isa_req);
@@ -462,8 +505,8 @@ void rank_of_ids(std::uintptr_t queries, std::uintptr_t keys, int64_t n_q, int64
     kdfast::by_dtype(is_double, [&](auto tag) {
         using T = typename decltype(tag)::type;
         run<T>(as_ptr<const T>(queries), as_ptr<const T>(keys), n_q, n_k, d, m, as_ptr<const int64_t>(ids),
-               as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices), as_ptr<int64_t>(out), n_threads,
-               isa);
+               as_ptr<const int64_t>(excl_indptr), as_ptr<const int64_t>(excl_indices), as_ptr<int64_t>(out), max_rank,
+               n_threads, isa);
     });
 }
 
@@ -473,6 +516,6 @@ void register_rank_of_ids(pybind11::module_& m) {
     m.def("rank_of_ids", &rank_of_ids,
           "Ranks of given key ids per query by dot product (raw buffers; see kdfast/ops/rank_of_ids/cpu.py).",
           py::arg("queries"), py::arg("keys"), py::arg("n_q"), py::arg("n_k"), py::arg("d"), py::arg("m"),
-          py::arg("ids"), py::arg("excl_indptr"), py::arg("excl_indices"), py::arg("out"), py::arg("is_double"),
-          py::arg("n_threads"), py::arg("isa") = "auto");
+          py::arg("ids"), py::arg("excl_indptr"), py::arg("excl_indices"), py::arg("out"), py::arg("max_rank"),
+          py::arg("is_double"), py::arg("n_threads"), py::arg("isa") = "auto");
 }

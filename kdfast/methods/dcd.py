@@ -35,15 +35,17 @@ batch's unique positive items, as in the authors' code):
 
 computed by kdfast.plackett_luce_loss_from_embeddings exactly as RRD does.
 
-How rank_S is computed (rank="catalog") without a U x I sort: the student's top-M unobserved items
-per row, M = N + ceil(10 eps), come from kdfast.topk_scores (training items excluded, no score
-matrix in memory); an item's rank is its position in that list, or M when it is absent (its true
-rank is then >= M). This gives exactly the probabilities of the full ranking: with rank_T < N, a
-clamped rank makes (rank_S - rank_T) / eps >= 10 whether clamped or not, and tanh(x) is exactly 1.0
-in float32 for x >= 9.1 (p is computed in float32); over-estimated teacher items have
-rank_S < rank_T < N < M, never clamped. over="student" uses the same clamp on the teacher's side:
-the teacher list is kept to length N + ceil(10 eps) at build, so no teacher scores are recomputed
-per epoch.
+How rank_S is computed (rank="catalog") without a U x I sort: kdfast.rank_of_ids counts, for each
+teacher item, the unobserved items the student ranks above it (topk_scores' order: ties to the lower
+id), in one pass over the items in tiles (no score matrix in memory), clamped at
+M = N + ceil(10 eps) (max_rank=M: the C++ kernel stops counting for an item once M items are above
+it, and skips the items below all the unsettled ones). The clamp changes no probability (with
+rank_T < N, a rank >= M makes (rank_S - rank_T) / eps >= 10 whether clamped or not, and tanh(x) is
+exactly 1.0 in float32 for x >= 9.1; p is computed in float32), and keeps rank_S what the earlier
+top-M lookup gave.
+over="student" takes the student's own top-N list from kdfast.topk_scores (k = N) and uses the same
+clamp on the teacher's side: the teacher list is kept to length N + ceil(10 eps) at build, so no
+teacher scores are recomputed per epoch.
 
 Sources and deviations (the paper body could not be consulted; the authors' code was,
 github.com/dudwns511/DCD_CIKM21, run_dcd.py):
@@ -61,9 +63,10 @@ github.com/dudwns511/DCD_CIKM21, run_dcd.py):
   the ranks every 3 epochs; here N defaults to 100, samples are drawn once per epoch (the kdfast
   convention, as RRD) and the ranks are recomputed every `rank_every` epochs (default 1; 3 is the
   authors' schedule).
-- Cost: rank="catalog" runs kdfast.topk_scores over the whole U x I (and I x U) score matrix with
-  k = depth at every rank refresh, which dominates an epoch (results/README.md gives the measured
-  cost); rank="list" only scores the N listed items, and rank_every=3 refreshes a third as often.
+- Cost: rank="catalog" runs kdfast.rank_of_ids over the whole U x I (and I x U) score matrix at
+  every rank refresh (over="student": kdfast.topk_scores with k = N too), which dominates an epoch
+  (results/README.md gives the measured cost); rank="list" only scores the N listed items, and
+  rank_every=3 refreshes a third as often.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ import torch
 from .._core import checks
 from .._core.csr import as_csr, transpose_csr
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
+from ..ops.rank_of_ids import BACKENDS as _RANK_OPS
+from ..ops.rank_of_ids import rank_of_ids
 from ..ops.topk import topk_scores
 from .base import (
     BACKEND,
@@ -87,6 +92,8 @@ from .base import (
     teacher_top,
     unique_ids,
 )
+
+RANK_BACKENDS = ("auto",) + tuple(_RANK_OPS)
 
 #: tanh(x) == 1.0 in float32 for x >= 9.1; ranks beyond N + SATURATE * eps need not be known exactly
 SATURATE = 10.0
@@ -151,6 +158,12 @@ def _take(cand: torch.Tensor, pos: torch.Tensor, ordered: bool) -> torch.Tensor:
     return torch.where(pos < 0, torch.full_like(ids, -1), ids)
 
 
+def _rank_backend(backend: str) -> str:
+    """kdfast.rank_of_ids's backend for the method's `backend` option: a backend it lacks (numba)
+    ranks with "auto"."""
+    return backend if backend in RANK_BACKENDS else "auto"
+
+
 def _tanh_weight(diff: torch.Tensor, eps: float) -> torch.Tensor:
     """tanh(max(diff / eps, 0)) in float32 (exactly 1.0 once diff / eps >= 9.1)."""
     return torch.tanh(torch.clamp(diff.to(torch.float32) / eps, min=0.0))
@@ -200,17 +213,29 @@ class _DCDSide:
             rank_s = torch.empty_like(order).scatter_(1, order, rank_t.contiguous())
             student_top = None
         else:
-            _, student_top = topk_scores(
-                q_emb, k_emb, self.depth, exclude=self.excl, backend=backend
+            # the student's rank of each teacher item among the row's unobserved ids, clamped at
+            # depth (padding ids -1 -> depth, as an id absent from a top-depth list)
+            full = rank_of_ids(
+                q_emb,
+                k_emb,
+                cand,
+                exclude=self.excl,
+                max_rank=self.depth,
+                backend=_rank_backend(backend),
             )
-            rank_s = _positions(student_top, cand, self.n_ids)
+            rank_s = torch.where(cand >= 0, full, self.depth)
+            student_top = None
+            if self.over == "student":
+                _, student_top = topk_scores(
+                    q_emb, k_emb, self.n, exclude=self.excl, backend=backend
+                )
         self.rank_s = rank_s
         self.p_under = _tanh_weight(rank_s - rank_t, self.eps)
         if self.over == "teacher":
             self.over_cand, self.p_over = cand, _tanh_weight(rank_t - rank_s, self.eps)
         else:
             # the student's own top-N against the teacher's rank of them (clamped at the list depth)
-            own = student_top[:, : self.n]
+            own = student_top
             t_rank = _positions(self.teacher, own, self.n_ids)
             self.over_cand = own
             self.p_over = torch.where(

@@ -550,7 +550,10 @@ def _rank_ops(args, kwargs, backend):
 
     q, keys, ids = args
     indptr, indices = kwargs["exclude"]
-    return [(rank_op._rank_op, (q, keys, ids, indptr, indices, backend))]
+    return [
+        (rank_op._rank_op, (q, keys, ids, indptr, indices, -1, backend)),
+        (rank_op._rank_op, (q, keys, ids, indptr, indices, 3, backend)),
+    ]
 
 
 def _rank_ids(change):
@@ -590,6 +593,7 @@ RANK_OF_IDS = Spec(
             "key_bias must have one value per key",
         ),
         ("score", lambda a, kw: (a, _with(kw, score="l1")), ValueError, "score"),
+        ("max_rank < 0", lambda a, kw: (a, _with(kw, max_rank=-1)), ValueError, "max_rank"),
     ],
 )
 SPECS.append(RANK_OF_IDS)

@@ -202,3 +202,26 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="ids holds ids outside"):  # no keys: only padding is valid
         kdfast.rank_of_ids(q, keys[:0], torch.zeros(3, 1, dtype=torch.int64))
     assert (kdfast.rank_of_ids(q, keys[:0], torch.full((3, 1), -1)) == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_rank_clamps_exactly(backend):
+    """max_rank: min(rank, max_rank), ties and exclusions included; on cpp across several chunks of
+    keys (the kernel settles ids once max_rank keys are above them and then skips keys)."""
+    gen = torch.Generator().manual_seed(13)
+    dev = device_of(backend)
+    n_q, n_k, d, m = (5, 40, 3, 6) if backend == "triton" else (23, 9000, 4, 30)
+    q, keys, ids, excl = case(n_q, n_k, d, m, gen)
+    excl = rand_csr(n_q, n_k, gen, 40 if n_k > 1000 else 5)
+    full = oracle(q, keys, ids, excl)
+    # near-top ids too: some rows' ids rank high, some low
+    _, order = kdfast.topk_scores(q, keys, min(n_k, 50), exclude=excl, backend="torch")
+    ids[::2, :5] = order[::2, :5].clamp_min(0)
+    full = oracle(q, keys, ids, excl)
+    for cap in (0, 1, 7, 200, n_k + 5):
+        got = kdfast.rank_of_ids(
+            q.to(dev), keys.to(dev), ids.to(dev), exclude=tuple(t.to(dev) for t in excl),
+            max_rank=cap, backend=backend,
+        )  # fmt: skip
+        want = torch.where(full >= 0, full.clamp_max(cap), full)
+        assert torch.equal(got.cpu(), want), cap

@@ -12,12 +12,12 @@ index. A given id that is itself excluded gets the position it would take if it 
 never counted against itself); id -1 is padding and gets rank -1.
 
 Backends (one row each in BACKENDS, the same function in each module) rank dot products:
-    rank_of_ids(queries, keys, ids, excl_indptr, excl_indices) -> ranks [n_q, m] int64
+    rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, max_rank) -> ranks [n_q, m] int64
 with queries/keys contiguous, n_q >= 1, n_k >= 1, ids int64 [n_q, m] in [-1, n_k), the exclusions a
-validated int64 CSR. Every backend takes the score of a given id from the very arithmetic that
-scores the keys it is compared with, so that a key never ranks above itself and exact ties resolve
-by index whatever the summation order. Other score functions reach them as dot products
-(kdfast.ops.topk._as_dot).
+validated int64 CSR, max_rank >= 0 (ranks clamped to it) or -1 (none). Every backend takes the score
+of a given id from the very arithmetic that scores the keys it is compared with, so that a key never
+ranks above itself and exact ties resolve by index whatever the summation order. Other score
+functions reach them as dot products (kdfast.ops.topk._as_dot).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _rank_op(
     ids: torch.Tensor,
     excl_indptr: torch.Tensor,
     excl_indices: torch.Tensor,
+    max_rank: int,
     backend: str,
 ) -> torch.Tensor:
     n_k = keys.shape[0]
@@ -56,12 +57,17 @@ def _rank_op(
         return torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
     impl = BACKENDS[backend]()
     return impl.rank_of_ids(
-        queries.contiguous(), keys.contiguous(), ids.contiguous(), excl_indptr, excl_indices
+        queries.contiguous(),
+        keys.contiguous(),
+        ids.contiguous(),
+        excl_indptr,
+        excl_indices,
+        max_rank,
     )
 
 
 @_rank_op.register_fake
-def _(queries, keys, ids, excl_indptr, excl_indices, backend):
+def _(queries, keys, ids, excl_indptr, excl_indices, max_rank, backend):
     return ids.new_empty(ids.shape, dtype=torch.int64)
 
 
@@ -73,6 +79,7 @@ def rank_of_ids(
     exclude=None,
     score: str = "dot",
     key_bias: torch.Tensor | None = None,
+    max_rank: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Each query's rank of the given key ids among its non-excluded keys, by a score function;
@@ -87,6 +94,10 @@ def rank_of_ids(
             tensor or a scipy.sparse matrix; ids may repeat and be unsorted within a row.
         score, key_bias: as in kdfast.topk_scores ("dot", "cosine", "neg_sqeuclidean"; an [n_k]
             bias added to every score of its key).
+        max_rank: None, or an int >= 0: ranks at or above it are reported as max_rank (a ranking
+            known only to that depth, as DCD's); the cpp backend then stops counting for the ids
+            known to rank that low and skips keys scored below all the others, which makes rows
+            whose ids rank low cheap.
         backend: "auto", "torch", "cpp" or "triton" (see kdfast.backends()).
 
     Returns:
@@ -95,8 +106,9 @@ def rank_of_ids(
         not finite ranks as -inf, -0.0 == 0.0), counted over the keys not excluded for u:
             #{j not excluded, j != i : s_uj > s_ui, or s_uj == s_ui and j < i},  i = ids[u, t].
         An excluded id gets the position it would take among the non-excluded keys; -1 for a
-        padding id. So for a non-excluded id, ranks[u, t] < k exactly when topk_scores(..., k)
-        lists it, at that position. Not differentiable (integer ranks).
+        padding id; min(rank, max_rank) with max_rank. So for a non-excluded id, ranks[u, t] < k
+        exactly when topk_scores(..., k) lists it, at that position. Not differentiable (integer
+        ranks).
 
     Raises ValueError when ids hold an id outside [0, n_k) other than -1, or ids does not have one
     row per query; TypeError for float ids; the argument checks of kdfast.topk_scores otherwise.
@@ -118,6 +130,7 @@ def rank_of_ids(
     checks.same_device(queries=queries, ids=ids)
     checks.rows_of(ids, "ids", queries.shape[0], "queries")
     score = checks.one_of(score, "score", SCORES)
+    cap = -1 if max_rank is None else checks.nonneg_int(max_rank, "max_rank")
     n_q, n_k = queries.shape[0], keys.shape[0]
     if key_bias is not None:
         checks.floating(key_bias, "key_bias", ndim=1)
@@ -133,4 +146,4 @@ def rank_of_ids(
     indptr, indices = as_csr(exclude, "exclude", n_q, n_k, device=device, optional=True)
     q, kk = _as_dot(queries, keys, score, key_bias)
     chosen = _backend.choose(backend, device.type, q.dtype, tuple(BACKENDS))
-    return _rank_op(q, kk, ids.to(torch.int64), indptr, indices, chosen)
+    return _rank_op(q, kk, ids.to(torch.int64), indptr, indices, cap, chosen)

@@ -8,14 +8,16 @@ from ..._core import backend
 from ..._core.csr import canonicalize
 
 
-def rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, *, isa: str = "auto"):
+def rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, max_rank=-1, *, isa: str = "auto"):
     """Ranks [n_q, m] int64 of the given key ids per query on the CPU (C++/OpenMP); the contract of
     kdfast.ops.rank_of_ids.
 
     queries [n_q, d], keys [n_k, d]: contiguous float32 or float64 CPU tensors (float64: dot
     products in double, rounded to float32 for ranking); ids int64 [n_q, m] in [-1, n_k). The
     exclusion rows are made canonical here (sorted, each id once: the kernel takes every excluded
-    key back once). isa: "auto" or a kernel variant ("avx512", "avx2", "generic") for tests.
+    key back once). max_rank >= 0: ranks at or above it come out as max_rank (the kernel then
+    stops counting for given keys known to rank that low, and skips keys below all the others);
+    -1: none. isa: "auto" or a kernel variant ("avx512", "avx2", "generic") for tests.
     Bitwise deterministic for a given isa, whatever the number of threads.
     """
     n_q, d = queries.shape
@@ -35,6 +37,7 @@ def rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, *, isa: str = "au
         indptr.data_ptr(),
         indices.data_ptr(),
         out.data_ptr(),
+        int(max_rank),
         queries.dtype == torch.float64,
         backend.num_threads(),
         isa,

@@ -18,10 +18,10 @@ from ..._core.numerics import EMPTY, acc_dtype, encode_rank_keys
 _TOP = 2**63 - 1  # padding ids sort last and never lie below a key
 
 
-def rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, *, max_tile=1 << 22):
+def rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, max_rank=-1, *, max_tile=1 << 22):
     """Ranks [n_q, m] int64 of the key ids [n_q, m] (-1: padding -> -1) per query among its
     non-excluded keys, by dot product (accumulated in float32, float64 for float64 inputs, ranked
-    as float32); the contract of kdfast.ops.rank_of_ids.
+    as float32), at most max_rank when max_rank >= 0; the contract of kdfast.ops.rank_of_ids.
     Peak memory: one tile of at most max_tile scores (+ its int64 keys and counts) besides the
     result and an [n_q_tile, m + 1] histogram.
     """
@@ -64,6 +64,8 @@ def rank_of_ids(queries, keys, ids, excl_indptr, excl_indices, *, max_tile=1 << 
         # sorted position p: the keys with more than p given keys below them
         above = hist.flip(1).cumsum(1).flip(1)[:, 1:]
         ranks = torch.empty_like(above).scatter_(1, order, above)
+        if max_rank >= 0:
+            ranks = ranks.clamp_max(max_rank)
         out[q0:q1] = torch.where(valid, ranks, torch.full_like(ranks, -1))
     return out
 

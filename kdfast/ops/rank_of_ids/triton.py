@@ -196,6 +196,7 @@ def rank_of_ids(
     ids,
     excl_indptr,
     excl_indices,
+    max_rank=-1,
     *,
     block_m=None,
     block_n=None,
@@ -208,8 +209,9 @@ def rank_of_ids(
 
     queries [n_q, d], keys [n_k, d]: float32/float16/bfloat16 (float64 is rounded to float32), on
     one device; ids int64 [n_q, m] in [-1, n_k); excl_indptr/excl_indices: validated int64 CSR
-    (canonicalised here). block_m / block_n / block_t (powers of two, >= 16 for the first two):
-    queries, keys and given ids per program and tile (default CONFIG); num_warps: 4 unless given.
+    (canonicalised here); max_rank >= 0: ranks clamped to it. block_m / block_n / block_t (powers of
+    two, >= 16 for the first two): queries, keys and given ids per program and tile (default
+    CONFIG); num_warps: 4 unless given.
     Memory: the output and the canonical exclusion CSR; nothing grows with n_k.
     """
     n_q, d = queries.shape
@@ -263,4 +265,4 @@ def rank_of_ids(
         WHILE_LOOP=backend.interpreting(),
         num_warps=num_warps or 4,
     )
-    return out
+    return out.clamp_max_(max_rank) if max_rank >= 0 else out
