@@ -41,6 +41,7 @@ EMB_ROWS = 16  # and embedding form
 LOG2E = 1.4426950408889634
 LN2_HI = 6.93147180369123816490e-01
 LN2_LO = 1.90821492927058770002e-10
+ROUND = 6755399441055744.0  # 1.5 * 2^52: adding and subtracting it rounds to an integer
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
@@ -55,7 +56,7 @@ def _exp_shift(x, shift, out, n_buf):
         y = np.float64(x[i]) + shift
         y = y if y > -708.0 else -708.0  # NaN too: fixed below
         y = y if y < 709.0 else 709.0
-        n = np.floor(y * LOG2E + 0.5)
+        n = (y * LOG2E + ROUND) - ROUND  # round to nearest (libm's floor would not vectorise)
         r = (y - n * LN2_HI) - n * LN2_LO
         p = 1.6059043836821613e-10
         p = p * r + 2.08767569878681e-09
@@ -75,14 +76,12 @@ def _exp_shift(x, shift, out, n_buf):
     bits = out[:m].view(np.int64)
     for i in range(m):
         bits[i] += n_buf[i] << 52
-    for i in range(m):
+    for i in range(m):  # selects, not branches: the loop vectorises
         y = np.float64(x[i]) + shift
-        if y != y:
-            out[i] = np.nan
-        elif y < -708.0:
-            out[i] = 0.0
-        elif y > 709.0:
-            out[i] = np.inf
+        v = out[i]
+        v = 0.0 if y < -708.0 else v
+        v = np.inf if y > 709.0 else v
+        out[i] = v if y == y else np.nan
 
 
 @njit(cache=True, nogil=True)
@@ -94,31 +93,47 @@ def _logaddexp(a, b):
     return mx + np.log1p(np.exp(mn - mx))
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _sum(x, n):
+    """x[0] + ... + x[n - 1] (vectorised; the order is the compiled code's, fixed)."""
+    z = 0.0
+    for i in range(n):
+        z += x[i]
+    return z
+
+
 @njit(cache=True, nogil=True)
 def _log_rest(u, t, has_t, buf, n_buf):
     """log(sum_l exp(u_l) + exp(t)) over the entries that are not -inf: -inf when there are none,
     NaN when one is NaN, else +inf when one is +inf. Scratch buf, n_buf: len(u) each."""
-    m = NINF
-    nan = False
-    for x in u:
-        x = np.float64(x)
-        if x != x:
-            nan = True
-        elif x > m:
-            m = x
+    L = u.shape[0]
+    # the maximum and the NaN count in four independent chains (selects, no branches)
+    m0 = m1 = m2 = m3 = NINF
+    nan = 0
+    i = 0
+    while i + 4 <= L:
+        x0, x1 = np.float64(u[i]), np.float64(u[i + 1])
+        x2, x3 = np.float64(u[i + 2]), np.float64(u[i + 3])
+        m0 = x0 if x0 > m0 else m0
+        m1 = x1 if x1 > m1 else m1
+        m2 = x2 if x2 > m2 else m2
+        m3 = x3 if x3 > m3 else m3
+        nan += (x0 != x0) + (x1 != x1) + (x2 != x2) + (x3 != x3)
+        i += 4
+    for j in range(i, L):
+        x = np.float64(u[j])
+        m0 = x if x > m0 else m0
+        nan += x != x
+    m = max(max(m0, m1), max(m2, m3))
     if has_t:
-        if t != t:
-            nan = True
-        elif t > m:
-            m = t
+        nan += t != t
+        m = t if t > m else m
     if nan:
         return np.nan
     if m == NINF or m == np.inf:
         return m
     _exp_shift(u, -m, buf, n_buf)
-    z = 0.0
-    for i in range(u.shape[0]):
-        z += buf[i]
+    z = _sum(buf, L)
     if has_t:
         z += np.exp(t - m)
     return m + np.log(z)
