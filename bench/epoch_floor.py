@@ -43,7 +43,8 @@ positive items P_b, unique negative items N_b, unique items I_b = P_b u N_b; 4-b
 - dcd: |U_b| 2K dots and |P_b| 2K_I dots, x3; per epoch the student's full U x I score matrix
   (its rank counting), once per side (rank="catalog").
 - unkd: |U_b| S pairs, two dots each, x3.
-- hetcomp: needs its teachers' trajectories (not built from a teacher's tables): not measured.
+- hetcomp (one teacher, one checkpoint: the teacher's tables): per step the catalog tail of each
+  batch user's scores, |U_b| x I (x3), as rrd-full (the lists' own scores are negligible).
 
 Timings taken while other jobs share the machine are labelled with the load average (the header).
 """
@@ -163,6 +164,10 @@ def work(name, method, split, epoch):
                 m = method.item_side.k + method.item_side.n_unint
                 flops += 2 * 3 * items * m * d_s
                 byts += items * m * (2 * F * d_s + 8)
+        elif base == "hetcomp":  # both phases: the catalog tail of every batch user's scores
+            nu = min(nu, method.max_users) if getattr(method, "max_users", None) else nu
+            flops += 2 * 3 * nu * I * d_s
+            byts += 3 * F * I * d_s
         elif base in ("rd", "cd"):
             flops += 2 * 3 * nu * method.K * d_s
             byts += nu * method.K * (2 * F * d_s + 8)
