@@ -194,7 +194,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        help="kdfast op backend for evaluation (auto, torch, cpp, triton)",
+        help="kdfast op backend (auto, torch, cpp, numba, triton; auto: triton on CUDA, else cpp, "
+        "numba, torch, the first available)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--out", default="kdfast-out", help="output folder (created)")
@@ -338,7 +339,7 @@ def _environment(args, device) -> dict:
     from .. import __version__
     from .._core import backend as _backend
 
-    try:  # what the float32 ops (top-K, losses, samplers) run on
+    try:  # what the float32 top-K and Plackett-Luce ops run on (ops without it: cpp, else torch)
         resolved = _backend.resolve(args.backend, device, dtype=torch.float32)
     except (ValueError, RuntimeError, TypeError) as exc:
         resolved = f"unavailable: {exc}"

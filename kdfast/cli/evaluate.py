@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
         help="the data file or folder, when it has moved since training (default: the saved path)",
     )
     p.add_argument("--export", metavar="NPZ", default=None, help="write the tables and ids here")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "numba", "triton"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 

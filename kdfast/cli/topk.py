@@ -57,7 +57,7 @@ def add_arguments(p):
         action="store_true",
         help="also each key's top-k queries (transposed exclusions)",
     )
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "numba", "triton"))
     p.add_argument(
         "--device", default="cpu", help="torch device for the computation (default cpu; e.g. cuda)"
     )
