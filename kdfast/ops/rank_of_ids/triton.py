@@ -25,7 +25,9 @@ from ..._core import backend
 from ..._core.csr import canonicalize
 from ..topk.triton_kernels import _excluded, _load_q, _scores
 
-CONFIG = {"block_m": 32, "block_n": 32, "block_t": 16}
+# sm_90 compile (bench/compile_triton.py): 8 warps keep this tiling within the registers (4 warps
+# spill 16-40 B of 255 registers)
+CONFIG = {"block_m": 32, "block_n": 32, "block_t": 16, "num_warps": 8}
 LAST_LAUNCH = {}
 
 
@@ -211,7 +213,7 @@ def rank_of_ids(
     one device; ids int64 [n_q, m] in [-1, n_k); excl_indptr/excl_indices: validated int64 CSR
     (canonicalised here); max_rank >= 0: ranks clamped to it. block_m / block_n / block_t (powers of
     two, >= 16 for the first two): queries, keys and given ids per program and tile (default
-    CONFIG); num_warps: 4 unless given.
+    CONFIG); num_warps: CONFIG's unless given.
     Memory: the output and the canonical exclusion CSR; nothing grows with n_k.
     """
     n_q, d = queries.shape
@@ -263,6 +265,6 @@ def rank_of_ids(
         E=excl_chunk,
         PREC=prec,
         WHILE_LOOP=backend.interpreting(),
-        num_warps=num_warps or 4,
+        num_warps=num_warps or CONFIG["num_warps"],
     )
     return out.clamp_max_(max_rank) if max_rank >= 0 else out
