@@ -35,6 +35,8 @@ TEACHER_DIM, STUDENT_DIM, BATCH = 200, 20, 1024
 #: CiteULike-t after the >= 5 interactions filter (docs: SPEC section 1)
 CITEULIKE_SHAPE = {"n_users": 5219, "n_items": 25181, "mean_interactions": 24.0}
 SMOKE_SHAPE = {"n_users": 300, "n_items": 700, "mean_interactions": 12.0}
+#: options the smoke shape needs (its 300 users are fewer than IR-RRD's default N_I = 500)
+SMOKE_OPTIONS = {"ir-rrd": {"N_I": 100}}
 
 
 def load(data: str = "synthetic", smoke: bool = False, seed: int = 0):
@@ -101,14 +103,16 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(name, split, tu, ti, backend=None, seed=1, device="cpu"):
-    """(student model, method or None, build seconds) for a registered name ("none": no KD)."""
+def build(name, split, tu, ti, backend=None, seed=1, device="cpu", extra=None):
+    """(student model, method or None, build seconds) for a registered name ("none": no KD), with
+    its registry options updated by `extra`."""
     model = experiment.new_model(
         "bprmf", STUDENT_DIM, split, torch.Generator().manual_seed(seed), device
     )
     if name == "none":
         return model, None, 0.0
     cls, options = method_class(name)
+    options.update(extra or {})
     if backend is not None and "backend" in cls.option_defaults():
         options["backend"] = backend
     _sync(device)
@@ -193,7 +197,8 @@ def checks(device, smoke):
     for name in method_names():
         row = {"op": "epoch", "case": name, "ok": False, "detail": ""}
         try:
-            model, method, _ = build(name, split, tu, ti, "triton", device=device)
+            extra = SMOKE_OPTIONS.get(name) if smoke else None
+            model, method, _ = build(name, split, tu, ti, "triton", device=device, extra=extra)
             r = run_epoch(model, method, epoch, steps=2, device=device, warmup=0)
             row["ok"] = bool(math.isfinite(r["kd_loss"]) and r["grad_ok"])
             row["detail"] = f"kd loss {r['kd_loss']:.6g}, gradient reaches student: {r['grad_ok']}"
@@ -217,7 +222,10 @@ def timings(device, smoke):
         for impl, backend in impls:
             row = {"op": "epoch", "case": name, "shape": shape, "impl": impl, "peak_MB": None}
             try:
-                model, method, setup = build(name, split, tu, ti, backend, device=device)
+                extra = SMOKE_OPTIONS.get(name) if smoke else None
+                model, method, setup = build(
+                    name, split, tu, ti, backend, device=device, extra=extra
+                )
                 torch.cuda.reset_peak_memory_stats(device) if device != "cpu" else None
                 r = run_epoch(model, method, epoch, steps=steps, device=device)
                 row.update(
