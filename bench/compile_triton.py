@@ -221,6 +221,10 @@ def _timing_ops():
         _fwd_bwd(
             kdfast.grouped_topology_loss, t, s, groups, 30, teacher_cos_filter=filt, leaves=(s,)
         )
+    from bench.ops import rank_of_ids
+
+    for dt in (torch.float32, torch.bfloat16):
+        rank_of_ids.compile_variants(dt)
 
 
 # Every launch flag of every kernel, per op and input dtype: what the library can launch, beyond the
@@ -231,6 +235,7 @@ FLAG_DTYPES = {
     "plackett_luce": ("float32", "bfloat16", "float16", "float64"),
     "full_catalog": ("float32", "bfloat16", "float16", "float64"),
     "topology": ("float32", "bfloat16", "float16", "float64"),
+    "rank_of_ids": ("float32", "bfloat16", "float16"),  # float64 is rounded to float32 first
 }
 
 
@@ -312,11 +317,18 @@ def _flags_topology(dt):
             )
 
 
+def _flags_rank_of_ids(dt):
+    from bench.ops import rank_of_ids
+
+    rank_of_ids.compile_variants(dt)
+
+
 FLAGS = {
     "topk": _flags_topk,
     "plackett_luce": _flags_plackett_luce,
     "full_catalog": _flags_full_catalog,
     "topology": _flags_topology,
+    "rank_of_ids": _flags_rank_of_ids,
 }
 CHECK_ITEMS = [f"checks:{op}" for op in OPS]
 

@@ -56,7 +56,9 @@ import torch  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.ops import OPS  # noqa: E402
 
-MODULES = [f"ops.{op}" for op in OPS]
+# the ops' modules, then the sharded top-K's world-size-1 NCCL smoke run and one short training
+# epoch per KD method (kdfast's kernels against the eager reference backend)
+MODULES = [f"ops.{op}" for op in OPS] + ["ops.distributed_topk", "ops.epoch"]
 PHASES = ("checks", "timings")
 RESERVE_S = 15.0  # budget kept back for writing the summary after the last child
 MIN_CHILD_S = 5.0  # a module is skipped, not started, with less budget left than this

@@ -23,7 +23,7 @@ def test_every_triton_kernel_compiles_for_sm90():
             sys.executable,
             os.path.join(ROOT, "bench", "compile_triton.py"),
             "--only",
-            "checks:topk,checks:plackett_luce,checks:full_catalog,checks:topology",
+            "checks:topk,checks:plackett_luce,checks:full_catalog,checks:topology,checks:rank_of_ids",
         ],
         capture_output=True,
         text=True,
@@ -52,7 +52,7 @@ def test_the_compile_list_holds_every_launch_flag_per_op():
 
     every, run = items("--list-all"), items("--list")
     flags = {item.split(":")[1] for item in every if item.startswith("flags:")}
-    assert flags == {"topk", "plackett_luce", "full_catalog", "topology"}
+    assert flags == {"topk", "plackett_luce", "full_catalog", "topology", "rank_of_ids"}
     assert "flags:plackett_luce:float64" in every and "flags:topology:float16" in every
     assert set(run) == {item for item in every if not item.startswith("flags:")}
     assert {f"checks:{op}" for op in flags} <= set(run)
