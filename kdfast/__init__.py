@@ -50,8 +50,10 @@ _EXPORTS = {
 
 # subpackages and modules reachable as attributes (kdfast.data.load, kdfast.metrics.evaluate, ...)
 _MODULES = (
+    "checkpoint",
     "csr",
     "data",
+    "distributed",
     "experiment",
     "families",
     "methods",
