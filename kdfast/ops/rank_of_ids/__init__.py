@@ -26,8 +26,8 @@ import torch
 
 from ..._core import backend as _backend
 from ..._core import checks
-from ..._core.csr import as_csr, validate_csr
-from ..topk import SCORES, _as_dot
+from ..._core.csr import validate_csr
+from ..topk import scored_pairs
 from . import cpu, reference
 
 
@@ -121,29 +121,10 @@ def rank_of_ids(
     plus one comparison of each score against the query's m sorted target scores (cpp), or
     m / 16 tile passes (triton); memory O(n_q m) besides the inputs.
     """
-    checks.floating(queries, "queries", ndim=2)
-    checks.floating(keys, "keys", ndim=2)
-    device = checks.same_device(queries=queries, keys=keys)
-    checks.same_dim(queries, "queries", keys, "keys")
-    checks.same_dtype(queries, "queries", keys, "keys")
+    device, q, kk, (indptr, indices) = scored_pairs(queries, keys, score, key_bias, exclude)
     checks.integer(ids, "ids", ndim=2)
     checks.same_device(queries=queries, ids=ids)
     checks.rows_of(ids, "ids", queries.shape[0], "queries")
-    score = checks.one_of(score, "score", SCORES)
     cap = -1 if max_rank is None else checks.nonneg_int(max_rank, "max_rank")
-    n_q, n_k = queries.shape[0], keys.shape[0]
-    if key_bias is not None:
-        checks.floating(key_bias, "key_bias", ndim=1)
-        checks.same_device(queries=queries, key_bias=key_bias)
-        if key_bias.shape[0] != n_k:
-            raise ValueError(
-                f"key_bias must have one value per key ({n_k}), got shape {tuple(key_bias.shape)}"
-            )
-    if n_k >= 2**32:
-        raise ValueError(
-            f"keys must have fewer than 2^32 rows (the rank keys hold a 32-bit index), got {n_k}"
-        )
-    indptr, indices = as_csr(exclude, "exclude", n_q, n_k, device=device, optional=True)
-    q, kk = _as_dot(queries, keys, score, key_bias)
     chosen = _backend.choose(backend, device.type, q.dtype, tuple(BACKENDS))
     return _rank_op(q, kk, ids.to(torch.int64), indptr, indices, cap, chosen)

@@ -122,6 +122,33 @@ def _exact_neg_sqeuclidean(queries, keys, key_bias, values, index, max_elems=1 <
     return decode_rank_keys(torch.sort(rank, dim=1, descending=True).values)
 
 
+def scored_pairs(queries, keys, score, key_bias, exclude):
+    """The checks every op that scores queries against keys makes (topk_scores, rank_of_ids), and
+    what its backends then take: (device, q, k, (indptr, indices)) with q . k the ranking of
+    `score` (_as_dot) and the exclusions as CSR (empty when exclude is None)."""
+    checks.floating(queries, "queries", ndim=2)
+    checks.floating(keys, "keys", ndim=2)
+    device = checks.same_device(queries=queries, keys=keys)
+    checks.same_dim(queries, "queries", keys, "keys")
+    checks.same_dtype(queries, "queries", keys, "keys")
+    score = checks.one_of(score, "score", SCORES)
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    if key_bias is not None:
+        checks.floating(key_bias, "key_bias", ndim=1)
+        checks.same_device(queries=queries, key_bias=key_bias)
+        if key_bias.shape[0] != n_k:
+            raise ValueError(
+                f"key_bias must have one value per key ({n_k}), got shape {tuple(key_bias.shape)}"
+            )
+    if n_k >= 2**32:
+        raise ValueError(
+            f"keys must have fewer than 2^32 rows (the rank keys hold a 32-bit index), got {n_k}"
+        )
+    csr = as_csr(exclude, "exclude", n_q, n_k, device=device, optional=True)
+    q, kk = _as_dot(queries, keys, score, key_bias)
+    return device, q, kk, csr
+
+
 def topk_scores(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -167,27 +194,8 @@ def topk_scores(
     6e-8 (||q||^2 + ||k||^2) in float32: keys closer than that to the k-th may swap in or out
     (values are then exact: recomputed from q - k for the selected keys and the row re-sorted).
     """
-    checks.floating(queries, "queries", ndim=2)
-    checks.floating(keys, "keys", ndim=2)
-    device = checks.same_device(queries=queries, keys=keys)
-    checks.same_dim(queries, "queries", keys, "keys")
-    checks.same_dtype(queries, "queries", keys, "keys")
     k = checks.positive_int(k, "k")
-    score = checks.one_of(score, "score", SCORES)
-    n_q, n_k = queries.shape[0], keys.shape[0]
-    if key_bias is not None:
-        checks.floating(key_bias, "key_bias", ndim=1)
-        checks.same_device(queries=queries, key_bias=key_bias)
-        if key_bias.shape[0] != n_k:
-            raise ValueError(
-                f"key_bias must have one value per key ({n_k}), got shape {tuple(key_bias.shape)}"
-            )
-    if n_k >= 2**32:
-        raise ValueError(
-            f"keys must have fewer than 2^32 rows (the rank keys hold a 32-bit index), got {n_k}"
-        )
-    indptr, indices = as_csr(exclude, "exclude", n_q, n_k, device=device, optional=True)
-    q, kk = _as_dot(queries, keys, score, key_bias)
+    device, q, kk, (indptr, indices) = scored_pairs(queries, keys, score, key_bias, exclude)
     chosen = _backend.choose(backend, device.type, q.dtype, tuple(BACKENDS))
     values, index = _topk_op(q, kk, k, indptr, indices, chosen)
     if score == "neg_sqeuclidean":
