@@ -212,32 +212,8 @@ def _run(args) -> int:
         return _run_distributed(args)
     from tqdm import tqdm
 
-    if args.k < 1:
-        raise UsageError(f"-k must be >= 1, got {args.k}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.demo:
-        if args.queries or args.keys:
-            raise UsageError("give either --demo or --queries/--keys, not both")
-        n_q, n_k, d = args.demo
-        if min(n_q, n_k, d) < 1:
-            raise UsageError(f"--demo sizes must be >= 1, got {n_q} {n_k} {d}")
-        gen = torch.Generator().manual_seed(args.seed)
-        queries, keys = torch.randn(n_q, d, generator=gen), torch.randn(n_k, d, generator=gen)
-    else:
-        if not (args.queries and args.keys):
-            raise UsageError("give --queries and --keys (or --demo N_Q N_K D)")
-        queries, keys = load_embeddings(args.queries, "queries"), load_embeddings(args.keys, "keys")
-        if queries.shape[1] != keys.shape[1]:
-            raise UsageError(
-                f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}"
-            )
+    queries, keys, csr = _load_inputs(args, mmap=False)
     n_q, n_k = queries.shape[0], keys.shape[0]
-    csr = load_exclude(args.exclude, n_q, n_k) if args.exclude else None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out: directory does not exist: {out_dir}")
@@ -273,8 +249,9 @@ def _rows(x, r0, r1) -> torch.Tensor:
     return x[r0:r1].contiguous()
 
 
-def _inputs(args):
-    """(queries, keys): tensors (--demo, .pt) or memmaps (.npy); the exclusion CSR or None."""
+def _load_inputs(args, *, mmap: bool):
+    """(queries, keys, exclusion CSR or None) of the command line, checked: --demo tensors, or the
+    --queries/--keys files (.npy memory-mapped when mmap)."""
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
     if args.batch < 1:
@@ -294,14 +271,21 @@ def _inputs(args):
     else:
         if not (args.queries and args.keys):
             raise UsageError("give --queries and --keys (or --demo N_Q N_K D)")
-        queries = load_embeddings(args.queries, "queries", mmap=True)
-        keys = load_embeddings(args.keys, "keys", mmap=True)
+        queries = load_embeddings(args.queries, "queries", mmap=mmap)
+        keys = load_embeddings(args.keys, "keys", mmap=mmap)
         if queries.shape[1] != keys.shape[1]:
             raise UsageError(
                 f"queries have d = {queries.shape[1]} but keys have d = {keys.shape[1]}"
             )
     n_q, n_k = queries.shape[0], keys.shape[0]
     csr = load_exclude(args.exclude, n_q, n_k) if args.exclude else None
+    return queries, keys, csr
+
+
+def _inputs(args):
+    """(queries, keys): tensors (--demo, .pt) or memmaps (.npy); the exclusion CSR or None; under
+    torchrun."""
+    queries, keys, csr = _load_inputs(args, mmap=True)
     if args.out.endswith(".npz"):
         raise UsageError(
             f"--out: under torchrun the ranking is written as a directory of shards, got {args.out}"
