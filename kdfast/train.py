@@ -108,10 +108,14 @@ class Trainer:
     flat buffer per step, as DistributedDataParallel does), so every rank takes the same Adam step.
     The BPR loss and every sum over a batch's unique users are then those of one process; a sum
     over a batch's unique items counts an item once per rank whose part holds it. A method's
-    per-epoch work (start_epoch: its sampling) runs on every rank alike. Evaluation is split by
-    users (kdfast.distributed.evaluate for full ranking). Only rank 0 logs and writes checkpoints;
-    every rank returns the same result. A teacher family trained by its own loss (CML, NeuMF,
-    MultVAE, I-AutoRec) trains the whole batch on every rank (no split).
+    per-user per-epoch work (start_epoch: its sampling, the student's ranks) is sharded the same
+    way when the method shards (KDMethod.shard_users: RRD, IR-RRD's user side, CD, UnKD, RD, DCD's
+    user side), each rank drawing from its own generator; the rest of it (an item side, HetComp's
+    knowledge construction, temperatures) runs on every rank alike. Evaluation is split by users
+    (kdfast.distributed.evaluate for full ranking). Only rank 0 logs and writes the checkpoint; a
+    sharded method's other ranks write their share beside it (CHECKPOINT.rankR), and a resume
+    needs the same world size. Every rank returns the same result. A teacher family trained by its
+    own loss (CML, NeuMF, MultVAE, I-AutoRec) trains the whole batch on every rank (no split).
     """
 
     def __init__(
@@ -263,6 +267,10 @@ class Trainer:
             "epochs_run": 0,
             "stopped": False,
         }
+        own_loss = getattr(self.model, "train_loss", None)
+        split_batches = self.world > 1 and own_loss is None
+        # each rank does its own users' share of the method's per-epoch work (when it shards)
+        sharded = split_batches and self.method is not None and self._shard_method()
         snaps = None
         if self.checkpoint is not None:  # what the model and method look like as built
             snaps = {"model": ckpt.Snapshot(self.model)}
@@ -274,7 +282,10 @@ class Trainer:
             self._check_resumable(saved)
             self.model = ckpt.restore(self.model, saved["model"])
             if self.method is not None:
-                self.method = ckpt.restore(self.method, saved["method"])
+                method_state = saved["method"]
+                if sharded and self.rank != 0:  # this rank's share, from its own file
+                    method_state = self._rank_checkpoint(saved)["method"]
+                self.method = ckpt.restore(self.method, method_state)
             opt.load_state_dict(saved["optimizer"])
             gen.set_state(saved["generator"])
             ckpt.set_rng_state(saved["rng"], device)
@@ -291,6 +302,14 @@ class Trainer:
 
         def save_checkpoint(finished=False, result=None):
             if self.rank != 0:
+                if sharded:  # a sharded method's state differs per rank: each writes its own
+                    ckpt.save(
+                        self._rank_path(),
+                        {
+                            "epochs_run": run["epochs_run"],
+                            "method": ckpt.capture(self.method, snaps["method"], "method"),
+                        },
+                    )
                 return
             payload = {
                 "name": self.name,
@@ -306,17 +325,17 @@ class Trainer:
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
                 "rng": ckpt.rng_state(device),
+                "world": self.world,
+                "sharded": sharded,
             }
             ckpt.save(self.checkpoint, payload)
 
         n_batches = math.ceil(n / self.batch_size)
-        own_loss = getattr(self.model, "train_loss", None)
         constrain = getattr(self.model, "constrain", None)
         self.model.train()
         if self.method is not None:
             self.method.train()
         history = run["history"]
-        split_batches = self.world > 1 and own_loss is None
         for epoch in range(run["epochs_run"] + 1, self.epochs + 1):
             if run["stopped"]:
                 break
@@ -442,9 +461,43 @@ class Trainer:
                     f"[{self.name}] early stop: {self.patience} evaluations without improvement"
                 )
 
+    def _shard_method(self) -> bool:
+        """Give the method this rank's users (KDMethod.shard_users) once; whether it shards."""
+        shard = self.method.user_shard
+        if shard is None:
+            return bool(self.method.shard_users(self.rank, self.world))
+        if shard != (self.rank, self.world):
+            raise ValueError(
+                f"method: sharded for rank {shard[0]} of {shard[1]}, but this trainer is rank "
+                f"{self.rank} of {self.world}"
+            )
+        return True
+
+    def _rank_path(self) -> Path:
+        """The checkpoint file of this rank's share of a sharded method (ranks other than 0)."""
+        path = Path(self.checkpoint)
+        return path.with_name(f"{path.name}.rank{self.rank}")
+
+    def _rank_checkpoint(self, saved) -> dict:
+        """This rank's share of a sharded method, checked to be of the same epoch as rank 0's."""
+        from . import checkpoint as ckpt
+
+        path = self._rank_path()
+        if not path.exists():
+            raise ValueError(f"{path}: missing; rank {self.rank} cannot resume its samples")
+        mine = ckpt.load(path)
+        if mine.get("epochs_run") != saved["run"]["epochs_run"]:
+            raise ValueError(
+                f"{path} is of epoch {mine.get('epochs_run')}, rank 0's checkpoint of epoch "
+                f"{saved['run']['epochs_run']} (a run stopped while writing them): start afresh"
+            )
+        return mine
+
     def _check_resumable(self, saved) -> None:
-        """The checkpoint belongs to this run: same name, seed and epoch budget."""
+        """The checkpoint belongs to this run: same name, seed, epoch budget and world size."""
         mine = {"name": self.name, "seed": self.seed, "epochs": self.epochs}
+        if self.world > 1 or "world" in saved:
+            mine["world"] = self.world
         differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if saved.get(k) != v]
         if differ:
             raise ValueError(

@@ -74,17 +74,16 @@ def test_two_processes_complete_repeat_and_match_one(tmp_path, monkeypatch):
     for name in ("none", "rrd", "de"):
         assert again["students"][name]["history"] == two["students"][name]["history"]  # repeats
         assert (tmp_path / "two" / "students" / f"{name}.pt").exists()
-    # BPR and RRD's sums over a batch's users are those of one process: the same rankings up to
-    # the order of float32 sums (losses to 1e-6 relative, metrics equal at this size)
-    for name in ("none", "rrd"):
-        h1, h2 = one["students"][name]["history"], two["students"][name]["history"]
-        assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-6)
-        assert [h["valid"] for h in h2] == [
-            pytest.approx(h["valid"], abs=1e-12) for h in h1
-        ]  # fmt: skip
-    # DE's sums over a batch's unique items count an item once per rank holding it: close only
-    de1, de2 = one["students"]["de"]["test"], two["students"]["de"]["test"]
-    assert de2 == pytest.approx(de1, abs=0.05)
+    # BPR's sums over a batch's users are those of one process: the same rankings up to the order
+    # of float32 sums (losses to 1e-6 relative, metrics equal at this size)
+    h1, h2 = one["students"]["none"]["history"], two["students"]["none"]["history"]
+    assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-6)
+    assert [h["valid"] for h in h2] == [pytest.approx(h["valid"], abs=1e-12) for h in h1]
+    # RRD's ranks sample their own users' lists from their own generators, and DE's sums over a
+    # batch's unique items count an item once per rank holding it: close to one process only
+    for name in ("rrd", "de"):
+        m1, m2 = one["students"][name]["test"], two["students"][name]["test"]
+        assert m2 == pytest.approx(m1, abs=0.05)
 
 
 def test_a_failing_rank_ends_every_rank(tmp_path):
@@ -114,3 +113,69 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     assert procs[1].returncode != 0 and "this method fails on rank 1" in texts[1]
     assert procs[0].returncode != 0, texts[0]
     assert "data-parallel training" in texts[0] or "collective" in texts[0], texts[0][-2000:]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _resume_worker(rank, world, init_file, out_dir):
+    """RRD trained data-parallel (its sampling sharded by user) for 4 epochs; then again, stopped
+    after validating epoch 3 (its last checkpoint: epoch 2) and resumed."""
+    from kdfast import experiment as ex
+    from kdfast import train as tr
+    from tests.test_distributed import _init, _save
+
+    _init(rank, world, init_file)
+    spec = ex.DataSpec(data="synthetic", synthetic_users=120, synthetic_items=150, protocol="full")
+    dataset, split = ex.load_split(spec)
+    train = ex.TrainSpec(epochs=4, batch_size=256, eval_every=1, patience=20)
+    teacher = ex.get_teacher(dataset, split, spec, ex.TeacherSpec("bprmf", 16), train, log=None)
+
+    def student(**kw):
+        opts = {"N": 40, "K": 8, "L": 8}
+        return ex.train_student(split, teacher, "rrd", opts, student_dim=8, train=train, log=None,
+                                **kw)  # fmt: skip
+
+    full = student()
+    path = Path(out_dir) / "ck.pt"
+    validate = tr.Trainer._validate
+
+    def stop_after_3(self, epoch, *args):
+        validate(self, epoch, *args)
+        if epoch == 3:
+            raise _Stop
+
+    tr.Trainer._validate = stop_after_3
+    try:
+        student(checkpoint=path)
+    except _Stop:
+        pass
+    tr.Trainer._validate = validate
+    rank_file = path.with_name("ck.pt.rank1")
+    written = rank_file.exists()
+    resumed = student(checkpoint=path, resume=True)
+    missing = None
+    if rank == 1:  # without its share, rank 1 cannot resume (the finished run returns no samples)
+        rank_file.unlink()
+        try:
+            student(checkpoint=path, resume=True)
+        except ValueError as exc:
+            missing = str(exc)
+    _save(out_dir, rank, {"full": full, "resumed": resumed, "written": written, "missing": missing})
+
+
+def test_sharded_sampling_resumes_bit_for_bit(tmp_path):
+    from tests.test_distributed import _load, _spawn
+
+    assert _spawn(_resume_worker, tmp_path) == [0, 0]
+    for rank in (0, 1):
+        got = _load(tmp_path, rank)
+        full, resumed = got["full"], got["resumed"]
+        assert got["written"] and resumed["resumed_from"] == 2
+        assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+        assert [h["valid"] for h in resumed["history"]] == [h["valid"] for h in full["history"]]
+        assert resumed["test"] == full["test"]
+    assert "missing" in _load(tmp_path, 1)["missing"]
+    # the ranks sampled apart and still took the same steps: one result on both
+    assert _load(tmp_path, 0)["full"]["test"] == _load(tmp_path, 1)["full"]["test"]

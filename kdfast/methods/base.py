@@ -127,6 +127,58 @@ class KDMethod(torch.nn.Module):
         phase); default: None."""
         return None
 
+    # -- data-parallel training: each rank's share of the per-epoch work ------------------------
+    #: (rank, world) once shard_users has restricted the per-user per-epoch work to one rank's users
+    user_shard: tuple[int, int] | None = None
+
+    def shard_users(self, rank: int, world: int) -> bool:
+        """Keep only the users u with u % world == rank in the per-user per-epoch work (sampling,
+        the student's ranks) and in the tables it fills, whose row of user u is then u // world.
+        The trainer calls it on every rank of a data-parallel run, whose rank `rank` then passes
+        forward only batches of those users (forward raises ValueError on any other user).
+
+        Returns True when the method shards; the default returns False, and the whole per-epoch
+        work then runs on every rank alike (a method without per-user per-epoch work, or one whose
+        per-epoch step needs every user: see each method's docstring). A sharded method draws its
+        samples from a generator of its own per rank (seeded from one draw of the method's
+        generator), so the ranks' samples are independent and a seeded run repeats exactly; they
+        are not the one-process samples."""
+        return False
+
+    def _begin_shard(self, rank: int, world: int) -> None:
+        """The common part of shard_users: the checks, user_shard, and the rank's own generator
+        (one draw of the method's generator, the same on every rank, plus the rank)."""
+        world = checks.positive_int(world, "world")
+        rank = checks.nonneg_int(rank, "rank")
+        if rank >= world:
+            raise ValueError(f"rank must be in [0, world), got rank {rank} with world {world}")
+        if self.user_shard is not None:
+            raise RuntimeError(f"{self.name}: shard_users was already called")
+        self.user_shard = (rank, world)
+        g = getattr(self, "generator", None)
+        if g is not None:
+            base = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+            self.generator = torch.Generator(g.device).manual_seed(base + rank)
+
+    def own_users(self, device=None) -> torch.Tensor:
+        """The users whose per-epoch work this rank does (all of them when not sharded)."""
+        rank, world = self.user_shard or (0, 1)
+        return torch.arange(rank, self.n_users, world, device=device)
+
+    def local_rows(self, ub: torch.Tensor) -> torch.Tensor:
+        """The rows of users `ub` in the tables the per-epoch work fills: ub itself, or ub // world
+        when sharded (ValueError on a user of another rank)."""
+        if self.user_shard is None:
+            return ub
+        rank, world = self.user_shard
+        if ub.numel() and not bool((ub % world == rank).all()):
+            bad = int(ub[ub % world != rank][0])
+            raise ValueError(
+                f"users: user {bad} belongs to another rank; {self.name} on rank {rank} of "
+                f"{world} holds the per-epoch samples of the users u with u % {world} == {rank}"
+            )
+        return torch.div(ub, world, rounding_mode="floor")
+
     def forward(self, student_user, student_item, users, pos, neg):  # pragma: no cover - abstract
         raise NotImplementedError
 

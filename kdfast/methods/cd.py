@@ -137,7 +137,7 @@ class CD(KDMethod):
 
     def _resample(self):
         self.positions = rank_discounted_sample(
-            self.n_users,
+            self.top.shape[0],
             self.N,
             self.K,
             self.T,
@@ -151,11 +151,23 @@ class CD(KDMethod):
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self._resample()
 
+    def shard_users(self, rank, world):
+        """Each rank samples its own users' positions (see KDMethod.shard_users)."""
+        self._begin_shard(rank, world)
+        own = self.own_users(self.top.device)
+        self.top, self.top_scores = (
+            self.top.index_select(0, own),
+            self.top_scores.index_select(0, own),
+        )
+        self._resample()
+        return True
+
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
         ub = unique_ids(users, self.n_users)
+        rows = self.local_rows(ub)
         s = torch.einsum(
-            "ud,ukd->uk", gather_rows(student_user, ub), gather_rows(student_item, self.items[ub])
+            "ud,ukd->uk", gather_rows(student_user, ub), gather_rows(student_item, self.items[rows])
         )
-        q = self.labels[ub].to(s.dtype)
+        q = self.labels[rows].to(s.dtype)
         return self.lam * F.binary_cross_entropy_with_logits(s, q, reduction="sum")

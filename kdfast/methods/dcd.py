@@ -76,7 +76,8 @@ import math
 import torch
 
 from .._core import checks
-from .._core.csr import as_csr, transpose_csr
+from .._core.csr import as_csr, select_rows, transpose_csr
+from .._core.numerics import gather_rows
 from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.rank_of_ids import BACKENDS as _RANK_OPS
 from ..ops.rank_of_ids import rank_of_ids
@@ -189,6 +190,19 @@ class _DCDSide:
             None
         )
 
+    #: rows of the tables: all of them (1), or one rank's of `world` (keep_rows)
+    world = 1
+
+    def keep_rows(self, rows, world):
+        """Keep only the given rows (one rank's of `world`: rows[j] = j * world + rank); resample
+        then takes that rank's rows of q_emb and fills row r // world of the samples."""
+        self.teacher = self.teacher.index_select(0, rows)
+        self.excl = select_rows(self.excl[0], self.excl[1], rows)
+        self.world = world
+        self.rank_s = self.p_under = self.over_cand = self.p_over = self.under = self.over_ids = (
+            None
+        )
+
     def resample(self, q_emb, k_emb, generator, backend, rerank=True):
         """New samples; rerank=True first recomputes the ranks and probabilities from the given
         tables."""
@@ -245,8 +259,17 @@ class _DCDSide:
             )
 
     def loss(self, q_emb, k_emb, rows):
+        if self.world == 1:
+            return plackett_luce_loss_from_embeddings(
+                q_emb, k_emb, self.under, self.over_ids, rows=rows, reduction="sum"
+            )
+        local = torch.div(rows, self.world, rounding_mode="floor")
         return plackett_luce_loss_from_embeddings(
-            q_emb, k_emb, self.under, self.over_ids, rows=rows, reduction="sum"
+            gather_rows(q_emb, rows),
+            k_emb,
+            self.under.index_select(0, local),
+            self.over_ids.index_select(0, local),
+            reduction="sum",
         )
 
 
@@ -352,9 +375,17 @@ class DCD(KDMethod):
         rerank = epoch % self.rank_every == 0
         with torch.no_grad():
             su, si = student_user.detach(), student_item.detach()
-            self.user_side.resample(su, si, self.generator, self.backend, rerank)
+            own = su if self.user_shard is None else su.index_select(0, self.own_users(su.device))
+            self.user_side.resample(own, si, self.generator, self.backend, rerank)
             if self.item_side is not None:
                 self.item_side.resample(si, su, self.generator, self.backend, rerank)
+
+    def shard_users(self, rank, world):
+        """Each rank ranks and samples its own users (see KDMethod.shard_users); the item side's
+        per-epoch work (every item's ranks) still runs whole on every rank."""
+        self._begin_shard(rank, world)
+        self.user_side.keep_rows(self.own_users(self.user_side.teacher.device), world)
+        return True
 
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
@@ -363,6 +394,7 @@ class DCD(KDMethod):
                 "DCD.start_epoch must run before forward (the samples need the student's ranks)"
             )
         ub = unique_ids(users, self.n_users)
+        self.local_rows(ub)  # a sharded method holds its own users' samples only
         loss = self.lam * self.user_side.loss(student_user, student_item, ub)
         if self.item_side is not None:
             items = unique_ids(pos, self.n_items)

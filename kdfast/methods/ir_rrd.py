@@ -97,8 +97,7 @@ class IRRRD(RRD):
         if self.item_source == "pos" or not self.sampling:
             items = unique_ids(pos, self.n_items)
         else:
-            side = self.user_side
             # the batch users' sample rows by index_select (advanced indexing costs ~10x more)
-            rows = (side.interesting.index_select(0, ub), side.uninteresting.index_select(0, ub))
+            rows = self.user_side.sample_rows(ub)
             items = unique_ids(torch.cat(rows, 1).flatten(), self.n_items)
         return loss + self.lam_ir * self.item_side.loss(student_item, student_user, items)

@@ -192,7 +192,7 @@ class RD(KDMethod):
     def _dynamic_weights(self, student_user, student_item):
         """New rank samples, the student's estimated ranks of the top-K items, the mixed weights."""
         self.rank_samples = uniform_excluding_sample(
-            self.n_users,
+            self.top.shape[0],
             self.n_items,
             self.n_sample,
             excluded_keys=self.excl_keys,
@@ -219,16 +219,37 @@ class RD(KDMethod):
         self.check_student(student_user, student_item)
         if self.dynamic and epoch >= self.warmup:
             with torch.no_grad():
-                self.weights = self._dynamic_weights(student_user.detach(), student_item.detach())
+                su = student_user.detach()
+                if self.user_shard is not None:
+                    su = su.index_select(0, self.own_users(su.device))
+                self.weights = self._dynamic_weights(su, student_item.detach())
         else:
-            self.weights = self.static_weights.expand(self.n_users, self.K)
+            self.weights = self.static_weights.expand(self.top.shape[0], self.K)
             self.rank_samples = self.rank_estimate = None
+
+    def shard_users(self, rank, world):
+        """Each rank estimates its own users' ranks (see KDMethod.shard_users); static weights
+        (dynamic=False) have no per-epoch work and do not shard."""
+        if not self.dynamic:
+            return False
+        self._begin_shard(rank, world)
+        own = self.own_users(self.top.device)
+        keys, counts = self.excl_keys
+        row, item = torch.div(keys, self.n_items, rounding_mode="floor"), keys % self.n_items
+        keep = row % world == rank  # the rank's rows, renumbered r // world (the order holds)
+        local = torch.div(row[keep], world, rounding_mode="floor") * self.n_items + item[keep]
+        self.excl_keys = (local, counts.index_select(0, own))
+        self.top = self.top.index_select(0, own)
+        self.weights = self.static_weights.expand(own.numel(), self.K)
+        self.rank_samples = self.rank_estimate = None
+        return True
 
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
         ub = unique_ids(users, self.n_users)
+        rows = self.local_rows(ub)
         s = torch.einsum(
-            "ud,ukd->uk", gather_rows(student_user, ub), gather_rows(student_item, self.top[ub])
+            "ud,ukd->uk", gather_rows(student_user, ub), gather_rows(student_item, self.top[rows])
         )
-        w = self.weights[ub].to(s.dtype)
+        w = self.weights[rows].to(s.dtype)
         return self.lam * (w * F.softplus(-s)).sum()

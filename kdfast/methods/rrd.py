@@ -51,6 +51,25 @@ class RankingSide:
         self.interesting = self.uninteresting = None
         self.forbidden = exclusion_keys(top.shape[0], n_ids, excl, top, device=top.device)
 
+    def keep_rows(self, rows, world):
+        """Keep only the given rows (those of one rank of `world`: rows[j] = j * world + rank),
+        with the rank's samples of row r in row r // world."""
+        self.top = self.top.index_select(0, rows)
+        self.excl = select_rows(self.excl[0], self.excl[1], rows)
+        self.forbidden = exclusion_keys(
+            rows.numel(), self.n_ids, self.excl, self.top, device=self.top.device
+        )
+        self.world = world
+        self.interesting = self.uninteresting = None
+
+    #: rows of the tables: all of them (1), or one rank's of `world` (keep_rows)
+    world = 1
+
+    def sample_rows(self, rows):
+        """(interesting, uninteresting) samples of the rows `rows` (int64 ids of the side)."""
+        local = rows if self.world == 1 else torch.div(rows, self.world, rounding_mode="floor")
+        return self.interesting.index_select(0, local), self.uninteresting.index_select(0, local)
+
     def resample(self, generator):
         """New interesting and uninteresting samples (in that order from the generator)."""
         rows, n = self.top.shape
@@ -76,8 +95,13 @@ class RankingSide:
 
     def loss(self, q_emb, k_emb, rows):
         """sum over `rows` of the relaxed Plackett-Luce loss of the current samples."""
+        if self.world == 1:
+            return plackett_luce_loss_from_embeddings(
+                q_emb, k_emb, self.interesting, self.uninteresting, rows=rows, reduction="sum"
+            )
+        ranked, unranked = self.sample_rows(rows)
         return plackett_luce_loss_from_embeddings(
-            q_emb, k_emb, self.interesting, self.uninteresting, rows=rows, reduction="sum"
+            gather_rows(q_emb, rows), k_emb, ranked, unranked, reduction="sum"
         )
 
 
@@ -155,9 +179,20 @@ class RRD(KDMethod):
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self._resample()
 
+    def shard_users(self, rank, world):
+        """Each rank samples its own users' lists (see KDMethod.shard_users); the no-sampling
+        variant has no per-epoch work and does not shard."""
+        if not self.sampling:
+            return False
+        self._begin_shard(rank, world)
+        self.user_side.keep_rows(self.own_users(self.user_side.top.device), world)
+        self._resample()
+        return True
+
     def _user_loss(self, student_user, student_item, ub):
         side = self.user_side
         if self.sampling:
+            self.local_rows(ub)  # a sharded method holds its own users' samples only
             return side.loss(student_user, student_item, ub)
         excl = select_rows(side.excl[0], side.excl[1], ub)
         return full_catalog_listwise_loss(

@@ -193,7 +193,7 @@ class UnKD(KDMethod):
         return method
 
     def _resample(self):
-        U = self.n_users
+        U = self.top.shape[0]
         # [U * S]: the length of each pair's group list
         L = self.lengths[:, self.pair_group].reshape(-1)
         q = math.exp(-1.0 / self.T)
@@ -226,10 +226,19 @@ class UnKD(KDMethod):
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self._resample()
 
+    def shard_users(self, rank, world):
+        """Each rank samples its own users' pairs (see KDMethod.shard_users)."""
+        self._begin_shard(rank, world)
+        own = self.own_users(self.top.device)
+        self.top, self.lengths = self.top.index_select(0, own), self.lengths.index_select(0, own)
+        self._resample()
+        return True
+
     def forward(self, student_user, student_item, users, pos, neg):
         self.check_batch(student_user, student_item, users, pos, neg)
         ub = unique_ids(users, self.n_users)
-        i, j = self.pos_items[ub], self.neg_items[ub]
+        rows = self.local_rows(ub)
+        i, j = self.pos_items[rows], self.neg_items[rows]
         valid = i >= 0
         eu = gather_rows(student_user, ub)[:, None, :]
         ei, ej = (
