@@ -67,6 +67,7 @@ class TrainSpec:
     device: str = "cpu"
     valid_excludes_test: bool = False
     checkpoint_every: int = 1
+    grad_sync: str = "auto"
 
     def monitor_for(self, protocol: str) -> str:
         return self.monitor or DEFAULT_MONITOR[protocol]
@@ -171,6 +172,7 @@ def fit(
         valid_excludes_test=train.valid_excludes_test,
         checkpoint=checkpoint,
         checkpoint_every=train.checkpoint_every,
+        grad_sync=train.grad_sync,
         resume=resume,
         on_validation=on_validation,
     )

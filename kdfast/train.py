@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from ._core import checks
 from ._core.csr import has_pair, pair_keys, row_ids
 from ._core.numerics import gather_rows
 from .families import dot_tables
@@ -96,6 +97,9 @@ class Trainer:
         live log: kdfast distill's history.csv and TensorBoard);
     group: a torch.distributed process group to train data-parallel over (default: the default
         group when one is initialised with more than one process; see "Data-parallel" below);
+    grad_sync: how data-parallel ranks sum their gradients: "dense" (one all_reduce of every
+        gradient), "sparse" (the embedding rows a step touched, by all_gather) or "auto" (sparse
+        when those rows are fewer bytes than the dense buffer, else dense); the default "auto";
     resume: with a checkpoint file that exists, continue from it instead of starting afresh: the
         model and method must be built exactly as for the interrupted run (the same seed and
         options), and the result is then bit for bit that of an uninterrupted run; a checkpoint
@@ -104,8 +108,9 @@ class Trainer:
     Data-parallel (torch.distributed, e.g. under torchrun): every rank builds the same model and
     method (the same seed) and draws the same epoch permutation and negatives; each step's batch
     of `batch_size` pairs is split by user (the pairs of user u go to rank u mod world), each rank
-    backpropagates its part, and the gradients are summed over the ranks (one all_reduce of one
-    flat buffer per step, as DistributedDataParallel does), so every rank takes the same Adam step.
+    backpropagates its part, and the gradients are summed over the ranks (grad_sync: one all_reduce
+    of one flat buffer per step as DistributedDataParallel does, or only the rows the step touched),
+    so every rank takes the same Adam step.
     The BPR loss and every sum over a batch's unique users are then those of one process; a sum
     over a batch's unique items counts an item once per rank whose part holds it. A method's
     per-user per-epoch work (start_epoch: its sampling, the student's ranks) is sharded the same
@@ -143,6 +148,7 @@ class Trainer:
         resume: bool = False,
         on_validation=None,
         group=None,
+        grad_sync: str = "auto",
     ):
         for arg, v in (
             ("epochs", epochs),
@@ -190,6 +196,7 @@ class Trainer:
             )
         self.on_validation = on_validation
         self.group = group
+        self.grad_sync = checks.one_of(grad_sync, "grad_sync", GRAD_SYNC)
         self.rank, self.world = _dist_rank_world(group)
         if self.rank != 0:  # one voice: rank 0 logs, shows progress and writes checkpoints
             self.log, self.progress = None, False
@@ -363,7 +370,7 @@ class Trainer:
                     batch = tuple(t[mine[sl]] for t in batch)
                     if batch[0].numel() == 0:
                         opt.zero_grad(set_to_none=True)
-                        _sum_grads(params, self.group)
+                        _sum_grads(params, self.group, self.grad_sync)
                         opt.step()
                         continue
                 if own_loss is not None:  # a family trained by its own loss (no KD method)
@@ -382,7 +389,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if split_batches:
-                    _sum_grads(params, self.group)
+                    _sum_grads(params, self.group, self.grad_sync)
                 opt.step()
                 if constrain is not None:
                     constrain()
@@ -518,9 +525,99 @@ def _dist_rank_world(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _sum_grads(params, group) -> None:
-    """Sum every parameter's gradient over the ranks, in one all_reduce per dtype and device; a
-    parameter no rank has a gradient for keeps None (Adam then skips it, as in one process)."""
+#: how data-parallel training sums the gradients (Trainer's grad_sync)
+GRAD_SYNC = ("auto", "dense", "sparse")
+
+
+def _sum_grads(params, group, mode="dense") -> None:
+    """Sum every parameter's gradient over the ranks; a parameter no rank has a gradient for keeps
+    None (Adam then skips it, as in one process).
+
+    "dense": one all_reduce of one flat buffer per dtype and device. "sparse": the rows of the 2-D
+    parameters (embedding tables) with a nonzero gradient on some rank travel by all_gather (ids and
+    rows) and every rank adds them up in rank order; other parameters go dense. "auto": sparse when
+    the rows it would gather are fewer bytes than the dense buffer, decided from one exchange of
+    the row counts (so every rank decides alike). Every mode leaves the same gradient on every rank;
+    with two ranks the sums are the dense ones bit for bit (a + b == b + a)."""
+    tables = [] if mode == "dense" else [p for p in params if p.dim() == 2]
+    if tables:
+        tables = _sum_rows(tables, group, force=mode == "sparse")
+    done = {id(p) for p in tables}
+    rest = [p for p in params if id(p) not in done]
+    if rest:
+        _all_reduce_dense(rest, group)
+
+
+def _sum_rows(tables, group, force):
+    """The sparse part of _sum_grads: returns the tables it summed (none when "auto" finds the
+    dense all_reduce cheaper)."""
+    import torch.distributed as dist
+
+    from .distributed._comm import _guard
+
+    world = dist.get_world_size(group)
+    dev = tables[0].device
+    rows = [
+        torch.zeros(0, dtype=torch.int64, device=dev)
+        if p.grad is None
+        else torch.nonzero(p.grad.ne(0).any(1)).flatten()
+        for p in tables
+    ]
+    # per table: the rows this rank sends and whether it has a gradient at all
+    mine = torch.tensor(
+        [r.numel() for r in rows] + [int(p.grad is not None) for p in tables],
+        dtype=torch.int64,
+        device=dev,
+    )
+    counts = [torch.empty_like(mine) for _ in range(world)]
+    _guard("data-parallel training", lambda: dist.all_gather(counts, mine, group=group))
+    counts = torch.stack(counts).cpu()
+    n, has = counts[:, : len(tables)], counts[:, len(tables) :].sum(0)
+    widths = [p.shape[1] * p.element_size() + 8 for p in tables]  # a row and its id
+    sparse_bytes = world * max(sum(int(c) * w for c, w in zip(n[r], widths)) for r in range(world))
+    dense_bytes = 2 * sum(p.numel() * p.element_size() for p in tables)  # a ring all_reduce
+    if not force and sparse_bytes >= dense_bytes:
+        return []
+    by_dtype = {}
+    for x, p in enumerate(tables):
+        by_dtype.setdefault(p.dtype, []).append(x)
+    for dtype, xs in by_dtype.items():
+        # this rank's ids and rows, padded to the largest rank's
+        ids = torch.cat([rows[x] for x in xs])
+        vals = torch.cat(
+            [tables[x].grad.index_select(0, rows[x]).reshape(-1) for x in xs if rows[x].numel()]
+            + [torch.zeros(0, dtype=dtype, device=dev)]
+        )
+        n_ids = [int(n[r, xs].sum()) for r in range(world)]
+        n_vals = [sum(int(n[r, x]) * tables[x].shape[1] for x in xs) for r in range(world)]
+        ids = torch.cat([ids, ids.new_zeros(max(n_ids) - ids.numel())])
+        vals = torch.cat([vals, vals.new_zeros(max(n_vals) - vals.numel())])
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        all_vals = [torch.empty_like(vals) for _ in range(world)]
+        for got, sent in ((all_ids, ids), (all_vals, vals)):
+            _guard(
+                "data-parallel training",
+                lambda g=got, t=sent: dist.all_gather(g, t, group=group),
+            )
+        out = {x: None for x in xs}
+        for r in range(world):  # every rank adds the ranks' rows in rank order
+            i0 = v0 = 0
+            for x in xs:
+                c, d = int(n[r, x]), tables[x].shape[1]
+                if has[x] and out[x] is None:
+                    out[x] = torch.zeros_like(tables[x])
+                if c:
+                    out[x].index_add_(
+                        0, all_ids[r][i0 : i0 + c], all_vals[r][v0 : v0 + c * d].view(c, d)
+                    )
+                i0, v0 = i0 + c, v0 + c * d
+        for x in xs:
+            tables[x].grad = out[x]
+    return tables
+
+
+def _all_reduce_dense(params, group) -> None:
+    """The dense part of _sum_grads: one all_reduce per dtype and device."""
     import torch.distributed as dist
 
     from .distributed._comm import _guard

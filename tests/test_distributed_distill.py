@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
 from kdfast.cli import main
 
@@ -68,11 +69,14 @@ def test_two_processes_complete_repeat_and_match_one(tmp_path, monkeypatch):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = _torchrun(tmp_path / "two", *methods)
     again = _torchrun(tmp_path / "again", *methods)
+    sparse = _torchrun(tmp_path / "sparse", *methods, "--grad-sync", "sparse")
     schema = json.loads((ROOT / "docs" / "results.schema.json").read_text())
     jsonschema.validate(two, schema)
     assert two["environment"]["processes"] == 2 and one["environment"]["processes"] == 1
     for name in ("none", "rrd", "de"):
         assert again["students"][name]["history"] == two["students"][name]["history"]  # repeats
+        # the touched rows by all_gather sum as the dense all_reduce does (two ranks: bit for bit)
+        assert sparse["students"][name]["history"] == two["students"][name]["history"]
         assert (tmp_path / "two" / "students" / f"{name}.pt").exists()
     # BPR's sums over a batch's users are those of one process: the same rankings up to the order
     # of float32 sums (losses to 1e-6 relative, metrics equal at this size)
@@ -179,3 +183,52 @@ def test_sharded_sampling_resumes_bit_for_bit(tmp_path):
     assert "missing" in _load(tmp_path, 1)["missing"]
     # the ranks sampled apart and still took the same steps: one result on both
     assert _load(tmp_path, 0)["full"]["test"] == _load(tmp_path, 1)["full"]["test"]
+
+
+def _grad_sync_worker(rank, world, init_file, out_dir):
+    """Each rank's gradients (rows of the tables zero where a rank did not touch them, a table
+    with no gradient on any rank, one with a gradient on rank 0 only, a 1-D parameter) summed by
+    every grad_sync mode."""
+    from kdfast.train import _sum_grads
+    from tests.test_distributed import _init, _save
+
+    _init(rank, world, init_file)
+    out = {}
+    for mode in ("dense", "sparse", "auto"):
+        g = torch.Generator().manual_seed(rank)
+        params = [
+            torch.nn.Parameter(torch.zeros(shape)) for shape in ((50, 6), (9, 3), (7, 2), (5,))
+        ]
+        touched = torch.randperm(50, generator=g)[:12]
+        params[0].grad = torch.zeros(50, 6)
+        params[0].grad[touched] = torch.randn(12, 6, generator=g)
+        if rank == 0:
+            params[2].grad = torch.randn(7, 2, generator=g)
+        params[3].grad = torch.randn(5, generator=g)
+        _sum_grads(params, None, mode)
+        out[mode] = [None if p.grad is None else p.grad.clone() for p in params]
+    _save(out_dir, rank, out)
+
+
+def test_grad_sync_modes_sum_alike_on_every_rank(tmp_path):
+    from tests.test_distributed import _load, _spawn
+
+    assert _spawn(_grad_sync_worker, tmp_path, world=3) == [0, 0, 0]
+    got = [_load(tmp_path, r) for r in range(3)]
+    want = []  # the sums, computed here from the same draws
+    for r in range(3):
+        g = torch.Generator().manual_seed(r)
+        touched = torch.randperm(50, generator=g)[:12]
+        t = torch.zeros(50, 6)
+        t[touched] = torch.randn(12, 6, generator=g)
+        extra = torch.randn(7, 2, generator=g) if r == 0 else None
+        want.append((t, extra, torch.randn(5, generator=g)))
+    for mode in ("dense", "sparse", "auto"):
+        for r in range(3):
+            a = got[r][mode]
+            for x in (0, 2, 3):  # every rank holds the same sums
+                assert torch.equal(a[x], got[0][mode][x])
+            assert a[1] is None  # no rank had a gradient: Adam skips it
+            torch.testing.assert_close(a[0], sum(w[0] for w in want), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a[2], want[0][1])
+            torch.testing.assert_close(a[3], sum(w[2] for w in want), rtol=1e-6, atol=1e-6)

@@ -221,6 +221,14 @@ def add_arguments(p) -> None:
         "fails with an error (default: %(default)s)",
     )
     p.add_argument(
+        "--grad-sync",
+        choices=("auto", "dense", "sparse"),
+        default="auto",
+        help="under torchrun: how the ranks sum their gradients each step: dense (one all_reduce "
+        "of every gradient), sparse (only the embedding rows the step touched) or auto (sparse "
+        "when it moves fewer bytes; default: %(default)s)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=1,
@@ -495,6 +503,7 @@ def _specs(args):
         device=args.device,
         valid_excludes_test=args.valid_excludes_test,
         checkpoint_every=args.checkpoint_every,
+        grad_sync=args.grad_sync,
     )
     return data, TeacherSpec(model=args.teacher_model, dim=args.teacher_dim), train
 
