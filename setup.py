@@ -9,6 +9,7 @@ machines).
 import glob
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import setup
@@ -50,6 +51,17 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        """An in-place build (build_ext --inplace) puts the new extension in place by a rename:
+        writing into the loaded file would crash every process that has it mapped."""
+        if not str(outfile).endswith((".so", ".pyd")) or self.dry_run:
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        tmp = f"{outfile}.{os.getpid()}.tmp"
+        shutil.copyfile(infile, tmp)
+        shutil.copymode(infile, tmp)
+        os.replace(tmp, outfile)
+        return outfile, 1
 
     @staticmethod
     def _failed(exc):
