@@ -219,8 +219,7 @@ class Trainer:
                     valid_excludes_test=self.valid_excludes_test,
                 )
             elif self.world > 1:
-                ue, ie = dot_tables(self.model)
-                out = _sharded_evaluate(self, ue, ie, part)
+                out = _sharded_evaluate(self, *dot_tables(self.model), part)
             else:
                 ue, ie = dot_tables(self.model)
                 out = metrics.evaluate(
@@ -681,8 +680,6 @@ def _sharded_evaluate(trainer, ue, ie, part) -> dict:
     padded[: mine.numel()] = mine
     parts = [torch.empty_like(padded) for _ in range(trainer.world)]
     _guard("evaluation", lambda: dist.all_gather(parts, padded, group=trainer.group))
-    ranks = torch.cat(
-        [parts[r][: block_range(n, r, trainer.world)[1] - block_range(n, r, trainer.world)[0]]
-         for r in range(trainer.world)]
-    )  # fmt: skip
+    sizes = [hi - lo for lo, hi in (block_range(n, r, trainer.world) for r in range(trainer.world))]
+    ranks = torch.cat([part[:m] for part, m in zip(parts, sizes)])
     return metrics.loo_metrics(ranks)
