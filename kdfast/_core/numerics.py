@@ -28,8 +28,8 @@ def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     whose gradient sums each row in a fixed order, so that it has the same bits run to run. Advanced
     indexing backpropagates through index_put_(accumulate=True), which adds with atomics on several
     CPU threads. On the CPU index_select's backward (index_add_, in index order) gives the bits of
-    F.embedding's at 2-3x less time (a [22350] gather from a 25181 x 20 table: 1.1 ms against 2.2-3.1
-    ms); on a GPU index_add_ uses atomics, so 2-D tables there go through F.embedding."""
+    F.embedding's at 2-3x less time (a [22350] gather from a 25181 x 20 table: 1.1 ms against
+    2.2-3.1 ms); on a GPU index_add_ uses atomics, so 2-D tables there go through F.embedding."""
     if table.dim() == 2 and table.device.type != "cpu":
         return torch.nn.functional.embedding(idx, table)
     return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
