@@ -115,8 +115,8 @@ class Trainer:
     over a batch's unique items counts an item once per rank whose part holds it. A method's
     per-user per-epoch work (start_epoch: its sampling, the student's ranks) is sharded the same
     way when the method shards (KDMethod.shard_users: RRD, IR-RRD's user side, CD, UnKD, RD, DCD's
-    user side), each rank drawing from its own generator; the rest of it (an item side, HetComp's
-    knowledge construction, temperatures) runs on every rank alike. Evaluation is split by users
+    user side, HetComp's knowledge construction), each rank drawing from its own generator; the
+    rest of it (an item side, temperatures) runs on every rank alike. Evaluation is split by users
     (kdfast.distributed.evaluate for full ranking). Only rank 0 logs and writes the checkpoint; a
     sharded method's other ranks write their share beside it (CHECKPOINT.rankR), and a resume
     needs the same world size. Every rank returns the same result. A teacher family trained by its
@@ -471,13 +471,23 @@ class Trainer:
         """Give the method this rank's users (KDMethod.shard_users) once; whether it shards."""
         shard = self.method.user_shard
         if shard is None:
-            return bool(self.method.shard_users(self.rank, self.world))
+            return bool(self.method.shard_users(self.rank, self.world, all_sum=self._all_sum))
         if shard != (self.rank, self.world):
             raise ValueError(
                 f"method: sharded for rank {shard[0]} of {shard[1]}, but this trainer is rank "
                 f"{self.rank} of {self.world}"
             )
         return True
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks (a method's total over every user, e.g. HetComp's phase)."""
+        import torch.distributed as dist
+
+        from .distributed._comm import _guard
+
+        t = t.clone()
+        _guard("data-parallel training", lambda: dist.all_reduce(t, group=self.group))
+        return t
 
     def _rank_path(self) -> Path:
         """The checkpoint file of this rank's share of a sharded method (ranks other than 0)."""

@@ -278,3 +278,57 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
             else:  # per-user sums added per rank, then over ranks: float64 rounding apart
                 for part in want:
                     assert got[part] == pytest.approx(want[part], rel=1e-12, abs=0), (part, rank)
+
+
+def _hetcomp_worker(rank, world, init_file, out_dir):
+    """HetComp sharded over the ranks against one unsharded copy: after each knowledge
+    construction with the same student tables, the rank's selected checkpoints, ensemble lists and
+    distances are the unsharded method's at its users, and the phase and mean checkpoints (a total
+    over every user) are the same; a loss of the rank's users equals the unsharded loss."""
+    import torch.distributed as dist
+
+    from tests.methods.test_hetcomp import _small_method
+    from tests.test_distributed import _init, _save
+
+    _init(rank, world, init_file)
+
+    def all_sum(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    ref, su, si, _ = _small_method(period=1, start=1)
+    m = _small_method(period=1, start=1)[0]
+    assert m.shard_users(rank, world, all_sum=all_sum)
+    own = torch.arange(rank, ref.n_users, world)
+    checks = [torch.equal(m.pi_t, ref.pi_t[own])]
+    g = torch.Generator().manual_seed(5)
+    for epoch in range(1, 7):  # student tables drifting towards the teachers' final lists
+        a, b = torch.randn(su.shape, generator=g), torch.randn(si.shape, generator=g)
+        for meth in (ref, m):
+            meth.dkc(epoch, a, b)
+        checks += [
+            torch.equal(m.selected, ref.selected[:, own]),
+            torch.equal(m.pi_t, ref.pi_t[own]),
+            torch.equal(m.last_dist, ref.last_dist[:, own]),
+            m.phase == ref.phase,
+            torch.equal(m.mean_selected, ref.mean_selected),
+        ]
+    users = own.repeat(3)
+    pos = torch.zeros_like(users)
+    loss_m = m(su, si, users, pos, pos).detach()
+    loss_ref = ref(su, si, users, pos, pos).detach()
+    _save(out_dir, rank, {"checks": checks, "moved": ref.dkc_calls,
+                          "selected": ref.selected.sum().item(),
+                          "loss": (loss_m.item(), loss_ref.item())})  # fmt: skip
+
+
+def test_hetcomp_shards_its_knowledge_construction(tmp_path):
+    from tests.test_distributed import _load, _spawn
+
+    assert _spawn(_hetcomp_worker, tmp_path) == [0, 0]
+    for rank in (0, 1):
+        got = _load(tmp_path, rank)
+        assert all(got["checks"]), got["checks"]
+        assert got["moved"] == 6 and got["selected"] > 0  # construction ran and moved checkpoints
+        assert got["loss"][0] == pytest.approx(got["loss"][1], rel=1e-6)

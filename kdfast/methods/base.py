@@ -131,7 +131,7 @@ class KDMethod(torch.nn.Module):
     #: (rank, world) once shard_users has restricted the per-user per-epoch work to one rank's users
     user_shard: tuple[int, int] | None = None
 
-    def shard_users(self, rank: int, world: int) -> bool:
+    def shard_users(self, rank: int, world: int, all_sum=None) -> bool:
         """Keep only the users u with u % world == rank in the per-user per-epoch work (sampling,
         the student's ranks) and in the tables it fills, whose row of user u is then u // world.
         The trainer calls it on every rank of a data-parallel run, whose rank `rank` then passes
@@ -142,7 +142,9 @@ class KDMethod(torch.nn.Module):
         per-epoch step needs every user: see each method's docstring). A sharded method draws its
         samples from a generator of its own per rank (seeded from one draw of the method's
         generator), so the ranks' samples are independent and a seeded run repeats exactly; they
-        are not the one-process samples."""
+        are not the one-process samples. all_sum: a function that sums a tensor over the ranks
+        (the trainer passes an all_reduce over its group), for a method whose per-epoch step needs
+        a total over every user (HetComp)."""
         return False
 
     def _begin_shard(self, rank: int, world: int) -> None:

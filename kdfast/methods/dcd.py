@@ -380,7 +380,7 @@ class DCD(KDMethod):
             if self.item_side is not None:
                 self.item_side.resample(si, su, self.generator, self.backend, rerank)
 
-    def shard_users(self, rank, world):
+    def shard_users(self, rank, world, all_sum=None):
         """Each rank ranks and samples its own users (see KDMethod.shard_users); the item side's
         per-epoch work (every item's ranks) still runs whole on every rank."""
         self._begin_shard(rank, world)

@@ -494,7 +494,7 @@ class HetComp(KDMethod):
         out = []
         for x, stack in enumerate(self.knowledge):
             v = torch.clamp(self.selected[x] + offset, max=int(self.final[x]))
-            out.append(stack[v, torch.arange(self.n_users, device=v.device)])
+            out.append(stack[v, torch.arange(stack.shape[1], device=v.device)])
         return out
 
     def _ensemble(self):
@@ -513,7 +513,10 @@ class HetComp(KDMethod):
         return torch.stack([1.0 - ndcg(t) for t in self._selected_lists(offset)])
 
     def _update_phase(self):
-        means = self.selected.to(torch.float64).mean(1)
+        sums = self.selected.to(torch.float64).sum(1)
+        if self.user_shard is not None:  # the mean over every user, not this rank's
+            sums = self._all_sum(sums)
+        self.mean_selected = means = sums / self.n_users
         done = bool((torch.round(means * 100) / 100 == self.final.to(torch.float64)).all())
         self.phase = 2 if done else 1
 
@@ -521,6 +524,8 @@ class HetComp(KDMethod):
         """One dynamic-knowledge-construction step (see the module docstring) with the student's
         tables."""
         with torch.no_grad():
+            if self.user_shard is not None:  # this rank's users
+                student_user = student_user.index_select(0, self.own_users(student_user.device))
             _, student_top = topk_scores(
                 student_user,
                 student_item,
@@ -550,8 +555,30 @@ class HetComp(KDMethod):
         if self.phase == 1 and done > 0 and done >= s and done % p == 0:
             self.dkc(done, student_user, student_item)
 
+    def shard_users(self, rank, world, all_sum=None):
+        """Each rank keeps its own users' knowledge, lists and selected checkpoints, and the
+        dynamic knowledge construction ranks and moves them only (see KDMethod.shard_users); the
+        phase, decided by the mean selected checkpoint over every user, takes the ranks' sums
+        through all_sum (required when world > 1)."""
+        if world > 1 and all_sum is None:
+            raise ValueError("all_sum: HetComp needs a sum over the ranks to shard its users")
+        self._begin_shard(rank, world)
+        own = self.own_users(self.selected.device)
+        self._all_sum = all_sum if all_sum is not None else (lambda t: t)
+        self.knowledge = [k.index_select(1, own) for k in self.knowledge]
+        self.excl = select_rows(self.excl[0], self.excl[1], own)
+        self.pi_o = self.pi_o.index_select(0, own)
+        self.selected = self.selected.index_select(1, own)
+        if self.last_dist is not None:
+            self.last_dist = self.last_dist.index_select(1, own)
+        self.pi_t = self.pi_t.index_select(0, own)
+        return True
+
     def status(self) -> str:
-        means = self.selected.to(torch.float64).mean(1).tolist()
+        # sharded: the means over every user of the last construction step (this rank's own
+        # selected rows are only its users')
+        sel = self.selected.to(torch.float64).mean(1)
+        means = (self.mean_selected if self.user_shard is not None else sel).tolist()
         names = ", ".join(
             f"{n} {m:.2f}/{int(f)}" for n, m, f in zip(self.names, means, self.final.tolist())
         )
@@ -562,9 +589,10 @@ class HetComp(KDMethod):
     def loss_for_users(self, student_user, student_item, ub):
         """The weighted HetComp loss (current phase) of the users ub (int64 ids)."""
         o = self.opts
-        excl = select_rows(self.excl[0], self.excl[1], ub)
+        rows = self.local_rows(ub)  # ub itself unless sharded
+        excl = select_rows(self.excl[0], self.excl[1], rows)
         ue = gather_rows(student_user, ub)
-        pi_o, pi_t = self.pi_o[ub], self.pi_t[ub]
+        pi_o, pi_t = self.pi_o[rows], self.pi_t[rows]
         if self.phase == 1:
             pos = torch.cat([pi_o, pi_t], 1)
             return o["lam1"] * full_catalog_set_loss(

@@ -227,7 +227,7 @@ class RD(KDMethod):
             self.weights = self.static_weights.expand(self.top.shape[0], self.K)
             self.rank_samples = self.rank_estimate = None
 
-    def shard_users(self, rank, world):
+    def shard_users(self, rank, world, all_sum=None):
         """Each rank estimates its own users' ranks (see KDMethod.shard_users); static weights
         (dynamic=False) have no per-epoch work and do not shard."""
         if not self.dynamic:

@@ -179,7 +179,7 @@ class RRD(KDMethod):
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self._resample()
 
-    def shard_users(self, rank, world):
+    def shard_users(self, rank, world, all_sum=None):
         """Each rank samples its own users' lists (see KDMethod.shard_users); the no-sampling
         variant has no per-epoch work and does not shard."""
         if not self.sampling:

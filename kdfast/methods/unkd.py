@@ -226,7 +226,7 @@ class UnKD(KDMethod):
     def start_epoch(self, epoch, max_epoch, student_user, student_item):
         self._resample()
 
-    def shard_users(self, rank, world):
+    def shard_users(self, rank, world, all_sum=None):
         """Each rank samples its own users' pairs (see KDMethod.shard_users)."""
         self._begin_shard(rank, world)
         own = self.own_users(self.top.device)

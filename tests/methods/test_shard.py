@@ -6,7 +6,7 @@ For each method that shards, rank r of 2 keeps the users u with u % 2 == r:
 - its loss and gradients on a batch of its users equal those of the unsharded method whose sample
   tables hold the rank's samples at those users' rows (the forward is unchanged by sharding);
 - the two ranks draw from different generators, a user of the other rank is refused, and a method
-  that does not shard is left as it was.
+  that does not shard is left as it was; HetComp refuses to shard without a sum over the ranks.
 """
 
 import pytest
@@ -138,9 +138,9 @@ def test_rd_shard_keeps_its_users_lists_and_exclusions():
         assert not torch.isin(samples[j], trained).any()
 
 
-@pytest.mark.parametrize("name", ["de", "hetcomp", "rrd-full"])
+@pytest.mark.parametrize("name", ["de", "rrd-full"])
 def test_methods_that_do_not_shard_stay_whole(name):
-    opts = {"hetcomp": {"K": 60, "dcg_k": 20}, "rrd-full": {"N": 30, "K": 6}}
+    opts = {"rrd-full": {"N": 30, "K": 6}}
     tu, ti, train, _ = teacher_setup(N_USERS, N_ITEMS)
     cls, defaults = method_class(name)
     g = torch.Generator().manual_seed(0)
@@ -157,3 +157,14 @@ def test_shard_arguments_are_checked():
     m.shard_users(0, 2)
     with pytest.raises(RuntimeError, match="already"):
         m.shard_users(0, 2)
+
+
+def test_hetcomp_needs_a_sum_over_the_ranks():
+    """HetComp's phase is decided over every user: sharding it needs all_sum (the two-process
+    check is tests/test_distributed_distill.py::test_hetcomp_shards_its_knowledge_construction)."""
+    tu, ti, train, _ = teacher_setup(N_USERS, N_ITEMS)
+    cls, defaults = method_class("hetcomp")
+    m = cls.build(tu, ti, train, 4, **{**defaults, "K": 60, "dcg_k": 20})
+    with pytest.raises(ValueError, match="all_sum"):
+        m.shard_users(0, 2)
+    assert m.user_shard is None
