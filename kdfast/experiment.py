@@ -67,7 +67,7 @@ class TrainSpec:
     device: str = "cpu"
     valid_excludes_test: bool = False
     checkpoint_every: int = 1
-    grad_sync: str = "auto"
+    grad_sync: str = "dense"
 
     def monitor_for(self, protocol: str) -> str:
         return self.monitor or DEFAULT_MONITOR[protocol]

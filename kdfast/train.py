@@ -98,8 +98,10 @@ class Trainer:
     group: a torch.distributed process group to train data-parallel over (default: the default
         group when one is initialised with more than one process; see "Data-parallel" below);
     grad_sync: how data-parallel ranks sum their gradients: "dense" (one all_reduce of every
-        gradient), "sparse" (the embedding rows a step touched, by all_gather) or "auto" (sparse
-        when those rows are fewer bytes than the dense buffer, else dense); the default "auto";
+        gradient; the default), "sparse" (the embedding rows a step touched, by all_gather) or
+        "auto" (sparse when those rows are fewer bytes than the dense buffer). On one machine
+        (gloo over loopback) dense was the fastest (bench/results/intel-xeon-2cpu/
+        distributed_distill.md); sparse is for links where bytes cost more than the extra work;
     resume: with a checkpoint file that exists, continue from it instead of starting afresh: the
         model and method must be built exactly as for the interrupted run (the same seed and
         options), and the result is then bit for bit that of an uninterrupted run; a checkpoint
@@ -148,7 +150,7 @@ class Trainer:
         resume: bool = False,
         on_validation=None,
         group=None,
-        grad_sync: str = "auto",
+        grad_sync: str = "dense",
     ):
         for arg, v in (
             ("epochs", epochs),

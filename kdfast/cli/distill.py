@@ -223,10 +223,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--grad-sync",
         choices=("auto", "dense", "sparse"),
-        default="auto",
+        default="dense",
         help="under torchrun: how the ranks sum their gradients each step: dense (one all_reduce "
-        "of every gradient), sparse (only the embedding rows the step touched) or auto (sparse "
-        "when it moves fewer bytes; default: %(default)s)",
+        "of every gradient), sparse (only the embedding rows the step touched, for slow links) or "
+        "auto (sparse when it moves fewer bytes); default: %(default)s",
     )
     p.add_argument(
         "--checkpoint-every",
