@@ -52,7 +52,12 @@ def main(argv=None):
     p.add_argument("--student-dims", default="20,10")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--max-users", type=int, default=64)
+    p.add_argument(
+        "--max-users",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default=64,
+        help="HetComp's per-step user cap; none: every unique user of each batch (the authors')",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-none", action="store_true", help="no no-KD student")
