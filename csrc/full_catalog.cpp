@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "bindings.h"
@@ -433,7 +434,8 @@ KDFAST_INLINE void backward_item_block(const Problem<T>& P, int64_t blk, T* vt, 
         for (int64_t k = 0; k < D; ++k) GI[(j0 + j) * D + k] = acc[k * kItems + j];
 }
 
-// The float blocks compiled per instruction set (each calls only always-inline code); double is generic.
+// The float blocks compiled per instruction set (each calls only always-inline code); double runs the
+// generic blocks (the callers choose with if constexpr).
 KDFAST_CLONES void forward_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* out) {
     forward_block(P, blk, vt, out);
 }
@@ -441,24 +443,6 @@ KDFAST_CLONES void backward_user_block_f32(const Problem<float>& P, int64_t blk,
     backward_user_block(P, blk, vt, GU);
 }
 KDFAST_CLONES void backward_item_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* acc, float* GI) {
-    backward_item_block(P, blk, vt, acc, GI);
-}
-inline void run_forward(const Problem<float>& P, int64_t blk, float* vt, float* out) {
-    forward_block_f32(P, blk, vt, out);
-}
-inline void run_forward(const Problem<double>& P, int64_t blk, double* vt, double* out) {
-    forward_block(P, blk, vt, out);
-}
-inline void run_backward_user(const Problem<float>& P, int64_t blk, float* vt, float* GU) {
-    backward_user_block_f32(P, blk, vt, GU);
-}
-inline void run_backward_user(const Problem<double>& P, int64_t blk, double* vt, double* GU) {
-    backward_user_block(P, blk, vt, GU);
-}
-inline void run_backward_item(const Problem<float>& P, int64_t blk, float* vt, float* acc, float* GI) {
-    backward_item_block_f32(P, blk, vt, acc, GI);
-}
-inline void run_backward_item(const Problem<double>& P, int64_t blk, double* vt, double* acc, double* GI) {
     backward_item_block(P, blk, vt, acc, GI);
 }
 
@@ -487,8 +471,12 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
     const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), nullptr, nullptr};
     kdfast::RegionErrors errors;
     const char* what = "full_catalog_log_tail: the item tile (D x 128 values)";
-    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors,
-                  [&](int64_t blk, T* vt) { run_forward(P, blk, vt, out); });
+    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors, [&](int64_t blk, T* vt) {
+        if constexpr (std::is_same_v<T, float>)
+            forward_block_f32(P, blk, vt, out);
+        else
+            forward_block(P, blk, vt, out);
+    });
 }
 
 // grad_user: one thread per block of kRows rows, walking all items; grad_item: one thread per block of
@@ -499,10 +487,18 @@ void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, i
     const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), G, LT};
     const char* what = "full_catalog_log_tail_backward: the item tile (D x 128 values)";
     kdfast::RegionErrors errors;  // (empty again after each region: for_blocks rethrows)
-    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors,
-                  [&](int64_t blk, T* vt) { run_backward_user(P, blk, vt, GU); });
-    for_blocks<T>(what, (I + kItems - 1) / kItems, D, 2, n_threads, errors,
-                  [&](int64_t blk, T* buf) { run_backward_item(P, blk, buf, buf + D * kItems, GI); });
+    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors, [&](int64_t blk, T* vt) {
+        if constexpr (std::is_same_v<T, float>)
+            backward_user_block_f32(P, blk, vt, GU);
+        else
+            backward_user_block(P, blk, vt, GU);
+    });
+    for_blocks<T>(what, (I + kItems - 1) / kItems, D, 2, n_threads, errors, [&](int64_t blk, T* buf) {
+        if constexpr (std::is_same_v<T, float>)
+            backward_item_block_f32(P, blk, buf, buf + D * kItems, GI);
+        else
+            backward_item_block(P, blk, buf, buf + D * kItems, GI);
+    });
 }
 
 }  // namespace
