@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -80,7 +81,7 @@ __attribute__((noinline, cold)) Acc normalize_scaled(const T* x, int64_t d, Acc 
 }
 
 template <typename T, typename Acc>
-inline Acc normalize_row(const T* x, int64_t d, Acc* z) {
+KDFAST_INLINE Acc normalize_row(const T* x, int64_t d, Acc* z) {
     Acc ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (int64_t k = 0; k < d; ++k) ss += Acc(x[k]) * Acc(x[k]);
@@ -112,8 +113,8 @@ inline int64_t row_of(const int64_t* perm, int64_t i) { return perm ? perm[i] : 
 // Per block of kRows rows: normalised rows z [kRows][D], then rank-kRows update of an Acc block Gram by
 // contiguous axpys (Q_i,j>=i += z_ri z_r,j>=i; vectorises without reductions), flushed into Q (double).
 template <typename T>
-void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt, int64_t ds,
-               GramScratch<typename acc_of<T>::type>& sc, double* Q) {
+KDFAST_INLINE void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt,
+                             int64_t ds, GramScratch<typename acc_of<T>::type>& sc, double* Q) {
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds;
     Acc* const z = sc.z.data();
@@ -160,8 +161,9 @@ double finish_gram(double* Q, int64_t dt, int64_t D, Acc* W) {
 // Gradient rows for rows perm[r0..r1): dZ = scale * Z W restricted to columns [c0, D), projected
 // through the normalisation of the teacher part (if c0 == 0) and the student part, written to gt/gs.
 template <typename T>
-void grad_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt, int64_t ds,
-               const typename acc_of<T>::type* W, int64_t c0, typename acc_of<T>::type scale, T* gt, T* gs) {
+KDFAST_INLINE void grad_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt,
+                             int64_t ds, const typename acc_of<T>::type* W, int64_t c0, typename acc_of<T>::type scale,
+                             T* gt, T* gs) {
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds, w = D - c0;
     std::vector<Acc> z(size_t(kRows) * D), acc(size_t(kRows) * w), inv(size_t(kRows) * 2);
@@ -202,6 +204,32 @@ void grad_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t 
     }
 }
 
+// The float row loops compiled per instruction set (KDFAST_CLONES: x86-64-v3 and baseline); double runs
+// the generic ones. gram_rows_any / grad_rows_any choose.
+KDFAST_CLONES void gram_rows_f32(const float* t, const float* s, const int64_t* perm, int64_t r0, int64_t r1,
+                                 int64_t dt, int64_t ds, GramScratch<acc_of<float>::type>& sc, double* Q) {
+    gram_rows(t, s, perm, r0, r1, dt, ds, sc, Q);
+}
+KDFAST_CLONES void grad_rows_f32(const float* t, const float* s, const int64_t* perm, int64_t r0, int64_t r1,
+                                 int64_t dt, int64_t ds, const acc_of<float>::type* W, int64_t c0,
+                                 acc_of<float>::type scale, float* gt, float* gs) {
+    grad_rows(t, s, perm, r0, r1, dt, ds, W, c0, scale, gt, gs);
+}
+template <typename T, typename... A>
+inline void gram_rows_any(const T* t, A&&... a) {
+    if constexpr (std::is_same_v<T, float>)
+        gram_rows_f32(t, std::forward<A>(a)...);
+    else
+        gram_rows(t, std::forward<A>(a)...);
+}
+template <typename T, typename... A>
+inline void grad_rows_any(const T* t, A&&... a) {
+    if constexpr (std::is_same_v<T, float>)
+        grad_rows_f32(t, std::forward<A>(a)...);
+    else
+        grad_rows(t, std::forward<A>(a)...);
+}
+
 template <typename T>
 double ftd_impl(const T* t, const T* s, int64_t n, int64_t dt, int64_t ds, T* gt, T* gs, int n_threads) {
     using Acc = typename acc_of<T>::type;
@@ -221,7 +249,7 @@ double ftd_impl(const T* t, const T* s, int64_t n, int64_t dt, int64_t ds, T* gt
         const int64_t r0 = n * tid / nt, r1 = n * (tid + 1) / nt;
         GramScratch<Acc> sc;
         errors.run([&] { sc.resize(D); });
-        if (!errors.failed()) gram_rows(t, s, nullptr, r0, r1, dt, ds, sc, &part[size_t(tid) * D * D]);
+        if (!errors.failed()) gram_rows_any(t, s, nullptr, r0, r1, dt, ds, sc, &part[size_t(tid) * D * D]);
     }
     errors.rethrow();
     std::vector<double> Q(size_t(D) * D, 0.0);
@@ -236,7 +264,8 @@ double ftd_impl(const T* t, const T* s, int64_t n, int64_t dt, int64_t ds, T* gt
         for (int64_t b = 0; b < (n + kRows - 1) / kRows; ++b) {
             if (errors.failed()) continue;
             errors.run(b, [&] {
-                grad_rows(t, s, nullptr, b * kRows, std::min(n, (b + 1) * kRows), dt, ds, W.data(), c0, Acc(4), gt, gs);
+                grad_rows_any(t, s, nullptr, b * kRows, std::min(n, (b + 1) * kRows), dt, ds, W.data(), c0, Acc(4), gt,
+                              gs);
             });
         }
         errors.rethrow();
@@ -268,11 +297,11 @@ std::pair<double, int64_t> grouped_gram_impl(const T* t, const T* s, const int64
         for (int64_t g = 0; g < n_groups; ++g) {
             if (off[g + 1] == off[g] || errors.failed()) continue;
             std::fill(Q.begin(), Q.end(), 0.0);
-            gram_rows(t, s, perm, off[g], off[g + 1], dt, ds, sc, Q.data());
+            gram_rows_any(t, s, perm, off[g], off[g + 1], dt, ds, sc, Q.data());
             gloss[g] = finish_gram<Acc>(Q.data(), dt, D, gs ? W.data() : nullptr);
             if (gs)
                 errors.run(g, [&] {
-                    grad_rows(t, s, perm, off[g], off[g + 1], dt, ds, W.data(), dt, Acc(4), (T*)nullptr, gs);
+                    grad_rows_any(t, s, perm, off[g], off[g + 1], dt, ds, W.data(), dt, Acc(4), (T*)nullptr, gs);
                 });
         }
     }
