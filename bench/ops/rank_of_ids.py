@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import sys
 import time
 from types import SimpleNamespace
@@ -31,6 +30,7 @@ import torch
 
 import kdfast
 from bench.harness import Bench, Provider, Step, non_finite_row, poison_cuda_cache, tf32, with_tf32
+from bench.ops.topk import ragged_exclusions
 from kdfast._core.csr import as_csr, row_ids
 from kdfast._core.numerics import EMPTY, acc_dtype, encode_rank_keys
 from kdfast.ops.rank_of_ids.reference import rank_of_ids as ref_rank
@@ -40,17 +40,6 @@ OP = "rank_of_ids"
 
 def _tri():
     return importlib.import_module("kdfast.ops.rank_of_ids.triton")  # reads TRITON_INTERPRET
-
-
-def ragged_exclusions(n_q, n_k, mean, gen, device):
-    """users.dat-like rows: lengths ~ lognormal (some empty), ids uniform (repeats allowed)."""
-    lengths = torch.exp(torch.randn(n_q, generator=gen) + math.log(max(mean, 1e-9))).long()
-    lengths[::7] = 0
-    lengths = lengths.clamp(max=n_k)
-    indptr = torch.zeros(n_q + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(lengths, 0)
-    ids = torch.randint(0, n_k, (int(indptr[-1]),), generator=gen)
-    return indptr.to(device), ids.to(device)
 
 
 def dense_ranks(q, keys, ids, indptr, indices, rows=64):
