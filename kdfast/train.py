@@ -483,13 +483,10 @@ class Trainer:
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the ranks (a method's total over every user, e.g. HetComp's phase)."""
-        import torch.distributed as dist
+        from .distributed._comm import Comm
 
-        from .distributed._comm import _guard
-
-        t = t.clone()
-        _guard("data-parallel training", lambda: dist.all_reduce(t, group=self.group))
-        return t
+        out = Comm(self.group, t.device, "data-parallel training").all_reduce_sum(t)
+        return out.to(t.device)
 
     def _rank_path(self) -> Path:
         """The checkpoint file of this rank's share of a sharded method (ranks other than 0)."""
@@ -562,12 +559,11 @@ def _sum_grads(params, group, mode="dense") -> None:
 def _sum_rows(tables, group, force):
     """The sparse part of _sum_grads: returns the tables it summed (none when "auto" finds the
     dense all_reduce cheaper)."""
-    import torch.distributed as dist
+    from .distributed._comm import Comm
 
-    from .distributed._comm import _guard
-
-    world = dist.get_world_size(group)
     dev = tables[0].device
+    comm = Comm(group, dev, "data-parallel training")
+    world = comm.world
     rows = [
         torch.zeros(0, dtype=torch.int64, device=dev)
         if p.grad is None
@@ -580,9 +576,7 @@ def _sum_rows(tables, group, force):
         dtype=torch.int64,
         device=dev,
     )
-    counts = [torch.empty_like(mine) for _ in range(world)]
-    _guard("data-parallel training", lambda: dist.all_gather(counts, mine, group=group))
-    counts = torch.stack(counts).cpu()
+    counts = comm.all_gather(mine).cpu()
     n, has = counts[:, : len(tables)], counts[:, len(tables) :].sum(0)
     widths = [p.shape[1] * p.element_size() + 8 for p in tables]  # a row and its id
     sparse_bytes = world * max(sum(int(c) * w for c, w in zip(n[r], widths)) for r in range(world))
@@ -593,7 +587,7 @@ def _sum_rows(tables, group, force):
     for x, p in enumerate(tables):
         by_dtype.setdefault(p.dtype, []).append(x)
     for dtype, xs in by_dtype.items():
-        # this rank's ids and rows, padded to the largest rank's
+        # this rank's ids and rows; every rank's, by their known counts
         ids = torch.cat([rows[x] for x in xs])
         vals = torch.cat(
             [tables[x].grad.index_select(0, rows[x]).reshape(-1) for x in xs if rows[x].numel()]
@@ -601,15 +595,8 @@ def _sum_rows(tables, group, force):
         )
         n_ids = [int(n[r, xs].sum()) for r in range(world)]
         n_vals = [sum(int(n[r, x]) * tables[x].shape[1] for x in xs) for r in range(world)]
-        ids = torch.cat([ids, ids.new_zeros(max(n_ids) - ids.numel())])
-        vals = torch.cat([vals, vals.new_zeros(max(n_vals) - vals.numel())])
-        all_ids = [torch.empty_like(ids) for _ in range(world)]
-        all_vals = [torch.empty_like(vals) for _ in range(world)]
-        for got, sent in ((all_ids, ids), (all_vals, vals)):
-            _guard(
-                "data-parallel training",
-                lambda g=got, t=sent: dist.all_gather(g, t, group=group),
-            )
+        all_ids = [t.to(dev) for t in comm.all_gather_ragged(ids, n_ids)]
+        all_vals = [t.to(dev) for t in comm.all_gather_ragged(vals, n_vals)]
         out = {x: None for x in xs}
         for r in range(world):  # every rank adds the ranks' rows in rank order
             i0 = v0 = 0
@@ -666,11 +653,9 @@ def _sum_floats(total, kd_total, group):
 def _sharded_evaluate(trainer, ue, ie, part) -> dict:
     """Trainer.evaluate over the ranks: each ranks a block of the users, the same numbers as one
     process (full: kdfast.distributed.evaluate; loo: each block's held-out ranks gathered)."""
-    import torch.distributed as dist
-
     from .distributed import block_range
     from .distributed import evaluate as dist_evaluate
-    from .distributed._comm import _guard
+    from .distributed._comm import Comm
 
     split = trainer.split
     if split.protocol == "full":
@@ -687,11 +672,6 @@ def _sharded_evaluate(trainer, ue, ie, part) -> dict:
     n = split.eval_users.numel()
     r0, r1 = block_range(n, trainer.rank, trainer.world)
     mine = metrics.loo_ranks(ue, ie, split.eval_users[r0:r1], cands[r0:r1])
-    size = -(-n // trainer.world)  # the largest block
-    padded = torch.full((size,), -1, dtype=torch.int64)
-    padded[: mine.numel()] = mine
-    parts = [torch.empty_like(padded) for _ in range(trainer.world)]
-    _guard("evaluation", lambda: dist.all_gather(parts, padded, group=trainer.group))
     sizes = [hi - lo for lo, hi in (block_range(n, r, trainer.world) for r in range(trainer.world))]
-    ranks = torch.cat([part[:m] for part, m in zip(parts, sizes)])
-    return metrics.loo_metrics(ranks)
+    comm = Comm(trainer.group, mine.device, "evaluation")
+    return metrics.loo_metrics(torch.cat(comm.all_gather_ragged(mine, sizes)).cpu())

@@ -102,6 +102,19 @@ class Comm:
         _guard(self.where, lambda: fn(out.view(-1), x.view(-1), group=self.group), self.timeout_s)
         return out
 
+    def all_gather_ragged(self, x: torch.Tensor, lengths=None) -> list:
+        """Every rank's x, whose first dimension may differ between ranks (the same dtype and
+        trailing shape on every rank), as a list by rank: x padded to the longest and gathered
+        once. lengths: every rank's first dimension when the caller knows them (else one more
+        all_gather finds them)."""
+        if lengths is None:
+            lengths = self.all_gather(torch.tensor([x.shape[0]], dtype=torch.int64)).flatten()
+        lengths = [int(m) for m in lengths]
+        pad = torch.zeros((max(lengths), *x.shape[1:]), dtype=x.dtype, device=self.device)
+        pad[: x.shape[0]] = x
+        got = self.all_gather(pad)
+        return [got[r, :m] for r, m in enumerate(lengths)]
+
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).clone()
         d = dist()
