@@ -36,6 +36,8 @@ import torch
 
 from .._core import backend as _backend
 from .._core import checks
+from .._core.numerics import gather_rows
+from ..ops.plackett_luce import plackett_luce_loss_from_embeddings as pl_loss
 from ..ops.topk import topk_scores
 
 
@@ -419,6 +421,22 @@ def sampler_backend(backend: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the batch
+def sample_rows_loss(q_emb, k_emb, ranked, unranked, rows, world: int = 1):
+    """sum over `rows` (ids of the side) of the Plackett-Luce loss of their sample rows: ranked
+    [R, K] and unranked [R, L], tables that hold every row (world 1) or one data-parallel rank's
+    rows, row r // world for id r (KDMethod.shard_users)."""
+    if world == 1:
+        return pl_loss(q_emb, k_emb, ranked, unranked, rows=rows, reduction="sum")
+    local = torch.div(rows, world, rounding_mode="floor")
+    return pl_loss(
+        gather_rows(q_emb, rows),
+        k_emb,
+        ranked.index_select(0, local),
+        unranked.index_select(0, local),
+        reduction="sum",
+    )
+
+
 def unique_ids(ids, n):
     """The sorted distinct ids of an int64 vector with values in [0, n) (a bincount, not a sort)."""
     return torch.nonzero(torch.bincount(ids, minlength=n)).flatten()

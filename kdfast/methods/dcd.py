@@ -77,8 +77,6 @@ import torch
 
 from .._core import checks
 from .._core.csr import as_csr, select_rows, transpose_csr
-from .._core.numerics import gather_rows
-from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..ops.rank_of_ids import BACKENDS as _RANK_OPS
 from ..ops.rank_of_ids import rank_of_ids
 from ..ops.topk import topk_scores
@@ -90,6 +88,7 @@ from .base import (
     choice,
     optional,
     row_scores,
+    sample_rows_loss,
     teacher_top,
     unique_ids,
 )
@@ -259,18 +258,7 @@ class _DCDSide:
             )
 
     def loss(self, q_emb, k_emb, rows):
-        if self.world == 1:
-            return plackett_luce_loss_from_embeddings(
-                q_emb, k_emb, self.under, self.over_ids, rows=rows, reduction="sum"
-            )
-        local = torch.div(rows, self.world, rounding_mode="floor")
-        return plackett_luce_loss_from_embeddings(
-            gather_rows(q_emb, rows),
-            k_emb,
-            self.under.index_select(0, local),
-            self.over_ids.index_select(0, local),
-            reduction="sum",
-        )
+        return sample_rows_loss(q_emb, k_emb, self.under, self.over_ids, rows, self.world)
 
 
 class DCD(KDMethod):

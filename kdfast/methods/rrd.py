@@ -22,13 +22,13 @@ from .._core import checks
 from .._core.csr import as_csr, select_rows
 from .._core.numerics import gather_rows
 from ..ops.full_catalog import full_catalog_listwise_loss
-from ..ops.plackett_luce import plackett_luce_loss_from_embeddings
 from ..sampling import exclusion_keys, rank_discounted_sample, uniform_excluding_sample
 from .base import (
     BACKEND,
     KDMethod,
     check_teacher,
     checked_options,
+    sample_rows_loss,
     sampler_backend,
     teacher_top,
     unique_ids,
@@ -95,13 +95,8 @@ class RankingSide:
 
     def loss(self, q_emb, k_emb, rows):
         """sum over `rows` of the relaxed Plackett-Luce loss of the current samples."""
-        if self.world == 1:
-            return plackett_luce_loss_from_embeddings(
-                q_emb, k_emb, self.interesting, self.uninteresting, rows=rows, reduction="sum"
-            )
-        ranked, unranked = self.sample_rows(rows)
-        return plackett_luce_loss_from_embeddings(
-            gather_rows(q_emb, rows), k_emb, ranked, unranked, reduction="sum"
+        return sample_rows_loss(
+            q_emb, k_emb, self.interesting, self.uninteresting, rows, self.world
         )
 
 
