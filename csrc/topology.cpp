@@ -8,9 +8,11 @@
 //   diagonal blocks (AA, BB), -1 on the off-diagonal blocks (AB, BA). Gradient: dL/dZ = 4 Z W with
 //   W = sgn * Q, then per part dL/dx_a = inv_a (g_a - u_a <u_a, g_a>).
 //   Memory plan: each thread accumulates a D x D (double) partial Gram over its contiguous row range, in
-//   blocks of kRows rows normalised into z [kRows][D], added to a block Gram by contiguous axpys
-//   (Q_i,j>=i += z_ri z_rj); partials are reduced in thread order (deterministic for a thread count). The gradient pass
-//   reads W (D x D, cache resident) and a block of rows, and writes the gradient rows. Extra memory O(T D^2).
+//   blocks of kRows rows normalised into z [kRows][D], whose Gram (upper triangle; float: register tiles of 4 x 16
+//   summed over the block's rows in float) is added to the double partial; partials are reduced in thread order
+//   (deterministic for a thread count). The gradient pass reads W (D x D, cache resident; float: the needed columns
+//   in a padded copy, register tiles of 4 rows x 24 columns) and a block of rows, and writes the gradient rows.
+//   Extra memory O(T D^2).
 //
 // grouped (HTD entity level), rows visited in group-sorted order perm (offsets [G+1]):
 //   L = sum_{a,b same group [, <A_a,A_b> > 0]} (<B_a,B_b> - <A_a,A_b>)^2 ; dL/dB_a = 4 sum_b m_ab diff_ab B_b
@@ -34,6 +36,9 @@
 #include "dispatch.h"
 #include "parallel.h"
 #include "simd.h"
+
+// The vector helpers are always inlined: no vector crosses a call (GCC's ABI note does not apply).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -100,32 +105,77 @@ using kdfast::simd_dot;
 // call then needs no RegionErrors::run around it, which cost the Gram loop a third of its speed.)
 template <typename Acc>
 struct GramScratch {
-    std::vector<Acc> z, qb;
+    std::vector<Acc> z, qb, zp;
     void resize(int64_t D) {
-        z.resize(size_t(kRows) * D);
-        qb.resize(size_t(D) * D);
+        z.assign(size_t(kRows) * padded(D), Acc(0));  // columns D.. stay zero
+        qb.resize(size_t(padded(D)) * padded(D));
+        zp.resize(std::is_same_v<Acc, float> ? size_t(kRows) * padded(D) : 0);
     }
+    // the row stride of z: float rows padded to whole 16-float panels (gram_tiles_f32)
+    static int64_t padded(int64_t D) { return std::is_same_v<Acc, float> ? (D + 15) / 16 * 16 : D; }
 };
+
+using kdfast::load8;
+using kdfast::v8f;
+
+// Q (upper triangle, D x D double) += Z^T Z over nb float rows z [nb][Dp] (columns D..Dp zero; Dp a
+// multiple of 16), by register tiles of 4 Gram rows i x 16 columns j (8 vector accumulators) stored into
+// the block Gram qb [Dp][Dp]: each element sums its nb products in row order, as the axpy loop of gram_rows
+// does (a zero z_ri adds fma(0, z_rj, q) = q there, which that loop skips), then is added to Q.
+KDFAST_INLINE void gram_tiles_f32(const float* z, int nb, int64_t D, int64_t Dp, float* zp, float* qb, double* Q) {
+    constexpr int PW = 16;
+    // z's columns in panels of PW, zp [Dp / PW][nb][PW]: a tile reads two panels of nb x PW floats
+    for (int64_t p = 0; p < Dp / PW; ++p)
+        for (int r = 0; r < nb; ++r)
+            std::memcpy(zp + (p * nb + r) * PW, z + size_t(r) * Dp + p * PW, sizeof(float) * PW);
+    for (int64_t i0 = 0; i0 < D; i0 += 4) {
+        const float* pi = zp + (i0 / PW) * nb * PW + i0 % PW;
+        for (int64_t j0 = i0 / PW * PW; j0 < D; j0 += PW) {
+            const float* pj = zp + (j0 / PW) * nb * PW;
+            v8f a[4][2] = {};
+            for (int r = 0; r < nb; ++r) {
+                const v8f x0 = load8(pj + r * PW), x1 = load8(pj + r * PW + 8);
+                for (int ii = 0; ii < 4; ++ii) {
+                    const float b = pi[r * PW + ii];
+                    a[ii][0] += b * x0;
+                    a[ii][1] += b * x1;
+                }
+            }
+            for (int ii = 0; ii < 4; ++ii) std::memcpy(qb + (i0 + ii) * Dp + j0, a[ii], sizeof a[ii]);
+        }
+    }
+    // flushed row by row (contiguous): Q's memory is walked once per block, not once per tile
+    for (int64_t i = 0; i < D; ++i) {
+        const float* qi = qb + i * Dp;
+        double* Qi = Q + i * D;
+        for (int64_t j = i; j < D; ++j) Qi[j] += double(qi[j]);
+    }
+}
 
 inline int64_t row_of(const int64_t* perm, int64_t i) { return perm ? perm[i] : i; }
 
 // Q (upper triangle, D x D double) += Z^T Z over the rows perm[r0..r1) (or r0..r1 when perm is null).
-// Per block of kRows rows: normalised rows z [kRows][D], then rank-kRows update of an Acc block Gram by
-// contiguous axpys (Q_i,j>=i += z_ri z_r,j>=i; vectorises without reductions), flushed into Q (double).
+// Per block of kRows rows: normalised rows z [kRows][D], then (float) gram_tiles_f32, or (double) a
+// rank-kRows update of a block Gram by contiguous axpys (Q_i,j>=i += z_ri z_r,j>=i; vectorises without
+// reductions), flushed into Q.
 template <typename T>
 KDFAST_INLINE void gram_rows(const T* t, const T* s, const int64_t* perm, int64_t r0, int64_t r1, int64_t dt,
                              int64_t ds, GramScratch<typename acc_of<T>::type>& sc, double* Q) {
     using Acc = typename acc_of<T>::type;
-    const int64_t D = dt + ds;
+    const int64_t D = dt + ds, Dp = GramScratch<Acc>::padded(D);
     Acc* const z = sc.z.data();
     Acc* const qb = sc.qb.data();
     for (int64_t b0 = r0; b0 < r1; b0 += kRows) {
         const int nb = int(std::min<int64_t>(kRows, r1 - b0));
         for (int r = 0; r < nb; ++r) {
             const int64_t row = row_of(perm, b0 + r);
-            Acc* zr = &z[size_t(r) * D];
+            Acc* zr = &z[size_t(r) * Dp];
             normalize_row(t + row * dt, dt, zr);
             normalize_row(s + row * ds, ds, zr + dt);
+        }
+        if constexpr (std::is_same_v<Acc, float>) {
+            gram_tiles_f32(z, nb, D, Dp, sc.zp.data(), qb, Q);
+            continue;
         }
         for (int64_t i = 0; i < D; ++i) {
             Acc* qi = &qb[size_t(i) * D];
@@ -158,6 +208,34 @@ double finish_gram(double* Q, int64_t dt, int64_t D, Acc* W) {
     return loss;
 }
 
+// acc [r][j0 .. j0 + 8 NV) = sum_i z_ri Wp_i,j for the 4 rows r0.. (float), i in order 0..D-1 (as the
+// axpy loop of grad_rows, whose skip of a zero z_ri changes no sum: fma(0, w, a) = a).
+template <int NV>
+KDFAST_INLINE void grad_tile_f32(const float* z, int64_t D, int r0, const float* Wp, int64_t wp, int64_t j0,
+                                 float* acc) {
+    v8f a[4][NV] = {};
+    for (int64_t i = 0; i < D; ++i) {
+        v8f x[NV];
+        for (int v = 0; v < NV; ++v) x[v] = load8(Wp + i * wp + j0 + 8 * v);
+        for (int rr = 0; rr < 4; ++rr) {
+            const float b = z[size_t(r0 + rr) * D + i];
+            for (int v = 0; v < NV; ++v) a[rr][v] += b * x[v];
+        }
+    }
+    for (int rr = 0; rr < 4; ++rr) std::memcpy(acc + size_t(r0 + rr) * wp + j0, a[rr], sizeof(v8f) * NV);
+}
+
+// acc [nb][wp] = z [nb][D] Wp [D][wp] in register tiles of 4 rows x up to 24 columns (rows past nb, up
+// to kRows, are computed from z's spare rows and never read).
+KDFAST_INLINE void grad_tiles_f32(const float* z, int nb, int64_t D, const float* Wp, int64_t wp, float* acc) {
+    for (int r0 = 0; r0 < nb; r0 += 4) {
+        int64_t j0 = 0;
+        for (; j0 + 24 <= wp; j0 += 24) grad_tile_f32<3>(z, D, r0, Wp, wp, j0, acc);
+        if (wp - j0 == 16) grad_tile_f32<2>(z, D, r0, Wp, wp, j0, acc);
+        if (wp - j0 == 8) grad_tile_f32<1>(z, D, r0, Wp, wp, j0, acc);
+    }
+}
+
 // Gradient rows for rows perm[r0..r1): dZ = scale * Z W restricted to columns [c0, D), projected
 // through the normalisation of the teacher part (if c0 == 0) and the student part, written to gt/gs.
 template <typename T>
@@ -166,7 +244,13 @@ KDFAST_INLINE void grad_rows(const T* t, const T* s, const int64_t* perm, int64_
                              T* gt, T* gs) {
     using Acc = typename acc_of<T>::type;
     const int64_t D = dt + ds, w = D - c0;
-    std::vector<Acc> z(size_t(kRows) * D), acc(size_t(kRows) * w), inv(size_t(kRows) * 2);
+    // float: W's columns [c0, D) copied with rows padded to whole 8-float vectors (grad_tiles_f32)
+    const int64_t wp = std::is_same_v<Acc, float> ? (w + 7) / 8 * 8 : w;
+    std::vector<Acc> z(size_t(kRows) * D), acc(size_t(kRows) * wp), inv(size_t(kRows) * 2), wpad;
+    if constexpr (std::is_same_v<Acc, float>) {
+        wpad.assign(size_t(D) * wp, Acc(0));
+        for (int64_t i = 0; i < D; ++i) std::memcpy(&wpad[size_t(i) * wp], W + i * D + c0, sizeof(Acc) * w);
+    }
     for (int64_t b0 = r0; b0 < r1; b0 += kRows) {
         const int nb = int(std::min<int64_t>(kRows, r1 - b0));
         for (int r = 0; r < nb; ++r) {
@@ -175,21 +259,25 @@ KDFAST_INLINE void grad_rows(const T* t, const T* s, const int64_t* perm, int64_
             inv[2 * r] = normalize_row(t + row * dt, dt, zr);
             inv[2 * r + 1] = normalize_row(s + row * ds, ds, zr + dt);
         }
-        std::fill(acc.begin(), acc.end(), Acc(0));
-        for (int64_t i = 0; i < D; ++i) {
-            const Acc* wi = W + i * D + c0;
-            for (int r = 0; r < nb; ++r) {
-                const Acc zi = z[size_t(r) * D + i];
-                if (zi == Acc(0)) continue;
-                Acc* ar = &acc[size_t(r) * w];
+        if constexpr (std::is_same_v<Acc, float>) {
+            grad_tiles_f32(z.data(), nb, D, wpad.data(), wp, acc.data());
+        } else {
+            std::fill(acc.begin(), acc.end(), Acc(0));
+            for (int64_t i = 0; i < D; ++i) {
+                const Acc* wi = W + i * D + c0;
+                for (int r = 0; r < nb; ++r) {
+                    const Acc zi = z[size_t(r) * D + i];
+                    if (zi == Acc(0)) continue;
+                    Acc* ar = &acc[size_t(r) * wp];
 #pragma omp simd
-                for (int64_t j = 0; j < w; ++j) ar[j] += zi * wi[j];
+                    for (int64_t j = 0; j < w; ++j) ar[j] += zi * wi[j];
+                }
             }
         }
         for (int r = 0; r < nb; ++r) {
             const int64_t row = row_of(perm, b0 + r);
             const Acc* zr = &z[size_t(r) * D];
-            Acc* ar = &acc[size_t(r) * w];
+            Acc* ar = &acc[size_t(r) * wp];
             if (c0 == 0 && gt) {
                 const Acc pd = simd_dot(zr, ar, dt);
                 for (int64_t c = 0; c < dt; ++c) gt[row * dt + c] = T(inv[2 * r] * scale * (ar[c] - zr[c] * pd));
@@ -210,6 +298,7 @@ KDFAST_CLONES void gram_rows_f32(const float* t, const float* s, const int64_t* 
                                  int64_t dt, int64_t ds, GramScratch<acc_of<float>::type>& sc, double* Q) {
     gram_rows(t, s, perm, r0, r1, dt, ds, sc, Q);
 }
+
 KDFAST_CLONES void grad_rows_f32(const float* t, const float* s, const int64_t* perm, int64_t r0, int64_t r1,
                                  int64_t dt, int64_t ds, const acc_of<float>::type* W, int64_t c0,
                                  acc_of<float>::type scale, float* gt, float* gs) {
