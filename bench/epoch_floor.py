@@ -11,9 +11,10 @@ set of its shape), BPR-MF teacher dim 200 -> student dim 20, batch 1024:
   loss + the KD loss, backward, fused Adam): start_epoch's seconds + the median step time (of the
   first --max-steps steps after one warm-up step) times the epoch's steps;
 - floor: the work the method's math must do in that epoch (`work` below, counted on the epoch's
-  actual batches), as max(FLOPs / sgemm rate, bytes / copy bandwidth) + the no-KD epoch measured
-  in the same run, with the rates measured in the same run just before each method (`rates`): a
-  square float32 torch.mm and a 64 MiB copy;
+  actual batches), as max(FLOPs / sgemm rate, bytes / copy bandwidth) + exponentials / exp rate
+  + the no-KD epoch measured in the same run, with the rates measured in the same run just before
+  each method (`rates`): a square float32 torch.mm, a 64 MiB copy and torch.exp over 16 Mi
+  float32 values;
 - ratio: measured / floor.
 
 The floor counts (d_t = 200, d_s = 20; FLOPs = 2 x multiply-adds; "x3" = forward, then the
@@ -46,6 +47,13 @@ positive items P_b, unique negative items N_b, unique items I_b = P_b u N_b; 4-b
 - hetcomp (one teacher, one checkpoint: the teacher's tables): per step the catalog tail of each
   batch user's scores, |U_b| x I (x3), as rrd-full (the lists' own scores are negligible).
 
+Exponentials (the "G exp" column): rrd-full and hetcomp must exponentiate every score of the
+catalog tail, |U_b| x I per step, at least once (the forward's sum; the floor lets the backward
+reuse them for free, so it stays a lower bound). They cannot overlap the products on the same
+vector units, so their time is added. The other methods' exponentials (a listwise loss over K + L
+sampled items, DCD's tanh and Gumbel noise over the N listed ids) are at most a few million per
+epoch and are not counted.
+
 Timings taken while other jobs share the machine are labelled with the load average (the header).
 """
 
@@ -69,10 +77,11 @@ F = 4  # bytes per float32
 
 def rates(reps=7):
     """(sgemm FLOP/s of a 1024^3 float32 torch.mm, copy bytes/s of a 64 MiB float32 copy: read +
-    write), medians over reps."""
+    write, exponentials/s of torch.exp over 16 Mi float32 values in [-20, 0]), medians over reps."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     x = torch.empty(1 << 24)
     y = torch.empty_like(x)
+    e = torch.rand(1 << 24) * -20.0
 
     def med(fn):
         fn()
@@ -83,7 +92,11 @@ def rates(reps=7):
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
-    return 2 * 1024**3 / med(lambda: torch.mm(a, b)), 2 * x.numel() * F / med(lambda: y.copy_(x))
+    return (
+        2 * 1024**3 / med(lambda: torch.mm(a, b)),
+        2 * x.numel() * F / med(lambda: y.copy_(x)),
+        e.numel() / med(lambda: torch.exp(e, out=y)),
+    )
 
 
 def _hidden(d_s, d_t):
@@ -91,14 +104,15 @@ def _hidden(d_s, d_t):
 
 
 def work(name, method, split, epoch):
-    """(FLOPs, bytes) the method's math must do in the epoch `epoch` (see the module docstring)."""
+    """(FLOPs, bytes, exponentials) the method's math must do in the epoch `epoch` (see the module
+    docstring)."""
     base = name.split("@")[0]
     base = "rrd" if base == "rrd-full" else base  # RRD with sampling=False
     if method is None:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     d_t, d_s = ep.TEACHER_DIM, ep.STUDENT_DIM
     U, I = split.n_users, split.n_items
-    flops = byts = 0.0
+    flops = byts = exps = 0.0
     if base == "ir-rrd":  # the per-epoch samples of both sides
         byts += (U * (method.user_side.k + method.user_side.n_unint) * 8) + (
             I * (method.item_side.k + method.item_side.n_unint) * 8
@@ -156,6 +170,7 @@ def work(name, method, split, epoch):
             else:
                 flops += 2 * 3 * nu * I * d_s
                 byts += 3 * F * I * d_s
+                exps += nu * I
             if base == "ir-rrd":
                 ids = torch.cat([side.interesting[ub].flatten(), side.uninteresting[ub].flatten()])
                 if method.item_source == "pos" or not method.sampling:
@@ -168,6 +183,7 @@ def work(name, method, split, epoch):
             nu = min(nu, method.max_users) if getattr(method, "max_users", None) else nu
             flops += 2 * 3 * nu * I * d_s
             byts += 3 * F * I * d_s
+            exps += nu * I
         elif base in ("rd", "cd"):
             flops += 2 * 3 * nu * method.K * d_s
             byts += nu * method.K * (2 * F * d_s + 8)
@@ -180,7 +196,7 @@ def work(name, method, split, epoch):
             n_pairs = method.pair_group.numel()
             flops += 2 * 3 * nu * n_pairs * 2 * d_s
             byts += nu * n_pairs * 2 * (2 * F * d_s + 8)
-    return flops, byts
+    return flops, byts, exps
 
 
 VARIANTS = {"de@selected": ("de", {"select_only_below": 2.0})}
@@ -241,15 +257,16 @@ def main(argv=None):
             row["note"] = f"not built: {' '.join(str(exc).split())[:160]}"
             rows.append(row)
             continue
-        flop_rate, bandwidth = rates()  # just before the method: load from elsewhere varies
+        flop_rate, bandwidth, exp_rate = rates()  # just before the method: load varies
         r = ep.run_epoch(model, method, epoch, steps=steps)
-        flops, byts = work(name, method, split, epoch)
-        kd_floor = max(flops / flop_rate, byts / bandwidth)
+        flops, byts, exps = work(name, method, split, epoch)
+        kd_floor = max(flops / flop_rate, byts / bandwidth) + exps / exp_rate
         floor = kd_floor + base
         row.update(
             {
                 "GFLOP": flops / 1e9,
                 "GB": byts / 1e9,
+                "G exp": exps / 1e9 if exps else None,
                 "KD floor s": kd_floor,
                 "floor s": floor,
                 "measured s": r["epoch_s"],
@@ -260,6 +277,7 @@ def main(argv=None):
                 "build s": setup,
                 "sgemm GFLOP/s": flop_rate / 1e9,
                 "copy GB/s": bandwidth / 1e9,
+                "exp G/s": exp_rate / 1e9,
                 "note": f"{r['steps']} of {epoch.n_steps} steps timed",
             }
         )
@@ -272,15 +290,18 @@ def main(argv=None):
         f"interactions), leave-one-out split; random teacher tables N(0, 0.1^2) dim 200, student "
         f"BPR-MF dim 20, batch 1024, {epoch.n_steps} steps per epoch",
         "- rates measured in this run just before each method (columns sgemm GFLOP/s: a 1024^3 "
-        "float32 torch.mm; copy GB/s: a 64 MiB float32 copy, read + write)",
-        "- floor s = max(GFLOP / sgemm rate, GB / copy rate) + the no-KD epoch; x floor = measured "
-        "/ floor; the counts per method are in bench/epoch_floor.py's docstring",
+        "float32 torch.mm; copy GB/s: a 64 MiB float32 copy, read + write; exp G/s: torch.exp "
+        "over 16 Mi float32 values)",
+        "- floor s = max(GFLOP / sgemm rate, GB / copy rate) + G exp / exp rate + the no-KD "
+        "epoch; x floor = measured / floor; the counts per method are in bench/epoch_floor.py's "
+        "docstring (exponentials: the catalog tail of rrd-full and hetcomp, once per score)",
     ]
     out = args.out
     cols = [
         "method",
         "GFLOP",
         "GB",
+        "G exp",
         "KD floor s",
         "floor s",
         "measured s",
@@ -291,6 +312,7 @@ def main(argv=None):
         "build s",
         "sgemm GFLOP/s",
         "copy GB/s",
+        "exp G/s",
         "note",
     ]
     if out:
