@@ -434,6 +434,43 @@ KDFAST_INLINE void backward_item_block(const Problem<T>& P, int64_t blk, T* vt, 
         for (int64_t k = 0; k < D; ++k) GI[(j0 + j) * D + k] = acc[k * kItems + j];
 }
 
+// Both gradients in one pass (one thread): per row block, every item tile's scores and G_bj are computed
+// once and feed grad_user (as backward_user_block) and grad_item, whose accumulators of all item tiles are
+// kept (acc_all [n_tiles][D][kItems]); tile t's accumulator takes the row blocks in order, as
+// backward_item_block's does, so every output element is summed in the same order: the two-pass bits,
+// with half the scores and exponentials.
+template <typename T>
+KDFAST_INLINE void backward_fused(const Problem<T>& P, T* vt, T* acc_all, T* GU, T* GI) {
+    const int64_t D = P.D, n_tiles = (P.I + kItems - 1) / kItems;
+    int64_t ptr[kRows], end[kRows];
+    T tile[kRows][kItems];
+    int32_t mark[kRows][kItems];
+    std::fill(acc_all, acc_all + n_tiles * D * kItems, T(0));
+    for (int64_t r0 = 0; r0 < P.B; r0 += kRows) {
+        const int64_t nr = std::min(kRows, P.B - r0);
+        for (int64_t r = 0; r < nr; ++r) {
+            ptr[r] = P.indptr[r0 + r];
+            end[r] = P.indptr[r0 + r + 1];
+        }
+        std::fill(GU + r0 * D, GU + (r0 + nr) * D, T(0));
+        for (int64_t t = 0; t < n_tiles; ++t) {
+            const int64_t j0 = t * kItems, j1 = std::min(P.I, j0 + kItems), nj = j1 - j0;
+            mark_excluded(P.indices, end, ptr, nr, j0, j1, mark);
+            transpose_tile(P.V, j0, nj, D, vt);
+            score_tile(P.U, r0, nr, vt, nj, D, tile);
+            grad_tile(P, r0, nr, tile, mark);
+            add_user_grads(tile, nr, vt, D, GU + r0 * D);
+            add_item_grads(tile, nr, P.U + r0 * D, D, 0, acc_all + t * D * kItems);
+        }
+    }
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t j0 = t * kItems, nj = std::min(P.I, j0 + kItems) - j0;
+        const T* acc = acc_all + t * D * kItems;
+        for (int64_t j = 0; j < nj; ++j)
+            for (int64_t k = 0; k < D; ++k) GI[(j0 + j) * D + k] = acc[k * kItems + j];
+    }
+}
+
 // The float blocks compiled per instruction set (each calls only always-inline code); double runs the
 // generic blocks (the callers choose with if constexpr).
 KDFAST_CLONES void forward_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* out) {
@@ -444,6 +481,9 @@ KDFAST_CLONES void backward_user_block_f32(const Problem<float>& P, int64_t blk,
 }
 KDFAST_CLONES void backward_item_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* acc, float* GI) {
     backward_item_block(P, blk, vt, acc, GI);
+}
+KDFAST_CLONES void backward_fused_f32(const Problem<float>& P, float* vt, float* acc_all, float* GU, float* GI) {
+    backward_fused(P, vt, acc_all, GU, GI);
 }
 
 // Calls f(blk, buf) for every blk in [0, n_blocks) on n_threads threads (dynamic schedule), buf a per-thread
@@ -480,13 +520,23 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
 }
 
 // grad_user: one thread per block of kRows rows, walking all items; grad_item: one thread per block of
-// kItems items, walking all rows (binary search into each row's ids).
+// kItems items, walking all rows (binary search into each row's ids). On one thread, both in one pass.
 template <typename T>
 void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, int64_t I, int64_t D,
                    const int64_t* indptr, const int64_t* indices, double clamp, T* GU, T* GI, int n_threads) {
     const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), G, LT};
     const char* what = "full_catalog_log_tail_backward: the item tile (D x 128 values)";
-    kdfast::RegionErrors errors;  // (empty again after each region: for_blocks rethrows)
+    kdfast::RegionErrors errors;              // (empty again after each region: for_blocks rethrows)
+    if (kdfast::team_size(n_threads) == 1) {  // one pass (backward_fused): the same bits, half the work
+        const int64_t n_tiles = (I + kItems - 1) / kItems;
+        const char* what1 = "full_catalog_log_tail_backward: the item gradient accumulators (D x I values)";
+        std::vector<T> buf(kdfast::scratch_count(what1, sizeof(T), {n_tiles + 1, D, kItems}));
+        if constexpr (std::is_same_v<T, float>)
+            backward_fused_f32(P, buf.data(), buf.data() + D * kItems, GU, GI);
+        else
+            backward_fused(P, buf.data(), buf.data() + D * kItems, GU, GI);
+        return;
+    }
     for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors, [&](int64_t blk, T* vt) {
         if constexpr (std::is_same_v<T, float>)
             backward_user_block_f32(P, blk, vt, GU);
