@@ -258,11 +258,12 @@ def test_set_loss_checks_tail_skip_idx():
     "B,I,d", [(37, 300, 7), (5, 129, 4), (70, 257, 20), (1, 1, 1), (34, 128, 3)]
 )
 @pytest.mark.parametrize("clamp", [None, 1.0])
-def test_cpu_tiles_and_blocks_match_reference(backend, B, I, d, clamp):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_tiles_and_blocks_match_reference(backend, B, I, d, clamp, dtype):
     """The C++ kernel's blocking: row blocks of 32 (and register blocks of 4 and 2 rows), item tiles
-    of 128 with a partial last tile, columns in fours with a remainder; float32 against the
-    reference, and the same bits on 1 and 2 threads."""
-    u, v, ranked, ex = make(B, I, d, 3, dtype=torch.float32, seed=B + I, scale=1.3)
+    of 128 with a partial last tile, columns in fours with a remainder; against the reference, and
+    the same bits on 1 thread (the backward's single pass) and 2 (its two passes)."""
+    u, v, ranked, ex = make(B, I, d, 3, dtype=dtype, seed=B + I, scale=1.3)
     ranked = ranked.clamp(max=I - 1)
     for fn in (kdfast.full_catalog_listwise_loss, kdfast.full_catalog_set_loss):
         ref = grads(fn, u, v, ranked, exclude=ex, clamp=clamp, reduction="none", backend="torch")
@@ -277,7 +278,8 @@ def test_cpu_tiles_and_blocks_match_reference(backend, B, I, d, clamp):
                 )  # fmt: skip
         finally:
             torch.set_num_threads(threads)
+        tol = 2e-5 if dtype == torch.float32 else 1e-10
         for a, b in zip(runs[0], ref):
-            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         for a, b in zip(*runs):
             assert torch.equal(a, b)
