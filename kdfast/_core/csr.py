@@ -178,12 +178,16 @@ def with_ids(indptr: torch.Tensor, indices: torch.Tensor, extra: torch.Tensor, n
     """One canonical CSR (sorted ids, no repeats) of each row's ids plus the non-padding (>= 0) ids
     of extra[row] (int64 [n_rows, M], -1 padding)."""
     n_rows = indptr.numel() - 1
-    rows, ids = row_ids(indptr), indices
+    key = row_ids(indptr) * n_cols + indices
     if extra.numel():
         valid = extra >= 0
         extra_rows = torch.arange(n_rows, device=extra.device)[:, None].expand_as(extra)[valid]
-        rows, ids = torch.cat([rows, extra_rows]), torch.cat([ids, extra[valid]])
-    return canonicalize(*from_entries(rows, ids, n_rows), n_cols)
+        key = torch.cat([key, extra_rows * n_cols + extra[valid]])
+    # the entries' keys row * n_cols + id, sorted and unique, are the canonical CSR (one sort:
+    # the entries need no grouping by row first)
+    key = torch.unique(key)
+    new_rows = torch.div(key, n_cols, rounding_mode="floor")
+    return from_counts(torch.bincount(new_rows, minlength=n_rows)), key - new_rows * n_cols
 
 
 def map_ids(indptr: torch.Tensor, indices: torch.Tensor, mapping: torch.Tensor):
