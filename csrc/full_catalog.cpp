@@ -4,11 +4,12 @@
 //   forward:  lt_b = log sum_{j not in X_b} exp(S_bj)                          (-inf if nothing is left)
 //   backward: G_bj = g_b exp(S_bj - lt_b) [j not in X_b] [-c <= <u_b, v_j> <= c]
 //             grad_user = G @ V (parallel over user rows), grad_item = G^T @ U (parallel over item blocks)
-// Memory plan: nothing of size B x I; each thread keeps one [kRows x kItems] score tile on its stack and
-// the current item tile transposed ([D x kItems], allocated once per thread) so that every inner loop runs
-// along items, 128 at a time: the scores, the exponentials (a polynomial the compiler vectorises, in
-// float), and both gradient products (G @ V as dot products along the tile, G^T @ U into a transposed
-// [D x kItems] accumulator of the item block).
+// Memory plan: nothing of size B x I; the item table is transposed once per call into tiles of 128 items
+// ([I / 128][D][128], the size of V) that every thread reads, and each thread keeps one [kRows x kItems]
+// score tile on its stack, so that every inner loop runs along items, 128 at a time: the scores, the
+// exponentials (a polynomial the compiler vectorises, in float), and both gradient products (G @ V as dot
+// products along the tile, G^T @ U into a transposed [D x kItems] accumulator of the item block; on one
+// thread, the accumulators of every item tile, see backward_fused).
 // Rows walk their sorted exclusion list with a pointer as the item blocks advance (binary search where a
 // walk starts mid-row). Every output element is summed by one thread in a fixed order (item tiles, or
 // rows, in increasing order; a fixed vector split within a tile): deterministic, the same bits for any
@@ -86,6 +87,9 @@ struct Problem {
     T clamp;
     const T* G;   // backward: upstream gradient [B]
     const T* LT;  // backward: the forward's log-tails [B]
+    const T* VT;  // every item tile transposed once (transposed_tiles): tile t at VT + t * D * kItems
+
+    const T* tile_of(int64_t j0) const { return VT + (j0 / kItems) * D * kItems; }
 };
 
 // vt[k * kItems + j] = V[j0 + j][k]: the item tile transposed, so score loops run along j (vectorisable).
@@ -239,7 +243,7 @@ KDFAST_INLINE float exp_sum(const float* t, float nm) {
 
 // Forward of rows [r0, r0 + kRows): out[b] = log-tail of row b.
 template <typename T>
-KDFAST_INLINE void forward_block(const Problem<T>& P, int64_t blk, T* vt, T* out) {
+KDFAST_INLINE void forward_block(const Problem<T>& P, int64_t blk, T* out) {
     const T clamp = P.clamp, ninf = -std::numeric_limits<T>::infinity();
     const int64_t r0 = blk * kRows, nr = std::min(kRows, P.B - r0);
     int64_t ptr[kRows], end[kRows];
@@ -255,8 +259,7 @@ KDFAST_INLINE void forward_block(const Problem<T>& P, int64_t blk, T* vt, T* out
     for (int64_t j0 = 0; j0 < P.I; j0 += kItems) {
         const int64_t j1 = std::min(P.I, j0 + kItems), nj = j1 - j0;
         mark_excluded(P.indices, end, ptr, nr, j0, j1, mark);
-        transpose_tile(P.V, j0, nj, P.D, vt);
-        score_tile(P.U, r0, nr, vt, nj, P.D, tile);
+        score_tile(P.U, r0, nr, P.tile_of(j0), nj, P.D, tile);
         for (int64_t r = 0; r < nr; ++r) {
             T* t = tile[r];
             const T nm = std::max(m[r], clamp_mask_max(t, mark[r], clamp));
@@ -389,7 +392,7 @@ KDFAST_INLINE void add_item_grads(const float (*tile)[kItems], int64_t nr, const
 
 // grad_user of rows [r0, r0 + kRows): walks every item tile; GU[b][k] += sum_j G_bj V[j][k] along the tile.
 template <typename T>
-KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* vt, T* GU) {
+KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* GU) {
     const int64_t r0 = blk * kRows, nr = std::min(kRows, P.B - r0), D = P.D;
     int64_t ptr[kRows], end[kRows];
     T tile[kRows][kItems];
@@ -402,7 +405,7 @@ KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* vt, 
     for (int64_t j0 = 0; j0 < P.I; j0 += kItems) {
         const int64_t j1 = std::min(P.I, j0 + kItems), nj = j1 - j0;
         mark_excluded(P.indices, end, ptr, nr, j0, j1, mark);
-        transpose_tile(P.V, j0, nj, D, vt);
+        const T* vt = P.tile_of(j0);
         score_tile(P.U, r0, nr, vt, nj, D, tile);
         grad_tile(P, r0, nr, tile, mark);
         add_user_grads(tile, nr, vt, D, GU + r0 * D);
@@ -412,13 +415,13 @@ KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* vt, 
 // grad_item of items [j0, j0 + kItems): walks every row block; acc[k][j] += G_bj U[b][k] over rows b in
 // order (acc: a [D x kItems] per-thread buffer), then GI[j0 + j][k] = acc[k][j].
 template <typename T>
-KDFAST_INLINE void backward_item_block(const Problem<T>& P, int64_t blk, T* vt, T* acc, T* GI) {
+KDFAST_INLINE void backward_item_block(const Problem<T>& P, int64_t blk, T* acc, T* GI) {
     const int64_t j0 = blk * kItems, j1 = std::min(P.I, j0 + kItems), nj = j1 - j0, D = P.D;
     int32_t mark[kRows][kItems];
     int64_t ptr[kRows], end[kRows];
     T tile[kRows][kItems];
     std::fill(acc, acc + D * kItems, T(0));
-    transpose_tile(P.V, j0, nj, D, vt);
+    const T* vt = P.tile_of(j0);
     for (int64_t r0 = 0; r0 < P.B; r0 += kRows) {
         const int64_t nr = std::min(kRows, P.B - r0);
         for (int64_t r = 0; r < nr; ++r) {
@@ -440,7 +443,7 @@ KDFAST_INLINE void backward_item_block(const Problem<T>& P, int64_t blk, T* vt, 
 // backward_item_block's does, so every output element is summed in the same order: the two-pass bits,
 // with half the scores and exponentials.
 template <typename T>
-KDFAST_INLINE void backward_fused(const Problem<T>& P, T* vt, T* acc_all, T* GU, T* GI) {
+KDFAST_INLINE void backward_fused(const Problem<T>& P, T* acc_all, T* GU, T* GI) {
     const int64_t D = P.D, n_tiles = (P.I + kItems - 1) / kItems;
     int64_t ptr[kRows], end[kRows];
     T tile[kRows][kItems];
@@ -456,7 +459,7 @@ KDFAST_INLINE void backward_fused(const Problem<T>& P, T* vt, T* acc_all, T* GU,
         for (int64_t t = 0; t < n_tiles; ++t) {
             const int64_t j0 = t * kItems, j1 = std::min(P.I, j0 + kItems), nj = j1 - j0;
             mark_excluded(P.indices, end, ptr, nr, j0, j1, mark);
-            transpose_tile(P.V, j0, nj, D, vt);
+            const T* vt = P.tile_of(j0);
             score_tile(P.U, r0, nr, vt, nj, D, tile);
             grad_tile(P, r0, nr, tile, mark);
             add_user_grads(tile, nr, vt, D, GU + r0 * D);
@@ -473,17 +476,28 @@ KDFAST_INLINE void backward_fused(const Problem<T>& P, T* vt, T* acc_all, T* GU,
 
 // The float blocks compiled per instruction set (each calls only always-inline code); double runs the
 // generic blocks (the callers choose with if constexpr).
-KDFAST_CLONES void forward_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* out) {
-    forward_block(P, blk, vt, out);
+KDFAST_CLONES void forward_block_f32(const Problem<float>& P, int64_t blk, float* out) { forward_block(P, blk, out); }
+KDFAST_CLONES void backward_user_block_f32(const Problem<float>& P, int64_t blk, float* GU) {
+    backward_user_block(P, blk, GU);
 }
-KDFAST_CLONES void backward_user_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* GU) {
-    backward_user_block(P, blk, vt, GU);
+KDFAST_CLONES void backward_item_block_f32(const Problem<float>& P, int64_t blk, float* acc, float* GI) {
+    backward_item_block(P, blk, acc, GI);
 }
-KDFAST_CLONES void backward_item_block_f32(const Problem<float>& P, int64_t blk, float* vt, float* acc, float* GI) {
-    backward_item_block(P, blk, vt, acc, GI);
+KDFAST_CLONES void backward_fused_f32(const Problem<float>& P, float* acc_all, float* GU, float* GI) {
+    backward_fused(P, acc_all, GU, GI);
 }
-KDFAST_CLONES void backward_fused_f32(const Problem<float>& P, float* vt, float* acc_all, float* GU, float* GI) {
-    backward_fused(P, vt, acc_all, GU, GI);
+
+// Every item tile transposed (transpose_tile), [n_tiles][D][kItems], once per call: the row blocks then
+// read their tiles instead of transposing each again.
+template <typename T>
+std::vector<T> transposed_tiles(const T* V, int64_t I, int64_t D, int n_threads) {
+    const int64_t n_tiles = (I + kItems - 1) / kItems;
+    std::vector<T> vt(kdfast::scratch_count("full_catalog: the transposed item table (D x I values)", sizeof(T),
+                                            {n_tiles, D, kItems}));
+#pragma omp parallel for schedule(static) num_threads(kdfast::team_size(n_threads))
+    for (int64_t t = 0; t < n_tiles; ++t)
+        transpose_tile(V, t * kItems, std::min(kItems, I - t * kItems), D, vt.data() + t * D * kItems);
+    return vt;
 }
 
 // Calls f(blk, buf) for every blk in [0, n_blocks) on n_threads threads (dynamic schedule), buf a per-thread
@@ -508,14 +522,15 @@ void for_blocks(const char* what, int64_t n_blocks, int64_t D, int64_t tiles, in
 template <typename T>
 void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, const int64_t* indptr,
                    const int64_t* indices, double clamp, T* out, int n_threads) {
-    const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), nullptr, nullptr};
+    const std::vector<T> vt = transposed_tiles(V, I, D, n_threads);
+    const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), nullptr, nullptr, vt.data()};
     kdfast::RegionErrors errors;
-    const char* what = "full_catalog_log_tail: the item tile (D x 128 values)";
-    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors, [&](int64_t blk, T* vt) {
+    const char* what = "full_catalog_log_tail: the per-thread buffer";
+    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 0, n_threads, errors, [&](int64_t blk, T*) {
         if constexpr (std::is_same_v<T, float>)
-            forward_block_f32(P, blk, vt, out);
+            forward_block_f32(P, blk, out);
         else
-            forward_block(P, blk, vt, out);
+            forward_block(P, blk, out);
     });
 }
 
@@ -524,30 +539,31 @@ void log_tail_impl(const T* U, const T* V, int64_t B, int64_t I, int64_t D, cons
 template <typename T>
 void backward_impl(const T* G, const T* LT, const T* U, const T* V, int64_t B, int64_t I, int64_t D,
                    const int64_t* indptr, const int64_t* indices, double clamp, T* GU, T* GI, int n_threads) {
-    const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), G, LT};
-    const char* what = "full_catalog_log_tail_backward: the item tile (D x 128 values)";
+    const std::vector<T> vt = transposed_tiles(V, I, D, n_threads);
+    const Problem<T> P{U, V, B, I, D, indptr, indices, static_cast<T>(clamp), G, LT, vt.data()};
+    const char* what = "full_catalog_log_tail_backward: the item gradient accumulator (D x 128 values)";
     kdfast::RegionErrors errors;              // (empty again after each region: for_blocks rethrows)
     if (kdfast::team_size(n_threads) == 1) {  // one pass (backward_fused): the same bits, half the work
         const int64_t n_tiles = (I + kItems - 1) / kItems;
         const char* what1 = "full_catalog_log_tail_backward: the item gradient accumulators (D x I values)";
-        std::vector<T> buf(kdfast::scratch_count(what1, sizeof(T), {n_tiles + 1, D, kItems}));
+        std::vector<T> acc_all(kdfast::scratch_count(what1, sizeof(T), {n_tiles, D, kItems}));
         if constexpr (std::is_same_v<T, float>)
-            backward_fused_f32(P, buf.data(), buf.data() + D * kItems, GU, GI);
+            backward_fused_f32(P, acc_all.data(), GU, GI);
         else
-            backward_fused(P, buf.data(), buf.data() + D * kItems, GU, GI);
+            backward_fused(P, acc_all.data(), GU, GI);
         return;
     }
-    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 1, n_threads, errors, [&](int64_t blk, T* vt) {
+    for_blocks<T>(what, (B + kRows - 1) / kRows, D, 0, n_threads, errors, [&](int64_t blk, T*) {
         if constexpr (std::is_same_v<T, float>)
-            backward_user_block_f32(P, blk, vt, GU);
+            backward_user_block_f32(P, blk, GU);
         else
-            backward_user_block(P, blk, vt, GU);
+            backward_user_block(P, blk, GU);
     });
-    for_blocks<T>(what, (I + kItems - 1) / kItems, D, 2, n_threads, errors, [&](int64_t blk, T* buf) {
+    for_blocks<T>(what, (I + kItems - 1) / kItems, D, 1, n_threads, errors, [&](int64_t blk, T* acc) {
         if constexpr (std::is_same_v<T, float>)
-            backward_item_block_f32(P, blk, buf, buf + D * kItems, GI);
+            backward_item_block_f32(P, blk, acc, GI);
         else
-            backward_item_block(P, blk, buf, buf + D * kItems, GI);
+            backward_item_block(P, blk, acc, GI);
     });
 }
 
