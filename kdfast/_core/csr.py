@@ -135,14 +135,19 @@ def from_lists(lists, n_rows: int):
     return torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64))
 
 
-def canonicalize(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int):
-    """Sort ids within each row and remove repeats."""
-    n_rows = indptr.numel() - 1
-    if indices.numel() == 0:
-        return indptr.clone(), indices.clone()
-    key = torch.unique(row_ids(indptr) * n_cols + indices)  # sorted, unique
+def canonical_entries(rows: torch.Tensor, ids: torch.Tensor, n_rows: int, n_cols: int):
+    """The canonical CSR (ids sorted within each row, no repeats) of (row, id) entries given in any
+    order: the sorted unique keys row * n_cols + id are that CSR, so one sort makes it."""
+    key = torch.unique(rows * n_cols + ids)
     new_rows = torch.div(key, n_cols, rounding_mode="floor")
     return from_counts(torch.bincount(new_rows, minlength=n_rows)), key - new_rows * n_cols
+
+
+def canonicalize(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int):
+    """Sort ids within each row and remove repeats."""
+    if indices.numel() == 0:
+        return indptr.clone(), indices.clone()
+    return canonical_entries(row_ids(indptr), indices, indptr.numel() - 1, n_cols)
 
 
 def rows_sorted(indptr: torch.Tensor, indices: torch.Tensor) -> bool:
@@ -178,16 +183,12 @@ def with_ids(indptr: torch.Tensor, indices: torch.Tensor, extra: torch.Tensor, n
     """One canonical CSR (sorted ids, no repeats) of each row's ids plus the non-padding (>= 0) ids
     of extra[row] (int64 [n_rows, M], -1 padding)."""
     n_rows = indptr.numel() - 1
-    key = row_ids(indptr) * n_cols + indices
+    rows, ids = row_ids(indptr), indices
     if extra.numel():
         valid = extra >= 0
         extra_rows = torch.arange(n_rows, device=extra.device)[:, None].expand_as(extra)[valid]
-        key = torch.cat([key, extra_rows * n_cols + extra[valid]])
-    # the entries' keys row * n_cols + id, sorted and unique, are the canonical CSR (one sort:
-    # the entries need no grouping by row first)
-    key = torch.unique(key)
-    new_rows = torch.div(key, n_cols, rounding_mode="floor")
-    return from_counts(torch.bincount(new_rows, minlength=n_rows)), key - new_rows * n_cols
+        rows, ids = torch.cat([rows, extra_rows]), torch.cat([ids, extra[valid]])
+    return canonical_entries(rows, ids, n_rows, n_cols)
 
 
 def map_ids(indptr: torch.Tensor, indices: torch.Tensor, mapping: torch.Tensor):
@@ -213,7 +214,7 @@ def transpose_csr(csr, n_cols: int, n_rows: int | None = None):
         else:
             n_rows = csr.shape[0]
     indptr, indices = as_csr(csr, "csr", n_rows, n_cols, validate=True)
-    return canonicalize(*from_entries(indices, row_ids(indptr), n_cols), max(n_rows, 1))
+    return canonical_entries(indices, row_ids(indptr), n_cols, max(n_rows, 1))
 
 
 def pair_keys(indptr: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
