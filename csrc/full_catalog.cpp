@@ -391,8 +391,10 @@ KDFAST_INLINE void add_item_grads(const float (*tile)[kItems], int64_t nr, const
 #pragma GCC diagnostic pop
 
 // grad_user of rows [r0, r0 + kRows): walks every item tile; GU[b][k] += sum_j G_bj V[j][k] along the tile.
+// With acc_all (the one-thread pass, backward_fused), the same G_bj also go to grad_item's accumulator of
+// each item tile, acc_all + t * D * kItems, as backward_item_block adds them.
 template <typename T>
-KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* GU) {
+KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* GU, T* acc_all = nullptr) {
     const int64_t r0 = blk * kRows, nr = std::min(kRows, P.B - r0), D = P.D;
     int64_t ptr[kRows], end[kRows];
     T tile[kRows][kItems];
@@ -409,7 +411,15 @@ KDFAST_INLINE void backward_user_block(const Problem<T>& P, int64_t blk, T* GU) 
         score_tile(P.U, r0, nr, vt, nj, D, tile);
         grad_tile(P, r0, nr, tile, mark);
         add_user_grads(tile, nr, vt, D, GU + r0 * D);
+        if (acc_all) add_item_grads(tile, nr, P.U + r0 * D, D, 0, acc_all + (j0 / kItems) * D * kItems);
     }
+}
+
+// GI[j0 + j][k] = acc[k][j] for the nj items of one tile's accumulator.
+template <typename T>
+KDFAST_INLINE void store_item_grads(const T* acc, int64_t j0, int64_t nj, int64_t D, T* GI) {
+    for (int64_t j = 0; j < nj; ++j)
+        for (int64_t k = 0; k < D; ++k) GI[(j0 + j) * D + k] = acc[k * kItems + j];
 }
 
 // grad_item of items [j0, j0 + kItems): walks every row block; acc[k][j] += G_bj U[b][k] over rows b in
@@ -433,45 +443,21 @@ KDFAST_INLINE void backward_item_block(const Problem<T>& P, int64_t blk, T* acc,
         grad_tile(P, r0, nr, tile, mark);
         add_item_grads(tile, nr, P.U + r0 * D, D, 0, acc);
     }
-    for (int64_t j = 0; j < nj; ++j)
-        for (int64_t k = 0; k < D; ++k) GI[(j0 + j) * D + k] = acc[k * kItems + j];
+    store_item_grads(acc, j0, nj, D, GI);
 }
 
 // Both gradients in one pass (one thread): per row block, every item tile's scores and G_bj are computed
-// once and feed grad_user (as backward_user_block) and grad_item, whose accumulators of all item tiles are
-// kept (acc_all [n_tiles][D][kItems]); tile t's accumulator takes the row blocks in order, as
+// once and feed grad_user and grad_item (backward_user_block with acc_all), whose accumulators of all item
+// tiles are kept (acc_all [n_tiles][D][kItems]); tile t's accumulator takes the row blocks in order, as
 // backward_item_block's does, so every output element is summed in the same order: the two-pass bits,
 // with half the scores and exponentials.
 template <typename T>
 KDFAST_INLINE void backward_fused(const Problem<T>& P, T* acc_all, T* GU, T* GI) {
     const int64_t D = P.D, n_tiles = (P.I + kItems - 1) / kItems;
-    int64_t ptr[kRows], end[kRows];
-    T tile[kRows][kItems];
-    int32_t mark[kRows][kItems];
     std::fill(acc_all, acc_all + n_tiles * D * kItems, T(0));
-    for (int64_t r0 = 0; r0 < P.B; r0 += kRows) {
-        const int64_t nr = std::min(kRows, P.B - r0);
-        for (int64_t r = 0; r < nr; ++r) {
-            ptr[r] = P.indptr[r0 + r];
-            end[r] = P.indptr[r0 + r + 1];
-        }
-        std::fill(GU + r0 * D, GU + (r0 + nr) * D, T(0));
-        for (int64_t t = 0; t < n_tiles; ++t) {
-            const int64_t j0 = t * kItems, j1 = std::min(P.I, j0 + kItems), nj = j1 - j0;
-            mark_excluded(P.indices, end, ptr, nr, j0, j1, mark);
-            const T* vt = P.tile_of(j0);
-            score_tile(P.U, r0, nr, vt, nj, D, tile);
-            grad_tile(P, r0, nr, tile, mark);
-            add_user_grads(tile, nr, vt, D, GU + r0 * D);
-            add_item_grads(tile, nr, P.U + r0 * D, D, 0, acc_all + t * D * kItems);
-        }
-    }
-    for (int64_t t = 0; t < n_tiles; ++t) {
-        const int64_t j0 = t * kItems, nj = std::min(P.I, j0 + kItems) - j0;
-        const T* acc = acc_all + t * D * kItems;
-        for (int64_t j = 0; j < nj; ++j)
-            for (int64_t k = 0; k < D; ++k) GI[(j0 + j) * D + k] = acc[k * kItems + j];
-    }
+    for (int64_t blk = 0; blk < (P.B + kRows - 1) / kRows; ++blk) backward_user_block(P, blk, GU, acc_all);
+    for (int64_t t = 0; t < n_tiles; ++t)
+        store_item_grads(acc_all + t * D * kItems, t * kItems, std::min(kItems, P.I - t * kItems), D, GI);
 }
 
 // The float blocks compiled per instruction set (each calls only always-inline code); double runs the
